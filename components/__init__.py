@@ -1,0 +1,1 @@
+"""Plug-ins for tadm, one sub-package per kind: rescalers, backbones, aligners."""

@@ -1,0 +1,1 @@
+"""Data modules: image folders for small sets; WebDataset shards for streaming at scale."""
