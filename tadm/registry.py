@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "tadm.plugins"
-BUILTIN_PACKAGES = ("components.rescalers", "components.backbones", "components.aligners")
+BUILTIN_PACKAGES = ("components.rescalers", "components.backbones", "components.aligners", "datamodules")
 
 
 class RegistryError(KeyError):
@@ -48,7 +48,9 @@ class Registry:
                     f"{cls.__module__}.{cls.__qualname__} under the same name"
                 )
             if self.base is not None and not issubclass(cls, self.base):
-                raise RegistryError(f"{cls.__qualname__} must subclass {self.base.__qualname__} to be a {self.kind}")
+                raise RegistryError(
+                    f"{cls.__qualname__} must subclass {self.base.__qualname__} to be a {self.kind}"
+                )
             cls.registry_name = name
             doc = description or (cls.__doc__ or "").strip().splitlines()[0:1]
             cls.registry_description = doc if isinstance(doc, str) else (doc[0] if doc else "")

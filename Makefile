@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make quickstart` and `make test` (both set up .venv if missing).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+QS_CKPT := runs/quickstart/checkpoints/last.ckpt
+
+.PHONY: setup quickstart test test-slow lint format clean
+
+setup: $(STAMP)
+
+# (Re)install when pyproject.toml changes; the stamp keeps `make test` from reinstalling every time.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/tadm fit --config configs/quickstart.yaml
+	$(BIN)/tadm validate --config configs/quickstart.yaml --ckpt_path $(QS_CKPT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Slow tests are skipped when CI=true; run them locally with this target.
+test-slow: setup
+	CI= $(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,142 @@
+"""DFRM, TADM's Decoupled Feature Rescaling Module (the "pseudo-invertible" rescaler).
+
+Encoder G_e fuses a pixel branch (HR image) and a latent branch (backbone latent) into a
+3-channel z_lr at H/s; an invertible net F turns z_lr into the LR image y (quantised to 8 bits);
+decoder G_d maps F^-1(y) back to a latent at H/f (f = the backbone's downsampling, 8 for SD).
+Defaults reproduce the authors' release (12.2 M parameters at x16, 18.1 M at x32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from components.rescalers.base import Distance, Rescaler, quantize_8bit
+from components.rescalers.blocks import ConvBlock, InvertibleNet, ResBlock
+from tadm.imageops import bicubic_down
+from tadm.registry import RESCALERS
+
+
+def _log2_int(value: int, what: str) -> int:
+    n = int(math.log2(value)) if value > 0 else -1
+    if n < 0 or 2**n != value:
+        raise ValueError(f"{what} must be a power of two, got {value}")
+    return n
+
+
+@RESCALERS.register("dfrm")
+class DFRM(Rescaler):
+    """TADM's decoupled feature rescaling module: HR image + latent -> 8-bit LR -> latent."""
+
+    space = "latent"
+
+    def __init__(
+        self,
+        scale: int = 16,
+        latent_channels: int = 4,
+        latent_factor: int = 8,
+        width: int = 128,
+        num_resblocks: int = 8,
+        pixel_width: int = 16,
+        num_couplings: int = 12,
+        coupling_growth: int = 32,
+        final_activation: bool = False,
+        quantization: Literal["noise", "ste"] = "noise",
+    ) -> None:
+        """
+        Args:
+            scale: HR -> LR downscaling factor (16 or 32 in the paper; any power of two >= 2*latent_factor).
+            latent_channels: channels of the backbone latent (4 for SD VAEs); linked from the backbone.
+            latent_factor: spatial downsampling of the backbone latent (8 for SD); linked from the backbone.
+            width: channels of the latent branch and of G_d (128 in the paper).
+            num_resblocks: ResBlocks in the latent branch, the fusion and G_d (8 in the paper).
+            pixel_width: first/last channels of the pixel branch (16 in the paper).
+            num_couplings: affine coupling blocks in the invertible net F (12 in the paper).
+            coupling_growth: growth of the dense blocks inside each coupling (32 in the paper).
+            final_activation: end G_d with LeakyReLU as the authors' release does. Off by default:
+                a latent is signed and unbounded, so a plain final conv is the sensible output layer.
+            quantization: training-time 8-bit proxy: ``noise`` (uniform noise, the paper) or ``ste``
+                (straight-through rounding). Evaluation always rounds.
+        """
+        super().__init__(scale)
+        steps = _log2_int(scale, "scale")
+        lat_steps = steps - _log2_int(latent_factor, "latent_factor")
+        if lat_steps < 1:
+            raise ValueError(
+                f"DFRM needs scale > latent_factor; got scale {scale}, latent_factor {latent_factor}"
+            )
+        self.latent_channels = latent_channels
+        self.latent_factor = latent_factor
+        self.quantization = quantization
+
+        # G_e pixel branch: ConvBlock 3->16, log2(s) x [PixelUnshuffle(2), 1x1 conv 4C->2C, ResBlock], ConvBlock ->16
+        layers: list[nn.Module] = [ConvBlock(3, pixel_width)]
+        c = pixel_width
+        for _ in range(steps):
+            layers += [nn.PixelUnshuffle(2), nn.Conv2d(4 * c, 2 * c, 1), ResBlock(2 * c)]
+            c *= 2
+        layers.append(ConvBlock(c, pixel_width))
+        self.pixel_branch = nn.Sequential(*layers)
+
+        # G_e latent branch: ConvBlock C->128, 8 ResBlocks, then per extra factor 2: PixelUnshuffle + ConvBlock 512->128
+        layers = [ConvBlock(latent_channels, width), *(ResBlock(width) for _ in range(num_resblocks))]
+        for _ in range(lat_steps):
+            layers += [nn.PixelUnshuffle(2), ConvBlock(4 * width, width)]
+        self.latent_branch = nn.Sequential(*layers)
+
+        # Fusion -> z_lr (3 channels at H/s)
+        fused = width + pixel_width
+        self.fusion = nn.Sequential(*(ResBlock(fused) for _ in range(num_resblocks)), ConvBlock(fused, 3))
+
+        # G_d: ConvBlock 3->128, 8 ResBlocks, then PixelShuffle steps back to H/f and a final conv -> C
+        layers = [ConvBlock(3, width), *(ResBlock(width) for _ in range(num_resblocks))]
+        c = width
+        for i in range(lat_steps):
+            layers.append(nn.PixelShuffle(2))
+            c //= 4
+            if i < lat_steps - 1:
+                layers.append(ConvBlock(c, c))
+        layers.append(
+            ConvBlock(c, latent_channels) if final_activation else nn.Conv2d(c, latent_channels, 3, padding=1)
+        )
+        self.decoder = nn.Sequential(*layers)
+
+        self.invertible = InvertibleNet(num_couplings, channels=3, split=1, growth=coupling_growth)
+
+    def _check(self, x: Tensor, z: Tensor | None) -> Tensor:
+        if z is None:
+            raise ValueError("DFRM needs the backbone latent z of the HR image")
+        h, w = x.shape[-2:]
+        if h % self.scale or w % self.scale:
+            raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {self.scale}; pad it first")
+        expected = (self.latent_channels, h // self.latent_factor, w // self.latent_factor)
+        if tuple(z.shape[1:]) != expected:
+            raise ValueError(
+                f"latent shape {tuple(z.shape[1:])} does not match {expected} for an HR image {h}x{w}"
+            )
+        return z
+
+    def encode_lr(self, x: Tensor, z: Tensor | None) -> Tensor:
+        """G_e: the continuous 3-channel z_lr before the invertible net."""
+        z = self._check(x, z)
+        return self.fusion(torch.cat([self.pixel_branch(x), self.latent_branch(z)], dim=1))
+
+    def downscale(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        return quantize_8bit(self.invertible(self.encode_lr(x, z)), self.training, self.quantization)
+
+    def upscale(self, y: Tensor) -> Tensor:
+        return self.decoder(self.invertible.inverse(y))
+
+    def training_losses(self, x: Tensor, z: Tensor | None, distance: Distance) -> dict[str, Tensor]:
+        """Stage-1 terms: LR guidance towards bicubic, and the latent rebuilt from z_lr (forward)
+        and from the quantised LR image (backward)."""
+        z_lr = self.encode_lr(x, z)
+        y = quantize_8bit(self.invertible(z_lr), self.training, self.quantization)
+        return {
+            "lr": distance(y, bicubic_down(x, self.scale)),
+            "latent_forward": distance(self.decoder(z_lr), z),
+            "latent_backward": distance(self.upscale(y), z),
+        }

@@ -1,0 +1,37 @@
+"""Learning-rate schedules that know the run length without it being written twice."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warm-up then cosine decay to ``min_lr_ratio * lr``.
+
+    ``total_steps: null`` (the default) is filled in by TADMModule from the Trainer's
+    ``estimated_stepping_batches``, so ``trainer.max_steps`` is the only place the run length lives.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.total_steps is None:  # not yet known (before the trainer fills it in): hold the base LR
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models, real sample photos, CI-aware skipping of slow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tadm.registry import load_plugins
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "assets" / "samples"
+
+load_plugins()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    skip = pytest.mark.skip(reason="slow test: skipped when CI=true; run locally with `make test-slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def samples() -> Path:
+    return SAMPLES

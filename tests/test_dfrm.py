@@ -1,0 +1,120 @@
+"""DFRM: invertibility, parameter counts, shapes, quantisation, and that stage 1 learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.backbones.space_to_depth import SpaceToDepthBackbone
+from components.rescalers.base import quantize_8bit
+from components.rescalers.blocks import AffineCoupling, InvertibleNet
+from components.rescalers.dfrm import DFRM
+from tadm import pipeline
+from tadm.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
+
+TINY = dict(width=16, num_resblocks=1, pixel_width=4, num_couplings=2, coupling_growth=8)
+
+
+def _randomise(module: torch.nn.Module, std: float = 0.1) -> None:
+    """Couplings start as the identity (zero-init last conv); perturb them so inversion is tested."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+
+
+def test_coupling_inverts_to_1e5() -> None:
+    block = AffineCoupling(channels=3, split=1, growth=32)
+    _randomise(block)
+    x = torch.randn(2, 3, 17, 23)
+    y = block(x)
+    assert (y - x).abs().max() > 1e-2  # really transforms
+    assert torch.allclose(block.inverse(y), x, atol=1e-5)
+
+
+def test_invertible_net_inverts_both_ways() -> None:
+    net = InvertibleNet(num_blocks=12)
+    _randomise(net, 0.05)
+    x = torch.randn(2, 3, 16, 16)
+    assert (net.inverse(net(x)) - x).abs().max() < 1e-5
+    assert (net(net.inverse(x)) - x).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("scale", "millions"), [(16, 12.2), (32, 18.1)])
+def test_parameter_count_matches_release(scale: int, millions: float) -> None:
+    n = sum(p.numel() for p in DFRM(scale=scale, latent_channels=4).parameters()) / 1e6
+    assert abs(n - millions) / millions < 0.05, n
+
+
+@pytest.mark.parametrize("scale", [16, 32])
+@pytest.mark.parametrize("latent_channels", [4, 192])
+def test_shapes_on_odd_sizes(scale: int, latent_channels: int) -> None:
+    m = DFRM(scale=scale, latent_channels=latent_channels, **TINY).eval()
+    backbone = SpaceToDepthBackbone() if latent_channels == 192 else None
+    x = torch.rand(1, 3, 37, 71) * 2 - 1
+    if backbone is None:  # a 4-channel latent of the right layout, as an SD VAE would give
+        xp, _ = pipeline.pad_to_multiple(x, scale)
+        z = torch.randn(1, 4, xp.shape[-2] // 8, xp.shape[-1] // 8)
+        y = m.downscale(xp, z)
+        assert y.shape == (1, 3, xp.shape[-2] // scale, xp.shape[-1] // scale)
+        assert m.upscale(y).shape == z.shape
+        return
+    rt = pipeline.round_trip(backbone, m, x)
+    pad = -(-37 // scale) * scale, -(-71 // scale) * scale
+    assert rt.lr.shape == (1, 3, pad[0] // scale, pad[1] // scale)
+    assert rt.reconstruction.shape == x.shape
+
+
+def test_wrong_latent_shape_is_a_clear_error() -> None:
+    m = DFRM(scale=16, latent_channels=4, **TINY)
+    with pytest.raises(ValueError, match="latent shape"):
+        m.downscale(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="not a multiple of the scale 16"):
+        m.downscale(torch.zeros(1, 3, 40, 32), torch.zeros(1, 4, 5, 4))
+
+
+def test_quantisation_eval_rounds_train_adds_bounded_noise() -> None:
+    y = torch.rand(2, 3, 8, 8) * 2.2 - 1.1
+    q = quantize_8bit(y, training=False)
+    levels = (q + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert q.min() >= -1 and q.max() <= 1
+    inside = y.clamp(-0.99, 0.99)
+    noisy = quantize_8bit(inside, training=True)
+    assert (noisy - inside).abs().max() <= 1.0 / 255 + 1e-6
+    assert not torch.allclose(noisy, quantize_8bit(inside, training=False))
+    ste = quantize_8bit(inside.requires_grad_(), training=True, mode="ste")
+    ste.sum().backward()
+    assert torch.allclose(inside.grad, torch.ones_like(inside))
+
+
+def test_eval_lr_is_exactly_8bit_and_deterministic() -> None:
+    m = DFRM(scale=16, latent_channels=192, **TINY).eval()
+    b = SpaceToDepthBackbone()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    y1, y2 = m.downscale(x, b.encode(x)), m.downscale(x, b.encode(x))
+    assert torch.equal(y1, y2)
+    levels = (y1 + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+
+
+def test_final_activation_option() -> None:
+    assert isinstance(DFRM(16, **TINY).decoder[-1], torch.nn.Conv2d)
+    assert isinstance(DFRM(16, final_activation=True, **TINY).decoder[-1][-1], torch.nn.LeakyReLU)
+
+
+def test_stage1_loss_decreases_on_fixed_batch(samples) -> None:
+    from datamodules.image_io import load_image
+
+    x = load_image(samples / "val" / "chelsea.png")[:, :64, :128].unsqueeze(0)
+    b = SpaceToDepthBackbone()
+    m = DFRM(scale=16, latent_channels=192, width=32, num_resblocks=2, pixel_width=8, num_couplings=4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    dist = get_distance("mse")
+    losses = []
+    for _ in range(40):
+        loss = weighted_sum(m.training_losses(x, b.encode(x), dist), DEFAULT_STAGE1_WEIGHTS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
