@@ -1,0 +1,356 @@
+"""Stable Diffusion (1.5, 2.1, 2.1-base, SDXL) as a TADM backbone, composed from diffusers parts.
+
+Only the parts a stage needs are loaded (stage 1: the VAE alone). Weights come from a hub id or a
+local diffusers folder through the libraries' own ``from_pretrained``; ``tiny-*`` presets build
+the same module classes with random weights (see :mod:`components.backbones.presets`). All
+loaded modules are frozen; later stages add LoRA on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from components.backbones.base import DiffusionBackbone
+from components.backbones.presets import TEXT_SUBFOLDERS, build_tiny_components, get_preset
+from tadm.registry import BACKBONES
+
+PARTS = ("vae", "unet", "text")
+#: weight file stems written by save_pretrained (diffusers models / transformers models)
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
+_TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
+
+
+def _looks_like_path(src: str) -> bool:
+    """A string that cannot be a hub id (``org/name``) is meant as a local folder."""
+    return (
+        src.startswith(("/", ".", "~", "\\"))
+        or src.count("/") > 1
+        or "\\" in src
+        or (len(src) > 1 and src[1] == ":")
+        or Path(src).expanduser().exists()
+    )
+
+
+def _weight_candidates(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
+    suffix = f".{variant}" if variant else ""
+    names = []
+    for stem in stems:
+        names += [f"{stem}{suffix}.safetensors", f"{stem}{suffix}.bin"]
+        names += [f"{stem}.safetensors.index{suffix}.json", f"{stem}.bin.index{suffix}.json"]
+        names += [f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"] if suffix else []
+    return [folder / n for n in names]
+
+
+@BACKBONES.register(
+    "stable_diffusion", "Stable Diffusion 1.5 / 2.1 / 2.1-base / SDXL (VAE, UNet, text encoders)"
+)
+class StableDiffusionBackbone(DiffusionBackbone):
+    """Stable Diffusion VAE (and, for the enhancer, UNet, noise schedule and text encoders).
+
+    Construction only records where weights come from; :meth:`load` builds the named parts.
+    Until the VAE is loaded, ``latent_channels`` / ``downsample_factor`` / ``scaling_factor``
+    report the preset's known values, so a CLI can link them without touching weights.
+
+    Args:
+        preset: Named variant: ``sd15``, ``sd21``, ``sd21-base``, ``sdxl`` or a random tiny one
+            for tests (``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``). Decides the family (which
+            text encoders exist) and the fallback latent shape.
+        pretrained: Hub id or local diffusers pipeline folder (``model_index.json``, ``vae/``,
+            ``unet/``, ...). Default: the preset's hub id; tiny presets build random weights.
+        vae: A separate VAE to use instead of the pipeline's, as a hub id or local folder holding
+            the VAE at its root (e.g. ``stabilityai/sd-vae-ft-mse``).
+        revision: Hub revision (branch, tag or commit) of ``pretrained``; not applied to ``vae``.
+        variant: Weight variant of ``pretrained`` (e.g. ``fp16`` loads
+            ``diffusion_pytorch_model.fp16.safetensors``); not applied to ``vae``.
+        sample_latent: Encode with a sample of the VAE posterior instead of its mean. The mean
+            (default) makes latents deterministic, so they can be precomputed and cached.
+        local_files_only: Passed to ``from_pretrained``: True never touches the network, None
+            leaves the libraries' default (``HF_HUB_OFFLINE``). Local folders never use it.
+    """
+
+    def __init__(
+        self,
+        preset: str = "sd21-base",
+        pretrained: str | None = None,
+        vae: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        sample_latent: bool = False,
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.preset_name = preset
+        self.preset = get_preset(preset)
+        source = pretrained if pretrained is not None else self.preset.hub_id
+        if source is None and not self.preset.tiny:
+            raise ValueError(
+                f"backbone preset {preset!r} has no hub id; set `pretrained` to a hub id or folder"
+            )
+        self.pretrained = source
+        self.vae_source = vae
+        self.revision = revision
+        self.variant = variant
+        self.sample_latent = sample_latent
+        self.local_files_only = local_files_only
+        # frozen modules, filled by load(); plain submodule attributes so callers can wrap them
+        self.vae: nn.Module | None = None
+        self.unet: nn.Module | None = None
+        self.text_encoder: nn.Module | None = None
+        self.text_encoder_2: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.tokenizer_2: Any = None
+        self.scheduler: Any = None
+        self.prediction_type: str | None = None
+        self.num_train_timesteps: int | None = None
+        self.register_buffer("alphas_cumprod", None, persistent=False)
+        # follows .to(device) so parts loaded after the module was moved land on the same device
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    # --- what the rest of the framework reads ------------------------------------------------
+    @property
+    def backbone_id(self) -> str:
+        source = self.pretrained if self.pretrained is not None else f"random-seed{self.preset.seed}"
+        if self.revision:
+            source += f"@{self.revision}"
+        if self.variant:
+            source += f"[{self.variant}]"
+        if self.vae_source:
+            source += f"+vae={self.vae_source}"
+        return f"stable_diffusion:{self.preset_name}:{source}"
+
+    @property
+    def latent_channels(self) -> int:  # type: ignore[override]
+        return int(self.vae.config.latent_channels) if self.vae is not None else self.preset.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:  # type: ignore[override]
+        if self.vae is None:
+            return self.preset.downsample_factor
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:  # type: ignore[override]
+        if self.vae is None:
+            return self.preset.scaling_factor
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        """Latent shift of VAEs that have one (none in the SD families: 0)."""
+        shift = getattr(self.vae.config, "shift_factor", None) if self.vae is not None else None
+        return float(shift or 0.0)
+
+    @property
+    def loaded_parts(self) -> frozenset[str]:
+        names = {"vae": self.vae, "unet": self.unet, "text": self.text_encoder}
+        return frozenset(k for k, v in names.items() if v is not None)
+
+    # --- loading -----------------------------------------------------------------------------
+    def load(self, parts: Iterable[str]) -> None:
+        """Build or load the named parts (``vae``, ``unet`` + schedule, ``text``); idempotent."""
+        wanted = [parts] if isinstance(parts, str) else list(parts)
+        unknown = sorted(set(wanted) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown backbone parts {unknown}; choose from {list(PARTS)}")
+        todo = [p for p in PARTS if p in wanted and p not in self.loaded_parts]
+        if not todo:
+            return
+        tiny: dict[str, Any] = {}
+        if self.pretrained is None:
+            need = [p for p in todo if not (p == "vae" and self.vae_source)]
+            tiny = build_tiny_components(self.preset, parts=need) if need else {}
+
+        def get(part: str, sub: str) -> Any:  # the same modules, random-tiny or from_pretrained
+            return tiny[sub] if sub in tiny else self._from_pretrained(part, sub)
+
+        # everything is loaded first and assigned only if all of it worked: no half-loaded parts
+        new: dict[str, Any] = {}
+        if "vae" in todo:
+            new["vae"] = tiny["vae"] if "vae" in tiny else self._load_vae()
+        if "unet" in todo:
+            new["unet"], new["scheduler"] = get("unet", "unet"), get("unet", "scheduler")
+        if "text" in todo:
+            for enc_name, tok_name in TEXT_SUBFOLDERS[self.preset.family]:
+                new[enc_name], new[tok_name] = get("text", enc_name), get("text", tok_name)
+        vae, unet = new.get("vae", self.vae), new.get("unet", self.unet)
+        if vae is not None and unet is not None and unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"backbone {self.backbone_id}: the UNet takes {unet.config.in_channels} latent "
+                f"channels but the VAE gives {vae.config.latent_channels}; use a matching VAE"
+            )
+        for name, obj in new.items():
+            if name == "scheduler":
+                self._set_schedule(obj)
+            elif isinstance(obj, nn.Module):
+                setattr(self, name, self._freeze(obj, self._device_anchor.device))
+            else:
+                setattr(self, name, obj)
+
+    @staticmethod
+    def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+        module.requires_grad_(False)
+        return module.eval().to(device)
+
+    def train(self, mode: bool = True) -> StableDiffusionBackbone:
+        """Keep fully frozen parts in eval mode when the LightningModule switches to training."""
+        super().train(mode)
+        for module in (self.vae, self.unet, self.text_encoder, self.text_encoder_2):
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    def _load_vae(self) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        if self.vae_source is None:
+            return self._from_pretrained("vae", "vae")
+        src = self.vae_source
+        if _looks_like_path(src):
+            folder = Path(src).expanduser()
+            # a whole pipeline folder given as `vae:` is accepted too: use its vae/ subfolder
+            sub = (
+                "vae"
+                if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists()
+                else ""
+            )
+            self._check_local(folder, sub, "vae", variant=None, what="the VAE given as `vae`")
+            return AutoencoderKL.from_pretrained(str(folder), subfolder=sub or None)
+        kwargs = {} if self.local_files_only is None else {"local_files_only": self.local_files_only}
+        try:
+            return AutoencoderKL.from_pretrained(src, **kwargs)
+        except OSError as err:
+            raise self._hub_error(src, "vae", "", err, key="vae") from err
+
+    def _from_pretrained(self, part: str, sub: str) -> Any:
+        """Load one subfolder of ``pretrained`` with the class that subfolder holds."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        cls: Any = {
+            "vae": AutoencoderKL,
+            "unet": UNet2DConditionModel,
+            "scheduler": DDPMScheduler,
+            "text_encoder": CLIPTextModel,
+            "text_encoder_2": CLIPTextModelWithProjection,
+            "tokenizer": CLIPTokenizer,
+            "tokenizer_2": CLIPTokenizer,
+        }[sub]
+        src = self.pretrained
+        assert src is not None
+        kwargs: dict[str, Any] = {"subfolder": sub}
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        if self.variant is not None and sub not in ("scheduler", "tokenizer", "tokenizer_2"):
+            kwargs["variant"] = self.variant
+        local = _looks_like_path(src)
+        if local:
+            src = str(Path(src).expanduser())
+            self._check_local(Path(src), sub, sub, variant=self.variant, what="`pretrained`")
+        elif self.local_files_only is not None:
+            kwargs["local_files_only"] = self.local_files_only
+        try:
+            obj = cls.from_pretrained(src, **kwargs)
+        except OSError as err:
+            if local:
+                raise
+            raise self._hub_error(src, part, sub, err, key="pretrained") from err
+        if sub.startswith("tokenizer") and len(obj) < 3:
+            # transformers 5 returns an EMPTY tokenizer instead of failing when no file is found
+            err = OSError(f"no tokenizer files found for {src!r}/{sub}")
+            if local:
+                raise FileNotFoundError(f"backbone preset {self.preset_name!r}: {err}")
+            raise self._hub_error(src, part, sub, err, key="pretrained")
+        return obj
+
+    def _set_schedule(self, scheduler: Any) -> None:
+        """Training noise schedule as DDPM (whatever sampler the folder ships); v/eps from its config."""
+        from diffusers import DDPMScheduler
+
+        sched = (
+            scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(scheduler.config)
+        )
+        self.scheduler = sched
+        self.prediction_type = str(sched.config.prediction_type)
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        self.alphas_cumprod = sched.alphas_cumprod.detach().clone().float().to(self._device_anchor.device)
+
+    def _check_local(self, folder: Path, sub: str, kind: str, variant: str | None, what: str) -> None:
+        """Fail before the libraries do, naming exactly the missing file and the folder."""
+        label = f"backbone preset {self.preset_name!r}"
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{label}: folder '{folder}' given as {what} does not exist; give an existing diffusers "
+                f"folder or a hub id such as {self.preset.hub_id or 'stabilityai/stable-diffusion-2-1-base'!r}"
+            )
+        part = folder / sub if sub else folder
+        rel = f"{sub}/" if sub else ""
+        kind = kind.removesuffix("_2")
+        if kind == "scheduler":
+            required = [("scheduler_config.json",)]
+        elif kind == "tokenizer":
+            required = [("tokenizer.json", "vocab.json")]
+        else:
+            stems = _TRANSFORMERS_WEIGHTS if kind == "text_encoder" else _DIFFUSERS_WEIGHTS
+            weights = tuple(p.name for p in _weight_candidates(part, stems, variant))
+            required = [("config.json",), weights]
+        layout = " and ".join(f"{rel}{alts[0]}" for alts in required)
+        kind_word = "diffusers folder" if sub else "diffusers AutoencoderKL folder (files at its root)"
+        for alts in required:
+            if not any((part / name).is_file() for name in alts):
+                first = part / alts[0]
+                alt = " (or .bin)" if first.suffix == ".safetensors" else ""
+                alt = " (or vocab.json + merges.txt)" if alts[0] == "tokenizer.json" else alt
+                hint = "" if part.is_dir() else f" (the folder '{part}' does not exist)"
+                raise FileNotFoundError(
+                    f"{label}: '{first}'{alt} not found{hint}; expected a {kind_word} with {layout} in '{folder}'"
+                )
+
+    def _hub_error(self, hub_id: str, part: str, sub: str, err: Exception, key: str) -> OSError:
+        from huggingface_hub import constants
+
+        where = f"part {part!r} (subfolder {sub!r})" if sub else f"part {part!r}"
+        rev = f" --revision {self.revision}" if self.revision and key == "pretrained" else ""
+        return OSError(
+            f"backbone preset {self.preset_name!r}: cannot load {where} of hub model {hub_id!r}: no network / "
+            f"Hugging Face Hub is reachable from here (or HF_HUB_OFFLINE / local_files_only is set), or the files are not in the "
+            f"HF cache ({constants.HF_HUB_CACHE}). To fix: on a connected machine run "
+            f"`hf download {hub_id}{rev} --local-dir /path/to/folder`, copy that folder here and set "
+            f"`{key}: /path/to/folder`; or copy the HF cache folder to this machine. "
+            f"Underlying error: {type(err).__name__}: {err}"
+        )
+
+    # --- latent space ------------------------------------------------------------------------
+    def _require_vae(self) -> nn.Module:
+        if self.vae is None:
+            raise RuntimeError(
+                f"backbone {self.backbone_id}: the VAE is not loaded; call load(['vae']) or load_for_stage(...)"
+            )
+        return self.vae
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Image (B,3,H,W) in [-1,1] -> scaled latent, in the VAE's dtype, returned as float32."""
+        vae = self._require_vae()
+        f = self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != vae.config.in_channels:
+            raise ValueError(f"encode expects images (B,{vae.config.in_channels},H,W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % f or w % f:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the VAE downsampling factor {f}; pad or crop it "
+                f"(e.g. to {math.ceil(h / f) * f}x{math.ceil(w / f) * f})"
+            )
+        dist = vae.encode(x.to(vae.dtype)).latent_dist
+        z = dist.sample() if self.sample_latent else dist.mean
+        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latent -> image in [-1,1], decoded in the VAE's dtype, returned as float32."""
+        vae = self._require_vae()
+        raw = z.float() / self.scaling_factor + self.shift_factor
+        return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
