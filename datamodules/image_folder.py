@@ -1,0 +1,368 @@
+"""Image-folder data: random crops for training, whole images for validation, test and prediction.
+
+Meant for small sets (DIV2K, Kodak, a folder of your own photos); streaming at scale lives in the
+WebDataset datamodule. Unreadable files are never dropped silently: ``on_bad_image="error"`` stops at the
+first one, ``"skip"`` warns about each one and counts it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.image_io import ImageReadError, image_size, list_images, load_image
+
+Split = Literal["train", "val", "test", "predict"]
+BadImagePolicy = Literal["error", "skip"]
+
+_STAGE_SPLITS: dict[str, tuple[tuple[Split, ...], tuple[Split, ...]]] = {
+    # stage: (required splits, optional splits)
+    "fit": (("train",), ("val",)),
+    "validate": (("val",), ()),
+    "test": (("test",), ()),
+    "predict": (("predict",), ()),
+}
+_ALL_SPLITS: tuple[Split, ...] = ("train", "val", "test", "predict")
+
+
+class ImageSkippedWarning(UserWarning):
+    """An unreadable image was left out (``on_bad_image="skip"``); filterable separately from other warnings."""
+
+
+def reflect_pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Mirror-pad a (C, H, W) tensor, centered, up to at least ``height`` x ``width``.
+
+    ``torch.nn.functional.pad(mode="reflect")`` refuses pads wider than the image; this repeats the
+    reflection as often as needed (like ``numpy.pad(mode="reflect")``), so a 30-pixel image still becomes a
+    256 crop. Mirroring keeps local statistics natural, unlike zero or constant padding.
+    """
+    _, h, w = image.shape
+    if h < height:
+        image = image.index_select(1, _reflect_indices(h, height))
+    if w < width:
+        image = image.index_select(2, _reflect_indices(w, width))
+    return image
+
+
+def _reflect_indices(size: int, target: int) -> torch.Tensor:
+    """Source index for each of ``target`` positions, the ``size`` originals centered among them."""
+    if size == 1:
+        return torch.zeros(target, dtype=torch.long)
+    period = 2 * (size - 1)
+    k = (torch.arange(target) - (target - size) // 2).remainder(period)
+    return torch.where(k >= size, period - k, k)
+
+
+def log_num_skipped(trainer: L.Trainer | None, num_skipped: int) -> bool:
+    """Log ``data/num_skipped`` at step 0 to the trainer's logger; returns whether it did.
+
+    Module-level so a LightningModule (or a callback) can log the same count, e.g.
+    ``log_num_skipped(self.trainer, self.trainer.datamodule.num_skipped)``.
+    """
+    logger = getattr(trainer, "logger", None) if trainer is not None else None
+    if num_skipped <= 0 or logger is None:
+        return False
+    logger.log_metrics({"data/num_skipped": num_skipped}, step=0)
+    return True
+
+
+class ImageFolderDataset(Dataset[dict[str, Any]]):
+    """Images from a list of files, as ``{"image": (3, h, w) float in [-1, 1], "path": str}``.
+
+    Args:
+        files: Image files; decoded lazily in ``__getitem__``.
+        mode: ``"train"``: random ``crop_size`` square crop plus random horizontal flip; images smaller
+            than the crop are mirror-padded first (:func:`reflect_pad`). ``"eval"``: the whole image,
+            unpadded (the model pipeline pads to the multiple it needs and crops back).
+        crop_size: Side of the training crop (ignored in eval mode).
+        on_bad_image: A file that fails to decode raises :class:`ImageReadError` (``"error"``), or is
+            warned about, counted in ``num_skipped`` and replaced by the next readable file (``"skip"``).
+        repeats: The file list is served this many times per epoch (tiny folders make tiny epochs).
+
+    Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
+    crops and flips reproducible. ``num_skipped`` counts per process: DataLoader workers keep their own.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike[str]],
+        mode: Literal["train", "eval"] = "eval",
+        crop_size: int = 256,
+        on_bad_image: BadImagePolicy = "error",
+        repeats: int = 1,
+    ) -> None:
+        if not files:
+            raise ValueError("ImageFolderDataset needs at least one file")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if mode == "train" and crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.files = [Path(f) for f in files]
+        self.mode = mode
+        self.crop_size = crop_size
+        self.on_bad_image = on_bad_image
+        self.repeats = repeats
+        self.num_skipped = 0
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files) * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        n = len(self.files)
+        start = index % n
+        for offset in range(n):
+            i = (start + offset) % n
+            if i in self._bad:
+                continue
+            image = self._load(i)
+            if image is not None:
+                return {"image": self._transform(image), "path": str(self.files[i])}
+        raise ImageReadError(
+            f"none of the {n} images in this dataset could be read (first: '{self.files[0]}')"
+        )
+
+    def _load(self, i: int) -> torch.Tensor | None:
+        """Decode file ``i``; in skip mode a failure warns, is counted and returns None."""
+        try:
+            return load_image(self.files[i])
+        except ImageReadError as exc:
+            if self.on_bad_image == "error":
+                raise
+            self._bad.add(i)
+            self.num_skipped += 1
+            warnings.warn(f"skipping {exc}", ImageSkippedWarning, stacklevel=3)
+            return None
+
+    def _transform(self, image: torch.Tensor) -> torch.Tensor:
+        if self.mode == "eval":
+            return image
+        return random_crop_flip(image, self.crop_size)
+
+
+def random_crop_flip(image: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Random ``crop_size`` square (after mirror-padding small images) and a coin-flip horizontal flip."""
+    image = reflect_pad(image, crop_size, crop_size)
+    _, h, w = image.shape
+    top = int(torch.randint(0, h - crop_size + 1, ()).item())
+    left = int(torch.randint(0, w - crop_size + 1, ()).item())
+    crop = image[:, top : top + crop_size, left : left + crop_size]
+    if bool(torch.rand(()) < 0.5):
+        crop = crop.flip(-1)
+    return crop.contiguous()
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Folders of images for fit / validate / test / predict.
+
+    Every file's header is checked in :meth:`setup`, so an unreadable file fails (or is reported and
+    skipped) before training starts rather than hours in. Evaluation batches hold whole images, which can
+    only be stacked when they share a size: if a folder's images differ in size, its eval dataloader uses
+    batch size 1 (with a warning) instead of ``val_batch_size``.
+
+    Args:
+        train_dir: Folder (searched recursively) of training images; required for ``fit``.
+        val_dir: Folder of validation images; optional for ``fit``, required for ``validate``.
+        test_dir: Folder of test images; required for ``test``.
+        predict_dir: Folder of images to rescale; required for ``predict``.
+        crop_size: Side of the square training crop; a positive multiple of ``scale`` and of 8, so the
+            low-resolution crop has whole pixels.
+        batch_size: Training batch size.
+        val_batch_size: Batch size for validation, test and predict; only used when all images of that
+            folder have the same size (otherwise 1).
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        scale: Downscaling factor of the model (16 or 32 for extreme rescaling); constrains ``crop_size``.
+        train_repeats: Serve the training files this many times per epoch, so a tiny folder still makes a
+            useful epoch.
+        on_bad_image: ``"error"``: the first unreadable image raises ``ImageReadError`` naming it.
+            ``"skip"``: each unreadable image is warned about, left out and counted in ``num_skipped``.
+    """
+
+    def __init__(
+        self,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        predict_dir: str | None = None,
+        crop_size: int = 256,
+        batch_size: int = 4,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        scale: int = 16,
+        train_repeats: int = 1,
+        on_bad_image: BadImagePolicy = "error",
+    ) -> None:
+        super().__init__()
+        _check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
+        _check_positive(train_repeats=train_repeats)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        multiple = math.lcm(scale, 8)
+        if crop_size <= 0 or crop_size % multiple:
+            raise ValueError(
+                f"crop_size={crop_size} must be a positive multiple of {multiple} (of scale={scale} and of 8), "
+                f"e.g. {max(multiple, round(crop_size / multiple) * multiple)}"
+            )
+        self.save_hyperparameters()
+        self.dirs: dict[Split, str | None] = {
+            "train": train_dir,
+            "val": val_dir,
+            "test": test_dir,
+            "predict": predict_dir,
+        }
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.scale = scale
+        self.train_repeats = train_repeats
+        self.on_bad_image: BadImagePolicy = on_bad_image
+        self.num_skipped = 0
+        """Unreadable images left out by the header check in :meth:`setup` (skip mode)."""
+        self.datasets: dict[Split, ImageFolderDataset] = {}
+        self._sizes: dict[Split, list[tuple[int, int]]] = {}
+        self._scans: dict[Path, tuple[list[Path], list[tuple[int, int]]]] = {}
+        self._logged_num_skipped = 0
+
+    # ----------------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets ``stage`` needs (all configured ones for ``None``), checking every header."""
+        for split in self._splits_for(stage):
+            if split in self.datasets:
+                continue
+            directory = self.dirs[split]
+            assert directory is not None  # _splits_for only returns configured splits
+            files, sizes = self._scan(directory)
+            self.datasets[split] = ImageFolderDataset(
+                files,
+                mode="train" if split == "train" else "eval",
+                crop_size=self.crop_size,
+                on_bad_image=self.on_bad_image,
+                repeats=self.train_repeats if split == "train" else 1,
+            )
+            self._sizes[split] = sizes
+        if self.num_skipped > self._logged_num_skipped and log_num_skipped(self.trainer, self.num_skipped):
+            self._logged_num_skipped = self.num_skipped
+
+    def _splits_for(self, stage: str | None) -> list[Split]:
+        if stage is None:
+            splits = [s for s in _ALL_SPLITS if self.dirs[s] is not None]
+            if not splits:
+                raise ValueError("ImageFolderDataModule has no folder configured (train_dir, val_dir, ...)")
+            return splits
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(_STAGE_SPLITS)}")
+        required, optional = _STAGE_SPLITS[stage]
+        for split in required:
+            if self.dirs[split] is None:
+                raise ValueError(f"stage '{stage}' needs {split}_dir, which is not set")
+        return [*required, *(s for s in optional if self.dirs[s] is not None)]
+
+    def _scan(self, directory: str) -> tuple[list[Path], list[tuple[int, int]]]:
+        """List a folder and read every header once (a folder used for two splits is scanned once)."""
+        key = Path(directory).resolve()
+        if key not in self._scans:
+            files, sizes = [], []
+            for path in list_images(directory):
+                size = self._header_size(path)
+                if size is not None:
+                    files.append(path)
+                    sizes.append(size)
+            if not files:
+                raise ValueError(f"image folder '{directory}' holds no readable images")
+            self._scans[key] = (files, sizes)
+        return self._scans[key]
+
+    def _header_size(self, path: Path) -> tuple[int, int] | None:
+        try:
+            return image_size(path)
+        except ImageReadError as exc:
+            if self.on_bad_image == "error":
+                raise
+            self.num_skipped += 1
+            warnings.warn(f"skipping {exc}", ImageSkippedWarning, stacklevel=4)
+            return None
+
+    @property
+    def num_skipped_decoding(self) -> int:
+        """Files that passed the header check but failed to decode, as seen by this process's datasets.
+
+        With ``num_workers > 0`` the workers count (and warn) on their own copies; this stays 0 then.
+        """
+        return sum(ds.num_skipped for ds in self.datasets.values())
+
+    # ----------------------------------------------------------------------------------------------------
+    # dataloaders
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train", "fit")
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # No val_dir during fit: an empty list tells Lightning there is nothing to validate.
+        if self.dirs["val"] is None:
+            return []
+        return self._eval_loader("val", "validate")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict", "predict")
+
+    def _eval_loader(self, split: Split, stage: str) -> DataLoader:
+        dataset = self._dataset(split, stage)
+        batch_size = self.val_batch_size
+        distinct = len(set(self._sizes[split]))
+        if batch_size > 1 and distinct > 1:
+            warnings.warn(
+                f"{split}_dir '{self.dirs[split]}' has images of {distinct} different sizes, which cannot be "
+                f"stacked into one batch; using batch size 1 instead of val_batch_size={batch_size}",
+                stacklevel=3,
+            )
+            batch_size = 1
+        return self._loader(dataset, batch_size, shuffle=False, drop_last=False)
+
+    def _dataset(self, split: Split, stage: str) -> ImageFolderDataset:
+        if split not in self.datasets:
+            raise RuntimeError(
+                f"no {split} dataset: call setup('{stage}') first (Lightning does this for you)"
+            )
+        return self.datasets[split]
+
+    def _loader(
+        self, dataset: ImageFolderDataset, batch_size: int, shuffle: bool, drop_last: bool
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
