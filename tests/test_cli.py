@@ -1,0 +1,227 @@
+"""The `tadm` command end to end: every shipped config runs (shrunk), links hold, runs reproduce,
+checkpoints hold only what was trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tadm.cli import TADMCLI, main
+from tadm.module import TADMModule
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+TRAIN = str(REPO / "assets" / "samples" / "train")
+VAL = str(REPO / "assets" / "samples" / "val")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every CLI call from an empty folder: nothing may be written into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _data(crop: int = 64, batch: int = 2) -> list[str]:
+    return [
+        f"--data.init_args.train_dir={TRAIN}",
+        f"--data.init_args.val_dir={VAL}",
+        f"--data.init_args.crop_size={crop}",
+        f"--data.init_args.batch_size={batch}",
+    ]
+
+
+def _cli(args: list[str]) -> TADMCLI:
+    from tadm.registry import load_plugins
+
+    load_plugins()
+    import lightning as L
+
+    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+
+
+def test_quickstart_fast_dev_run() -> None:
+    cli = _cli(["--config", QUICKSTART, "--trainer.fast_dev_run=1", *_data()])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert 5 < metrics["val/psnr_y"] < 60 and 5 < metrics["val/bicubic_psnr_y"] < 60
+
+
+@pytest.mark.parametrize("preset", ["overfit", "limit"])
+def test_debug_presets_compose_with_quickstart(preset: str, tmp_path: Path) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--config",
+            str(CONFIGS / "debug" / f"{preset}.yaml"),
+            "--trainer.fast_dev_run=1",
+            *_data(),
+        ]
+    )
+
+
+EXPERIMENTS = sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+def test_experiment_configs_run_shrunk_on_tiny_backbones(experiment: str, family: str) -> None:
+    """The full-size recipes themselves, with the backbone swapped by YAML for its tiny twin."""
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "experiments" / experiment),
+            "--config",
+            str(CONFIGS / "backbone" / f"{family}.yaml"),
+            f"--model.backbone.init_args.preset=tiny-{family}",
+            "--trainer.fast_dev_run=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--data.init_args.num_workers=0",
+            *_data(crop=64, batch=1),
+        ]
+    )
+
+
+def test_every_config_file_is_covered() -> None:
+    """A new config file must be added to a run test above (configs users run are tested configs)."""
+    covered = {"quickstart.yaml", "debug/overfit.yaml", "debug/limit.yaml"}
+    covered |= {f"experiments/{e}" for e in EXPERIMENTS}
+    covered |= {f"backbone/{f}.yaml" for f in ("sd15", "sd21", "sdxl")}
+    # parsed (not run) below: full-size backbone presets and the VAE swap need no weights to parse
+    covered |= {"backbone/sd21-base.yaml", "backbone/sd-vae-ft-mse.yaml"}
+    shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    assert shipped <= covered, f"untested configs: {sorted(shipped - covered)}"
+
+
+@pytest.mark.parametrize("backbone", ["sd21-base", "sd15", "sd21", "sdxl"])
+def test_full_size_configs_parse_without_weights(backbone: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):  # --print_config prints and exits
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "experiments" / "rescaler_x16.yaml"),
+                "--config",
+                str(CONFIGS / "backbone" / f"{backbone}.yaml"),
+                "--config",
+                str(CONFIGS / "backbone" / "sd-vae-ft-mse.yaml"),
+                "--model.backbone.init_args.pretrained=/weights/elsewhere",
+                "--print_config",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert f"preset: {backbone}" in out
+    assert "pretrained: /weights/elsewhere" in out
+    assert "vae: stabilityai/sd-vae-ft-mse" in out
+
+
+def test_scale_and_latent_layout_linked_once() -> None:
+    cli = _cli(["--config", QUICKSTART, "--model.scale=32", *_data(crop=64)])
+    assert cli.model.scale == 32
+    assert cli.model.rescaler.scale == 32
+    assert cli.datamodule.scale == 32
+    assert cli.model.rescaler.latent_channels == cli.model.backbone.latent_channels == 192
+    cli = _cli(["--config", QUICKSTART, "--model.rescaler=bicubic", *_data(crop=64)])
+    assert cli.model.rescaler.scale == 16  # a rescaler without latent arguments is simply not linked
+
+
+def _run_short(tmp: Path, config: str, name: str) -> Path:
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_steps=3",
+            "--trainer.check_val_every_n_epoch=1",
+            "--trainer.limit_val_batches=1",
+            "--data.init_args.train_repeats=1",
+            f"--trainer.logger.init_args.save_dir={tmp / name}",
+            "--trainer.callbacks="
+            + json.dumps(
+                [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"dirpath": str(tmp / name / "ckpt"), "save_last": True},
+                    }
+                ]
+            ),
+            *_data(),
+        ]
+    )
+    return tmp / name
+
+
+def test_saved_config_reruns_and_reproduces(tmp_path: Path) -> None:
+    first = _run_short(tmp_path, QUICKSTART, "a")
+    saved = first / "quickstart" / "version_0" / "config.yaml"
+    assert saved.is_file(), list(first.rglob("*"))
+    second = _run_short(tmp_path, str(saved), "b")
+    a = torch.load(first / "ckpt" / "last.ckpt", weights_only=False)
+    b = torch.load(second / "ckpt" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 3
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6)
+    # the checkpoint carries the full config and the backbone it needs
+    meta = a["tadm"]
+    assert meta["backbone_id"] == "space_to_depth:8"
+    assert "class_path: components.rescalers.dfrm.DFRM" in meta["config"]
+    # and `validate` reads it back
+    main(["validate", "--config", str(saved), "--ckpt_path", str(first / "ckpt" / "last.ckpt"), *_data()])
+
+
+def test_checkpoint_holds_no_frozen_backbone_weights_and_checks_backbone(tmp_path: Path) -> None:
+    exp = str(CONFIGS / "experiments" / "rescaler_x16.yaml")
+    args = [
+        "fit",
+        "--config",
+        exp,
+        "--model.backbone.init_args.preset=tiny-sd15",
+        "--model.rescaler.init_args.width=16",
+        "--model.rescaler.init_args.num_resblocks=1",
+        "--trainer.max_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks="
+        + json.dumps(
+            [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path), "save_last": True},
+                }
+            ]
+        ),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.num_workers=0",
+        *_data(crop=64, batch=1),
+    ]
+    main(args)
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert ckpts, "no checkpoint written"
+    ckpt = torch.load(ckpts[0], weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(k.startswith("rescaler.") for k in keys), [
+        k for k in keys if not k.startswith("rescaler.")
+    ]
+    assert ckpt["tadm"]["backbone_id"].startswith("stable_diffusion:tiny-sd15")
+
+    # weights-only init from that checkpoint works with the same backbone ...
+    cli = _cli([*args[1:], f"--model.init_from={ckpts[0]}"])
+    torch.testing.assert_close(
+        cli.model.rescaler.state_dict(), {k[9:]: v for k, v in ckpt["state_dict"].items()}
+    )
+    # ... and fails clearly against another one
+    bad = [a.replace("tiny-sd15", "tiny-sdxl") for a in args[1:]]
+    with pytest.raises(ValueError, match=r"trained with backbone 'stable_diffusion:tiny-sd15.*tiny-sdxl"):
+        _cli([*bad, f"--model.init_from={ckpts[0]}"])
