@@ -41,8 +41,9 @@ class RoundTripReport(L.Callback):
         if f"{p}/psnr_y" not in m:
             return
         scale = getattr(pl_module, "scale", "?")
-        n = getattr(trainer, "num_val_batches", None)
-        table = Table(title=f"x{scale} round trip on held-out images ({when}, step {trainer.global_step})")
+        n = sum(getattr(trainer, "num_val_batches", None) or [0])
+        step = f", step {trainer.global_step}" if when == "after training" else ""
+        table = Table(title=f"x{scale} round trip on {n} held-out batch(es) ({when}{step})")
         for col in ("", "PSNR-Y (dB)", "SSIM-Y"):
             table.add_column(col, justify="right")
         table.add_row("this model", f"{_value(m, f'{p}/psnr_y'):.2f}", f"{_value(m, f'{p}/ssim_y'):.4f}")

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TADMModule,
         L.LightningDataModule,
         subclass_mode_data=True,
-        args=args,
+        args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "tadm: extreme image rescaling with diffusion priors. Also: `tadm list`."

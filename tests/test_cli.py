@@ -225,3 +225,19 @@ def test_checkpoint_holds_no_frozen_backbone_weights_and_checks_backbone(tmp_pat
     bad = [a.replace("tiny-sd15", "tiny-sdxl") for a in args[1:]]
     with pytest.raises(ValueError, match=r"trained with backbone 'stable_diffusion:tiny-sd15.*tiny-sdxl"):
         _cli([*bad, f"--model.init_from={ckpts[0]}"])
+
+
+def test_test_and_predict_subcommands_on_whole_images() -> None:
+    """`tadm test` reports round-trip metrics on a folder; `predict` returns full-size outputs."""
+    args = ["--config", QUICKSTART, *_data(), "--trainer.logger=false", "--trainer.callbacks=[]"]
+    cli = _cli([*args, f"--data.init_args.test_dir={VAL}", f"--data.init_args.predict_dir={VAL}"])
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert {"test/psnr_y", "test/ssim_y", "test/bicubic_psnr_y", "test/lr_psnr"} <= set(results[0])
+    preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    from datamodules.image_io import load_image
+
+    assert len(preds) == 2
+    for out in preds:
+        hr = load_image(out["path"][0])
+        assert out["reconstruction"].shape[-2:] == hr.shape[-2:]  # padded for the model, cropped back
+        assert out["lr"].shape[-2:] == (-(-hr.shape[-2] // 16), -(-hr.shape[-1] // 16))

@@ -516,3 +516,29 @@ def test_real_dataloader_sample_shapes(tmp_path: Path) -> None:
     ds = ImageFolderDataset(files, mode="eval")
     batch = next(iter(DataLoader(ds, batch_size=2)))
     assert batch["image"].shape == (2, 3, 16, 16) and batch["path"] == [str(f) for f in files]
+
+
+def test_cache_images_decodes_each_file_once(tmp_path, monkeypatch) -> None:
+    """With cache_images the decoder runs once per file, and cached crops equal uncached ones."""
+    import datamodules.image_folder as imf
+
+    for i in range(2):
+        Image.fromarray(np.full((40, 48, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    calls: list[str] = []
+    real = imf.load_image
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(imf, "load_image", counting)
+    files = sorted(tmp_path.glob("*.png"))
+    cached = imf.ImageFolderDataset(files, mode="train", crop_size=16, repeats=5, cache_images=True)
+    plain = imf.ImageFolderDataset(files, mode="train", crop_size=16, repeats=5)
+    torch.manual_seed(3)
+    a = [cached[i]["image"] for i in range(len(cached))]
+    assert len(calls) == 2
+    torch.manual_seed(3)
+    b = [plain[i]["image"] for i in range(len(plain))]
+    assert len(calls) == 2 + 10
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
