@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--latent-channels", type=int, default=4, help="4 = SD VAE, 192 = space_to_depth")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, HR {args.size}x{args.size}, batch {args.batch}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, HR {args.size}x{args.size}, batch {args.batch}"
+    )
     print(f"{'variant':<11} {'scale':>5} {'params (M)':>10} {'train step (s)':>14} {'down+up (s)':>11}")
     dist = get_distance("mse")
     for name, kw in VARIANTS.items():
