@@ -21,6 +21,15 @@ from components.backbones.presets import TEXT_SUBFOLDERS, build_tiny_components,
 from tadm.registry import BACKBONES
 
 PARTS = ("vae", "unet", "text")
+#: TADM_METHOD.md: LoRA targets on the UNet (conv_in is trained fully, not through LoRA)
+UNET_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
+    "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+)  # fmt: skip
+#: LoRA targets on the VAE decoder only (a full-match regex, so encoder modules never match)
+VAE_DECODER_LORA_REGEX = (
+    r"decoder\.(.*\.)?(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_q|to_k|to_v|to_out\.0)"
+)
 #: weight file stems written by save_pretrained (diffusers models / transformers models)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 _TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
@@ -72,6 +81,13 @@ class StableDiffusionBackbone(DiffusionBackbone):
             (default) makes latents deterministic, so they can be precomputed and cached.
         local_files_only: Passed to ``from_pretrained``: True never touches the network, None
             leaves the libraries' default (``HF_HUB_OFFLINE``). Local folders never use it.
+        unet_lora_rank: LoRA rank on the UNet for stages ``enhancer``/``joint`` (TADM: 32; the
+            release's script uses 48). ``conv_in`` is trained fully besides.
+        vae_lora_rank: LoRA rank on the VAE decoder (TADM: 16); the encoder always stays frozen.
+        unet_lora_targets: UNet module names (suffixes) that get LoRA; default: TADM's list
+            (attention projections, ResNet convs, proj_in/out, feed-forward, conv_out).
+        gradient_checkpointing: Recompute UNet / VAE-decoder activations in the backward pass:
+            much less memory for about a third more time.
     """
 
     def __init__(
@@ -83,6 +99,10 @@ class StableDiffusionBackbone(DiffusionBackbone):
         variant: str | None = None,
         sample_latent: bool = False,
         local_files_only: bool | None = None,
+        unet_lora_rank: int = 32,
+        vae_lora_rank: int = 16,
+        unet_lora_targets: list[str] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.preset_name = preset
@@ -109,6 +129,14 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.prediction_type: str | None = None
         self.num_train_timesteps: int | None = None
         self.register_buffer("alphas_cumprod", None, persistent=False)
+        self.unet_lora_rank = unet_lora_rank
+        self.vae_lora_rank = vae_lora_rank
+        self.unet_lora_targets = list(unet_lora_targets or UNET_LORA_TARGETS)
+        self.gradient_checkpointing = gradient_checkpointing
+        self._lora_stage: str | None = None
+        # empty-prompt conditioning, computed once when the text part is loaded (then encoders are freed)
+        self.register_buffer("prompt_embeds", None, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", None, persistent=False)
         # follows .to(device) so parts loaded after the module was moved land on the same device
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
 
@@ -148,7 +176,7 @@ class StableDiffusionBackbone(DiffusionBackbone):
 
     @property
     def loaded_parts(self) -> frozenset[str]:
-        names = {"vae": self.vae, "unet": self.unet, "text": self.text_encoder}
+        names = {"vae": self.vae, "unet": self.unet, "text": self.prompt_embeds}
         return frozenset(k for k, v in names.items() if v is not None)
 
     # --- loading -----------------------------------------------------------------------------
@@ -191,6 +219,89 @@ class StableDiffusionBackbone(DiffusionBackbone):
                 setattr(self, name, self._freeze(obj, self._device_anchor.device))
             else:
                 setattr(self, name, obj)
+        if "text" in todo:
+            self._encode_empty_prompt()
+
+    # --- the enhancer: empty-prompt conditioning, one UNet call, trainable parts -------------
+    @torch.no_grad()
+    def _encode_empty_prompt(self) -> None:
+        """Embed the EMPTY prompt once and release the text encoders (they are never needed again)."""
+        pairs = [(self.text_encoder, self.tokenizer)]
+        if self.preset.family == "sdxl":
+            pairs.append((self.text_encoder_2, self.tokenizer_2))
+        hidden, pooled = [], None
+        for encoder, tokenizer in pairs:
+            length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
+            ids = tokenizer("", padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            out = encoder(ids.input_ids.to(self._device_anchor.device), output_hidden_states=True)
+            if self.preset.family == "sdxl":  # SDXL: penultimate layer of both encoders, pooled from the 2nd
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]
+            else:
+                hidden.append(out[0])
+        self.prompt_embeds = torch.cat(hidden, dim=-1).float()
+        self.pooled_prompt_embeds = pooled.float() if pooled is not None else None
+        self.text_encoder = self.text_encoder_2 = self.tokenizer = self.tokenizer_2 = None
+
+    def _require(self, part: str) -> None:
+        if part not in self.loaded_parts:
+            raise RuntimeError(
+                f"backbone {self.backbone_id}: part {part!r} is not loaded; call load_for_stage(...)"
+            )
+
+    def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """One UNet call on scaled latents at timesteps ``t`` (B,) with the empty-prompt condition."""
+        self._require("unet")
+        self._require("text")
+        assert self.unet is not None and self.prompt_embeds is not None
+        b = z_t.shape[0]
+        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        cond = self.prompt_embeds.expand(b, -1, -1).to(self.unet.dtype)
+        kwargs: dict[str, Any] = {}
+        if self.preset.family == "sdxl":
+            h, w = (s * self.downsample_factor for s in z_t.shape[-2:])
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=z_t.device, dtype=self.unet.dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": self.pooled_prompt_embeds.expand(b, -1).to(self.unet.dtype),
+                "time_ids": time_ids.expand(b, -1),
+            }
+        out = self.unet(z_t.to(self.unet.dtype), t.to(z_t.device), encoder_hidden_states=cond, **kwargs)
+        return out.sample.float()
+
+    def load_for_stage(self, stage: str) -> None:
+        super().load_for_stage(stage)
+        if stage in ("enhancer", "joint") and self._lora_stage is None:
+            self._add_lora()
+            self._lora_stage = stage
+
+    def _add_lora(self) -> None:
+        """peft LoRA on the UNet (TADM's targets) and the VAE decoder; conv_in trained fully."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        assert self.unet is not None and self.vae is not None
+        unet_cfg = LoraConfig(
+            r=self.unet_lora_rank, lora_alpha=self.unet_lora_rank, init_lora_weights="gaussian",
+            target_modules=self.unet_lora_targets,
+        )  # fmt: skip
+        inject_adapter_in_model(unet_cfg, self.unet, adapter_name="tadm_unet")
+        vae_cfg = LoraConfig(
+            r=self.vae_lora_rank, lora_alpha=self.vae_lora_rank, init_lora_weights="gaussian",
+            target_modules=VAE_DECODER_LORA_REGEX,
+        )  # fmt: skip
+        inject_adapter_in_model(vae_cfg, self.vae, adapter_name="tadm_vae")
+        for module in (self.unet, self.vae):
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name)
+        self.unet.conv_in.requires_grad_(True)
+        if self.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
+        self.train(self.training)  # parts with trainable weights now follow the train/eval mode
+
+    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
+        if stage not in ("enhancer", "joint"):
+            return []
+        return [p for m in (self.unet, self.vae) if m is not None for p in m.parameters() if p.requires_grad]
 
     @staticmethod
     def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
@@ -345,7 +456,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
                 f"image size {h}x{w} is not a multiple of the VAE downsampling factor {f}; pad or crop it "
                 f"(e.g. to {math.ceil(h / f) * f}x{math.ceil(w / f) * f})"
             )
-        dist = vae.encode(x.to(vae.dtype)).latent_dist
+        with self._vae_autocast(x):
+            dist = vae.encode(x.to(vae.dtype)).latent_dist
         z = dist.sample() if self.sample_latent else dist.mean
         return ((z.float() - self.shift_factor) * self.scaling_factor).float()
 
@@ -353,4 +465,15 @@ class StableDiffusionBackbone(DiffusionBackbone):
         """Scaled latent -> image in [-1,1], decoded in the VAE's dtype, returned as float32."""
         vae = self._require_vae()
         raw = z.float() / self.scaling_factor + self.shift_factor
-        return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
+        with self._vae_autocast(z):
+            return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
+
+    def _vae_autocast(self, x: Tensor) -> Any:
+        """VAEs flagged ``force_upcast`` (SDXL's) overflow in fp16 into NaN / black images: run them
+        in their own dtype (fp32) even inside a ``16-mixed`` autocast region. An fp16-fixed VAE
+        (``force_upcast: false`` in its config) keeps autocast."""
+        import contextlib
+
+        if self.vae is not None and getattr(self.vae.config, "force_upcast", False):
+            return torch.autocast(device_type=x.device.type, enabled=False)
+        return contextlib.nullcontext()
