@@ -74,12 +74,13 @@ def test_loads_saved_tiny_pipeline(tiny: str, pipelines: dict[str, Path]) -> Non
 
     # everything is frozen, in eval mode, and stays in eval when the parent trains
     bb.train()
-    for name in ("vae", "unet", "text_encoder") + (("text_encoder_2",) if preset == "sdxl" else ()):
+    for name in ("vae", "unet"):
         module = getattr(bb, name)
         assert name in dict(bb.named_children())
         assert not module.training
         assert not any(p.requires_grad for p in module.parameters())
-    assert (bb.text_encoder_2 is not None) == (preset == "sdxl")
+    # the text encoders ran once for the empty prompt and were released
+    assert bb.text_encoder is None and bb.text_encoder_2 is None and bb.tokenizer is None
 
     x = _images()
     with torch.no_grad():
@@ -89,17 +90,24 @@ def test_loads_saved_tiny_pipeline(tiny: str, pipelines: dict[str, Path]) -> Non
     assert y.shape == x.shape and y.dtype == torch.float32
     assert y.min() >= -1 and y.max() <= 1
 
-    # the parts fit together: empty-prompt context -> one UNet step
-    tok = bb.tokenizer
+    # the parts fit together: the cached empty-prompt context equals the saved encoders' output
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     assert ids[0, :2].tolist() == [tok.bos_token_id, tok.eos_token_id]
     with torch.no_grad():
-        out = bb.text_encoder(ids, output_hidden_states=True)
+        out = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")(ids, output_hidden_states=True)
         ctx, extra = out.last_hidden_state, {}
         if preset == "sdxl":
-            out2 = bb.text_encoder_2(ids, output_hidden_states=True)
+            enc2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+            tok2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+            ids2 = tok2([""], padding="max_length", max_length=tok2.model_max_length, return_tensors="pt")
+            out2 = enc2(ids2.input_ids, output_hidden_states=True)
             ctx = torch.cat([out.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
             extra = {"added_cond_kwargs": {"text_embeds": out2.text_embeds, "time_ids": torch.zeros(1, 6)}}
+            torch.testing.assert_close(bb.pooled_prompt_embeds, out2.text_embeds)
+        torch.testing.assert_close(bb.prompt_embeds, ctx)
         eps = bb.unet(z[:1], torch.tensor([50.0]), ctx, **extra).sample
     assert eps.shape == (1, 4, 8, 8)
 
@@ -138,7 +146,7 @@ def test_fallbacks_before_loading() -> None:
 def test_tiny_preset_builds_in_memory_and_leaves_global_rng_alone() -> None:
     state = torch.get_rng_state()
     bb = StableDiffusionBackbone(preset="tiny-sd21")
-    bb.load_for_stage("enhancer")
+    bb.load(["vae", "unet", "text"])  # (LoRA added by load_for_stage draws from the seeded global RNG)
     assert torch.equal(torch.get_rng_state(), state)
     assert bb.prediction_type == "v_prediction"
     assert bb.backbone_id.startswith("stable_diffusion:tiny-sd21:random-seed")
