@@ -15,6 +15,8 @@ DISTANCES: dict[str, Distance] = {"mse": F.mse_loss, "l1": F.l1_loss}
 
 #: stage-1 weights of the authors' release (the paper writes the latent terms with L1)
 DEFAULT_STAGE1_WEIGHTS: dict[str, float] = {"lr": 3.0, "latent_forward": 1.0, "latent_backward": 1.0}
+#: stage-2 weights of the release: 2 * MSE(x_hat, x) + 5 * LPIPS_vgg + 5 * DISTS
+DEFAULT_STAGE2_WEIGHTS: dict[str, float] = {"pixel": 2.0, "lpips": 5.0, "dists": 5.0}
 
 
 def get_distance(name: str) -> Distance:

@@ -12,13 +12,22 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from components.aligners.base import TimestepAligner
 from components.backbones.base import DiffusionBackbone
 from components.rescalers.base import Rescaler
 from components.rescalers.bicubic import Bicubic
 from tadm import pipeline
+from tadm.enhancer import HybridScheduler, unet_timestep
 from tadm.imageops import bicubic_down, crop_to, pad_to_multiple, to_unit
-from tadm.losses import DEFAULT_STAGE1_WEIGHTS, DistanceName, get_distance, weighted_sum
+from tadm.losses import (
+    DEFAULT_STAGE1_WEIGHTS,
+    DEFAULT_STAGE2_WEIGHTS,
+    DistanceName,
+    get_distance,
+    weighted_sum,
+)
 from tadm.metrics import psnr_rgb, psnr_y, ssim_y
+from tadm.perceptual import PerceptualLoss
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +36,12 @@ CKPT_KEY = "tadm"
 
 
 class TADMModule(L.LightningModule):
-    """Trains and evaluates a rescaler (stage 1) on top of a frozen diffusion backbone."""
+    """TADM's three training stages on one model.
+
+    ``rescaler`` (stage 1) trains the rescaler alone; ``enhancer`` (stage 2) freezes it and trains
+    the one-step diffusion enhancer (UNet LoRA + conv_in, VAE-decoder LoRA, aligner, Refiner);
+    ``joint`` (stage 3) trains everything with both stages' losses.
+    """
 
     def __init__(
         self,
@@ -35,6 +49,9 @@ class TADMModule(L.LightningModule):
         rescaler: Rescaler,
         stage: Stage = "rescaler",
         scale: int = 16,
+        aligner: TimestepAligner | None = None,
+        enhancer: HybridScheduler | None = None,
+        perceptual_random_backbone: bool = False,
         loss_weights: dict[str, float] | None = None,
         distance: DistanceName = "mse",
         optimizer: OptimizerCallable | None = None,
@@ -47,11 +64,14 @@ class TADMModule(L.LightningModule):
         Args:
             backbone: the diffusion backbone (VAE, and for later stages UNet and text prior).
             rescaler: the rescaler plug-in (e.g. ``dfrm`` or ``bicubic``).
-            stage: ``rescaler`` trains the rescaler alone (stage 1). ``enhancer`` and ``joint``
-                are not implemented yet.
+            stage: ``rescaler`` (stage 1), ``enhancer`` (stage 2) or ``joint`` (stage 3).
             scale: HR -> LR factor, linked into the rescaler and the data module by the CLI.
-            loss_weights: weight per named loss term; defaults to the release's stage-1 weights
-                ``{lr: 3, latent_forward: 1, latent_backward: 1}``.
+            aligner: chooses the one-step timestep from z_hat (stages 2/3), e.g. ``tpm``, ``fixed``.
+            enhancer: the hybrid time scheduler with its Refiner (stages 2/3); default ``HybridScheduler()``.
+            perceptual_random_backbone: build LPIPS/DISTS on a random VGG (tests only: not a perceptual loss).
+            loss_weights: weight per named loss term. Defaults: stage 1 ``{lr: 3, latent_forward: 1,
+                latent_backward: 1}`` (the release); stage 2 ``{pixel: 2, lpips: 5, dists: 5}``; stage 3
+                both. A term with weight 0 is not computed.
             distance: ``mse`` (default, the release) or ``l1`` (the paper's latent terms).
             optimizer: optimizer factory; default AdamW(lr 1e-4, betas (0.9, 0.999), weight decay 1e-2).
             lr_scheduler: LR scheduler factory, e.g. ``tadm.schedules.WarmupCosineLR`` (its ``total_steps``
@@ -62,18 +82,24 @@ class TADMModule(L.LightningModule):
             num_log_images: validation images logged to TensorBoard as HR | LR (nearest) | reconstruction.
         """
         super().__init__()
-        if stage != "rescaler":
-            raise NotImplementedError(
-                f"stage {stage!r} is not implemented yet; only stage 'rescaler' (stage 1) is available"
-            )
+        if stage not in ("rescaler", "enhancer", "joint"):
+            raise ValueError(f"unknown stage {stage!r}; choose rescaler, enhancer or joint")
         if rescaler.scale != scale:
             raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
-        self.save_hyperparameters(ignore=["backbone", "rescaler", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler"]
+        )
         self.backbone = backbone
         self.rescaler = rescaler
         self.stage = stage
         self.scale = scale
-        self.loss_weights = dict(DEFAULT_STAGE1_WEIGHTS if loss_weights is None else loss_weights)
+        if loss_weights is None:
+            loss_weights = {
+                "rescaler": DEFAULT_STAGE1_WEIGHTS,
+                "enhancer": DEFAULT_STAGE2_WEIGHTS,
+                "joint": {**DEFAULT_STAGE1_WEIGHTS, **DEFAULT_STAGE2_WEIGHTS},
+            }[stage]
+        self.loss_weights = dict(loss_weights)
         self.distance = get_distance(distance)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -86,10 +112,39 @@ class TADMModule(L.LightningModule):
 
         backbone.load_for_stage(stage)
         self._check_latent_layout()
-        backbone.requires_grad_(False)
-        rescaler.requires_grad_(True)
+        self.aligner = aligner
+        self.enhancer = enhancer
+        self.perceptual: PerceptualLoss | None = None
+        if stage == "rescaler":
+            backbone.requires_grad_(False)
+        else:
+            self._setup_enhancer(perceptual_random_backbone)
+        rescaler.requires_grad_(stage != "enhancer")
         if init_from:
             self.load_weights(init_from)
+
+    def _setup_enhancer(self, random_perceptual: bool) -> None:
+        if self.aligner is None:
+            raise ValueError(f"stage {self.stage!r} needs model.aligner (e.g. class_path: tpm)")
+        if self.rescaler.space != "latent":
+            raise ValueError(
+                f"stage {self.stage!r} needs a latent rescaler; {type(self.rescaler).__name__} is pixel-space"
+            )
+        if self.enhancer is None:
+            self.enhancer = HybridScheduler(latent_channels=self.backbone.latent_channels)
+        c = self.backbone.latent_channels
+        for name, part in (("aligner", self.aligner), ("enhancer", self.enhancer)):
+            # not linked by the CLI (these are optional); every SD family has 4 latent channels
+            want = getattr(part, "latent_channels", None)
+            if want is not None and want != c:
+                raise ValueError(f"model.{name} expects {want} latent channels, the backbone gives {c}")
+        schedule = getattr(self.backbone, "alphas_cumprod", None)
+        if schedule is None:
+            raise ValueError(f"backbone {self.backbone.backbone_id} has no noise schedule: it cannot enhance")
+        self.aligner.attach_schedule(schedule)
+        w = self.loss_weights
+        if w.get("lpips", 0) or w.get("dists", 0):
+            self.perceptual = PerceptualLoss(w.get("lpips", 0.0), w.get("dists", 0.0), random_perceptual)
 
     def _check_latent_layout(self) -> None:
         want = getattr(self.rescaler, "latent_channels", None)
@@ -101,9 +156,28 @@ class TADMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.rescaler.parameters() if p.requires_grad]
+        params = (
+            [p for p in self.rescaler.parameters() if p.requires_grad] if self.stage != "enhancer" else []
+        )
         params += self.backbone.trainable_parameters(self.stage)
+        if self.stage != "rescaler":
+            assert self.aligner is not None and self.enhancer is not None
+            params += [p for p in self.aligner.parameters() if p.requires_grad]
+            params += self.enhancer.trainable_parameters()
         return params
+
+    # ------------------------------------------------------------------ the enhancer
+    def enhance(self, z_hat: Tensor, z_true: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One-step diffusion on the reconstructed latent: (z0_hat, the aligner's t)."""
+        assert self.aligner is not None and self.enhancer is not None
+        t = self.aligner(z_hat, z_true)
+        out = self.backbone.predict(z_hat, unet_timestep(t))
+        b = self.backbone
+        return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
+
+    def on_train_epoch_start(self) -> None:
+        if self.stage == "enhancer":
+            self.rescaler.eval()  # frozen: its LR image is the exact 8-bit one the enhancer will see
 
     def _latent(self, batch: dict[str, Any]) -> Tensor | None:
         if self.rescaler.space != "latent":
@@ -115,7 +189,24 @@ class TADMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x = batch["image"]
-        terms = self.rescaler.training_losses(x, self._latent(batch), self.distance)
+        z = self._latent(batch)
+        w = self.loss_weights
+        terms: dict[str, Tensor] = {}
+        if self.stage != "enhancer":
+            terms.update(self.rescaler.training_losses(x, z, self.distance))
+        if self.stage != "rescaler":
+            if self.stage == "enhancer":
+                with torch.no_grad():
+                    z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            else:
+                z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            z0, t = self.enhance(z_hat, z)
+            x_hat = self.backbone.decode(z0)
+            if w.get("pixel", 0):
+                terms["pixel"] = self.distance(x_hat, x)
+            if self.perceptual is not None:
+                terms.update(self.perceptual(x_hat, x))
+            self.log("train/t_mean", t.detach().float().mean(), batch_size=x.shape[0])
         loss = weighted_sum(terms, self.loss_weights)
         bs = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -144,7 +235,8 @@ class TADMModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x)
+        enhance = None if self.stage == "rescaler" else (lambda z_hat: self.enhance(z_hat)[0])
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=enhance)
         base = pipeline.round_trip(self.backbone, self.baseline, x)
         xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
         return {
@@ -174,7 +266,8 @@ class TADMModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
-        rt = pipeline.round_trip(self.backbone, self.rescaler, batch["image"])
+        enhance = None if self.stage == "rescaler" else (lambda z_hat: self.enhance(z_hat)[0])
+        rt = pipeline.round_trip(self.backbone, self.rescaler, batch["image"], enhance=enhance)
         return {"path": batch.get("path"), "lr": rt.lr, "reconstruction": rt.reconstruction}
 
     def _log_images(self, prefix: str, idx: int, x: Tensor, lr: Tensor, rec: Tensor) -> None:
@@ -190,13 +283,15 @@ class TADMModule(L.LightningModule):
 
     # --------------------------------------------------------------- checkpoints
     def _frozen_keys(self) -> set[str]:
-        """State-dict keys of the frozen backbone (not stored: they come from its own weights)."""
+        """State-dict keys not stored in checkpoints: the frozen backbone and loss networks."""
         trainable = {id(p) for p in self.backbone.trainable_parameters(self.stage)}
         keys = set()
         for name, p in self.backbone.named_parameters():
             if id(p) not in trainable:
                 keys.add(f"backbone.{name}")
         keys |= {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
+        if self.perceptual is not None:  # frozen loss networks come from their own packages
+            keys |= {f"perceptual.{k}" for k in self.perceptual.state_dict()}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,30 @@ def downscale(backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor) -> tup
     return rescaler.downscale(xp, z), size
 
 
-def upscale(backbone: DiffusionBackbone, rescaler: Rescaler, y: Tensor, size: tuple[int, int]) -> Tensor:
-    """LR image -> HR image in [-1, 1] cropped to ``size``."""
+Enhance = Callable[[Tensor], Tensor]
+
+
+def upscale(
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    y: Tensor,
+    size: tuple[int, int],
+    enhance: Enhance | None = None,
+) -> Tensor:
+    """LR image -> HR image in [-1, 1] cropped to ``size``; ``enhance`` maps z_hat to z0_hat
+    (the one-step diffusion of stages 2/3) for latent rescalers."""
     out = rescaler.upscale(y)
+    if enhance is not None and rescaler.space == "latent":
+        out = enhance(out)
     x_hat = backbone.decode(out) if rescaler.space == "latent" else out.clamp(-1.0, 1.0)
     return crop_to(x_hat, size)
 
 
 @torch.no_grad()
-def round_trip(backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor) -> RoundTrip:
+def round_trip(
+    backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor, enhance: Enhance | None = None
+) -> RoundTrip:
     y, size = downscale(backbone, rescaler, x)
-    x_hat = upscale(backbone, rescaler, y, size)
+    x_hat = upscale(backbone, rescaler, y, size, enhance)
     s = rescaler.scale
     return RoundTrip(lr=y, reconstruction=x_hat, padded_size=(y.shape[-2] * s, y.shape[-1] * s))

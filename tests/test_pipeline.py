@@ -88,14 +88,16 @@ def test_l1_option_and_unweighted_term_is_an_error() -> None:
         weighted_sum({"lr": a.sum(), "extra": a.sum()}, {"lr": 1.0})
 
 
-def test_module_rejects_mismatches_and_unimplemented_stages() -> None:
+def test_module_rejects_mismatches_and_unknown_stages() -> None:
     tiny = dict(width=8, num_resblocks=1, pixel_width=4, num_couplings=1, coupling_growth=4)
     with pytest.raises(ValueError, match="expects 4 latent channels .* produces 192"):
         TADMModule(SpaceToDepthBackbone(), DFRM(16, latent_channels=4, **tiny))
     with pytest.raises(ValueError, match="rescaler scale 32 differs"):
         TADMModule(SpaceToDepthBackbone(), Bicubic(32), scale=16)
-    with pytest.raises(NotImplementedError, match="stage 'enhancer'"):
+    with pytest.raises(ValueError, match="cannot provide"):  # no UNet in a weight-free autoencoder
         TADMModule(SpaceToDepthBackbone(), Bicubic(16), stage="enhancer")
+    with pytest.raises(ValueError, match="unknown stage"):
+        TADMModule(SpaceToDepthBackbone(), Bicubic(16), stage="stage4")  # type: ignore[arg-type]
 
 
 def test_module_evaluation_logs_baseline_and_lr_fidelity() -> None:
