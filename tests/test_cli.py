@@ -68,12 +68,21 @@ def test_debug_presets_compose_with_quickstart(preset: str, tmp_path: Path) -> N
 
 
 EXPERIMENTS = sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml"))
+ALIGNER_CONFIGS = ("tpm", "fixed", "oracle", "spatial_tpm")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
 def test_experiment_configs_run_shrunk_on_tiny_backbones(experiment: str, family: str) -> None:
-    """The full-size recipes themselves, with the backbone swapped by YAML for its tiny twin."""
+    """The full-size recipes themselves (stages 1-3, x16/x32), with the backbone swapped by YAML for
+    its tiny twin, no previous-stage checkpoint, and LPIPS/DISTS on a random VGG (offline)."""
+    shrink = []
+    if not experiment.startswith("rescaler"):
+        shrink = [
+            "--model.init_from=null",
+            "--model.perceptual_random_backbone=true",
+            "--trainer.precision=32-true",
+        ]
     main(
         [
             "fit",
@@ -86,6 +95,7 @@ def test_experiment_configs_run_shrunk_on_tiny_backbones(experiment: str, family
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--data.init_args.num_workers=0",
+            *shrink,
             *_data(crop=64, batch=1),
         ]
     )
@@ -98,6 +108,7 @@ def test_every_config_file_is_covered() -> None:
     covered |= {f"backbone/{f}.yaml" for f in ("sd15", "sd21", "sdxl")}
     # parsed (not run) below: full-size backbone presets and the VAE swap need no weights to parse
     covered |= {"backbone/sd21-base.yaml", "backbone/sd-vae-ft-mse.yaml"}
+    covered |= {f"aligner/{a}.yaml" for a in ALIGNER_CONFIGS}  # run in tests/test_stages.py
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert shipped <= covered, f"untested configs: {sorted(shipped - covered)}"
 

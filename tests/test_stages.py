@@ -1,0 +1,163 @@
+"""Stages 2 and 3 through the real configs: aligner swaps by YAML, third-party aligners by short
+name, what trains and what stays frozen, what the checkpoint holds, and the enhancer at init."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+
+from components.aligners.base import TimestepAligner
+from components.aligners.fixed import FixedTimestep
+from components.aligners.tpm import TimestepPredictionModule
+from tadm.cli import TADMCLI
+from tadm.diffusion_math import abar_at, x0_from_output
+from tadm.module import TADMModule
+from tadm.registry import ALIGNERS, load_plugins
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+TRAIN = str(REPO / "assets" / "samples" / "train")
+VAL = str(REPO / "assets" / "samples" / "val")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+def _args(stage: str = "enhancer", preset: str = "tiny-sd21", extra: list[str] | None = None) -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / "experiments" / f"{stage}_x16.yaml"),
+        f"--model.backbone.init_args.preset={preset}",
+        "--model.backbone.init_args.gradient_checkpointing=false",
+        "--model.rescaler.init_args.width=16",
+        "--model.rescaler.init_args.num_resblocks=1",
+        "--model.init_from=null",
+        "--model.perceptual_random_backbone=true",
+        "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.accumulate_grad_batches=1",
+        "--trainer.logger=false",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]",
+        f"--data.init_args.train_dir={TRAIN}",
+        f"--data.init_args.val_dir={VAL}",
+        "--data.init_args.crop_size=64",
+        "--data.init_args.batch_size=1",
+        "--data.init_args.num_workers=0",
+        *(extra or []),
+    ]
+
+
+def _cli(args: list[str]) -> TADMCLI:
+    load_plugins()
+    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+
+
+@pytest.mark.parametrize(("config", "cls"), [("fixed", FixedTimestep), ("tpm", TimestepPredictionModule)])
+def test_aligner_is_a_yaml_change(config: str, cls: type) -> None:
+    cli = _cli(_args(extra=["--config", str(CONFIGS / "aligner" / f"{config}.yaml")]))
+    assert type(cli.model.aligner) is cls
+
+
+@pytest.mark.parametrize("config", ["oracle", "spatial_tpm"])
+def test_analysis_and_spatial_aligners_train_a_step(config: str) -> None:
+    extra = ["--config", str(CONFIGS / "aligner" / f"{config}.yaml"), "--trainer.max_steps=1"]
+    if config == "spatial_tpm":
+        extra.append("--model.enhancer.init_args.mode=learned_t")  # the map also drives the x0 formula
+    cli = _cli(_args(extra=extra))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+@ALIGNERS.register("test_half_aligner")
+class HalfwayAligner(TimestepAligner):
+    """A third-party aligner defined outside the packages: always t = 100."""
+
+    def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor:
+        return torch.full((z_hat.shape[0],), 100.0, device=z_hat.device)
+
+
+def test_third_party_aligner_chosen_by_short_name() -> None:
+    cli = _cli(_args(extra=["--model.aligner=test_half_aligner"]))
+    assert type(cli.model.aligner) is HalfwayAligner
+
+
+def test_enhancer_at_init_equals_the_fixed_branch() -> None:
+    """The Refiner's last conv is zero: z0_hat is exactly the one-step x0 estimate at t0 = 50."""
+    m = _cli(_args(extra=["--config", str(CONFIGS / "aligner" / "tpm.yaml")])).model.eval()
+    z_hat = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        z0, t = m.enhance(z_hat)
+        out = m.backbone.predict(z_hat, t)
+        ref = x0_from_output(z_hat, out, abar_at(m.backbone.alphas_cumprod, 50.0), m.backbone.prediction_type)
+    assert m.backbone.prediction_type == "v_prediction"
+    assert ((t >= 10) & (t <= 200)).all()
+    torch.testing.assert_close(z0, ref, rtol=0, atol=0)
+
+
+def _snapshot(m: TADMModule) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["enhancer", "joint"])
+def test_frozen_stay_frozen_and_trainable_change(stage: str) -> None:
+    cli = _cli(_args(stage=stage, extra=["--trainer.max_steps=3"]))
+    m = cli.model
+    before = _snapshot(m)
+    cli.trainer.fit(m, datamodule=cli.datamodule)
+    after = _snapshot(m)
+    trainable = {n for n, p in m.named_parameters() if any(p is q for q in m.trainable_parameters())}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    frozen_changed = changed - trainable
+    assert not frozen_changed, sorted(frozen_changed)[:5]
+    for must in ("backbone.unet.conv_in.weight", "aligner.", "enhancer.refiner.", "lora_B"):
+        assert any(must in n for n in changed), f"nothing matching {must!r} was trained"
+    assert any(n.startswith("backbone.vae.decoder.") for n in changed)
+    assert not any(n.startswith("backbone.vae.encoder.") for n in changed)
+    assert any(n.startswith("rescaler.") for n in changed) == (stage == "joint")
+
+
+def test_stage2_checkpoint_holds_only_trained_parts_and_names_backbone(tmp_path: Path) -> None:
+    ckpt_cb = json.dumps(
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path), "save_last": True},
+            }
+        ]
+    )
+    cli = _cli(
+        _args(
+            extra=[
+                "--trainer.max_steps=1",
+                "--trainer.enable_checkpointing=true",
+                f"--trainer.callbacks={ckpt_cb}",
+            ]
+        )
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    allowed = ("rescaler.", "aligner.", "enhancer.", "backbone.unet.conv_in.")
+    bad = [k for k in keys if not (k.startswith(allowed) or ".lora_" in k)]
+    assert not bad, bad[:5]
+    assert not any(k.startswith("perceptual.") for k in keys)
+    assert any(".lora_" in k and k.startswith("backbone.vae.decoder.") for k in keys)
+    assert ckpt["tadm"]["stage"] == "enhancer"
+    # a stage-3 model initialised from it gets the trained LoRA ...
+    m3 = _cli(_args(stage="joint", extra=[f"--model.init_from={tmp_path / 'last.ckpt'}"])).model
+    k = next(k for k in keys if ".lora_B." in k and k.startswith("backbone.unet."))
+    torch.testing.assert_close(m3.state_dict()[k], ckpt["state_dict"][k])
+    # ... and a model on another backbone refuses it, naming both
+    with pytest.raises(ValueError, match=r"tiny-sd21.*tiny-sdxl"):
+        _cli(_args(stage="joint", preset="tiny-sdxl", extra=[f"--model.init_from={tmp_path / 'last.ckpt'}"]))
