@@ -45,6 +45,16 @@ class TADMCLI(LightningCLI):
         except Exception as err:  # a config jsonargparse cannot serialise still trains
             print(f"warning: could not serialise the run config into checkpoints: {err}", file=sys.stderr)
 
+    def before_fit(self) -> None:
+        """Also write the run's config next to the checkpoints (the log folder has one too)."""
+        ckpt = self.trainer.checkpoint_callback
+        dirpath = getattr(ckpt, "dirpath", None)
+        if dirpath and self.model.run_config and self.trainer.is_global_zero:
+            from pathlib import Path
+
+            Path(dirpath).mkdir(parents=True, exist_ok=True)
+            (Path(dirpath) / "config.yaml").write_text(self.model.run_config)
+
 
 def list_command(argv: Sequence[str]) -> int:
     """Print every registered plug-in: kind, short name, class and one-line description."""
@@ -64,7 +74,14 @@ def list_command(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": list_command}
+def shard_command(argv: Sequence[str]) -> int:
+    """Pack images into WebDataset shards (imported lazily: `tadm list` stays fast)."""
+    from tadm.shard import shard_command as run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": list_command, "shard": shard_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,6 +175,8 @@ def test_saved_config_reruns_and_reproduces(tmp_path: Path) -> None:
     first = _run_short(tmp_path, QUICKSTART, "a")
     saved = first / "quickstart" / "version_0" / "config.yaml"
     assert saved.is_file(), list(first.rglob("*"))
+    beside = first / "ckpt" / "config.yaml"  # also next to the checkpoints
+    assert beside.is_file() and "class_path: components.rescalers.dfrm.DFRM" in beside.read_text()
     second = _run_short(tmp_path, str(saved), "b")
     a = torch.load(first / "ckpt" / "last.ckpt", weights_only=False)
     b = torch.load(second / "ckpt" / "last.ckpt", weights_only=False)
