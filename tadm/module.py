@@ -120,6 +120,8 @@ class TADMModule(L.LightningModule):
         else:
             self._setup_enhancer(perceptual_random_backbone)
         rescaler.requires_grad_(stage != "enhancer")
+        if stage == "enhancer":
+            rescaler.eval()  # Lightning keeps per-module modes: the frozen rescaler never sees train mode
         if init_from:
             self.load_weights(init_from)
 
@@ -175,9 +177,21 @@ class TADMModule(L.LightningModule):
         b = self.backbone
         return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
 
-    def on_train_epoch_start(self) -> None:
-        if self.stage == "enhancer":
-            self.rescaler.eval()  # frozen: its LR image is the exact 8-bit one the enhancer will see
+    def _enhance_fn(self, x: Tensor) -> pipeline.Enhance | None:
+        """The z_hat -> z0_hat step for evaluating ``x``; aligners that need the HR latent (oracle) get it."""
+        if self.stage == "rescaler":
+            return None
+        z_true = None
+        if getattr(self.aligner, "needs_true_latent", False):
+            xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
+            z_true = self.backbone.encode(xp)
+        return lambda z_hat: self.enhance(z_hat, z_true)[0]
+
+    def train(self, mode: bool = True) -> TADMModule:
+        super().train(mode)
+        if self.stage == "enhancer":  # frozen: its LR image is the exact 8-bit one the enhancer will see
+            self.rescaler.eval()
+        return self
 
     def _latent(self, batch: dict[str, Any]) -> Tensor | None:
         if self.rescaler.space != "latent":
@@ -235,8 +249,7 @@ class TADMModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
-        enhance = None if self.stage == "rescaler" else (lambda z_hat: self.enhance(z_hat)[0])
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=enhance)
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(x))
         base = pipeline.round_trip(self.backbone, self.baseline, x)
         xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
         return {
@@ -266,8 +279,8 @@ class TADMModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
-        enhance = None if self.stage == "rescaler" else (lambda z_hat: self.enhance(z_hat)[0])
-        rt = pipeline.round_trip(self.backbone, self.rescaler, batch["image"], enhance=enhance)
+        x = batch["image"]
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(x))
         return {"path": batch.get("path"), "lr": rt.lr, "reconstruction": rt.reconstruction}
 
     def _log_images(self, prefix: str, idx: int, x: Tensor, lr: Tensor, rec: Tensor) -> None:

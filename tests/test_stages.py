@@ -70,13 +70,23 @@ def test_aligner_is_a_yaml_change(config: str, cls: type) -> None:
 
 @pytest.mark.parametrize("config", ["oracle", "spatial_tpm"])
 def test_analysis_and_spatial_aligners_train_a_step(config: str) -> None:
-    extra = ["--config", str(CONFIGS / "aligner" / f"{config}.yaml"), "--trainer.max_steps=1"]
+    extra = [
+        "--config",
+        str(CONFIGS / "aligner" / f"{config}.yaml"),
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1",
+    ]
     if config == "spatial_tpm":
         extra.append("--model.enhancer.init_args.mode=learned_t")  # the map also drives the x0 formula
     cli = _cli(_args(extra=extra))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(
+        cli.trainer.callback_metrics["val/psnr_y"]
+    )  # evaluation works too (oracle: HR latent)
+    assert not cli.model.rescaler.training  # stage 2 keeps the frozen rescaler in eval mode
 
 
 @ALIGNERS.register("test_half_aligner")
