@@ -109,6 +109,8 @@ def test_every_config_file_is_covered() -> None:
     # parsed (not run) below: full-size backbone presets and the VAE swap need no weights to parse
     covered |= {"backbone/sd21-base.yaml", "backbone/sd-vae-ft-mse.yaml"}
     covered |= {f"aligner/{a}.yaml" for a in ALIGNER_CONFIGS}  # run in tests/test_stages.py
+    # run (fast_dev_run, cached latents) in tests/test_webdataset.py and the slow torchrun test
+    covered |= {"data/webdataset.yaml"}
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert shipped <= covered, f"untested configs: {sorted(shipped - covered)}"
 
