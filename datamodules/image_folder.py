@@ -226,12 +226,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        multiple = math.lcm(scale, 8)
-        if crop_size <= 0 or crop_size % multiple:
-            raise ValueError(
-                f"crop_size={crop_size} must be a positive multiple of {multiple} (of scale={scale} and of 8), "
-                f"e.g. {max(multiple, round(crop_size / multiple) * multiple)}"
-            )
+        check_crop_size(crop_size, scale)
         self.save_hyperparameters()
         self.dirs: dict[Split, str | None] = {
             "train": train_dir,
@@ -374,6 +369,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+        )
+
+
+def check_crop_size(crop_size: int, scale: int) -> None:
+    """A training crop must be a positive multiple of the scale and of 8, so the LR crop and the
+    latent both have whole pixels."""
+    multiple = math.lcm(scale, 8)
+    if crop_size <= 0 or crop_size % multiple:
+        raise ValueError(
+            f"crop_size={crop_size} must be a positive multiple of {multiple} (of scale={scale} and of 8), "
+            f"e.g. {max(multiple, round(crop_size / multiple) * multiple)}"
         )
 
 

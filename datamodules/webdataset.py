@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from datamodules.image_folder import reflect_pad
+from datamodules.image_folder import check_crop_size, reflect_pad
 from datamodules.image_io import (
     _LA16_RAWMODE,
     _LOW_BYTE_RAWMODE,
@@ -1093,12 +1093,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             )
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
-        multiple = math.lcm(scale, 8)
-        if crop_size <= 0 or crop_size % multiple:
-            raise ValueError(
-                f"crop_size={crop_size} must be a positive multiple of {multiple} (of scale={scale} and of 8), "
-                f"e.g. {max(multiple, round(crop_size / multiple) * multiple)}"
-            )
+        check_crop_size(crop_size, scale)
         self.save_hyperparameters()
         self.shards: dict[SplitName, ShardSpec | None] = {
             "train": train_shards,
