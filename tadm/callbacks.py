@@ -57,8 +57,8 @@ class RoundTripReport(L.Callback):
         gain = _value(m, f"{p}/psnr_y") - _value(m, f"{p}/bicubic_psnr_y")
         verdict = "beats" if gain > 0 else "does NOT beat"
         console.print(
-            f"The model {verdict} bicubic by {gain:+.2f} dB PSNR-Y "
-            f"(batches per eval: {n}); LR image vs bicubic LR: {_value(m, f'{p}/lr_psnr'):.2f} dB."
+            f"The model {verdict} bicubic by {gain:+.2f} dB PSNR-Y on these images. "
+            f"Its 8-bit LR image is {_value(m, f'{p}/lr_psnr'):.2f} dB PSNR from the bicubic LR image."
         )
         if trainer.log_dir:
             console.print(

@@ -164,7 +164,8 @@ def _run_short(tmp: Path, config: str, name: str) -> Path:
                     {
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                         "init_args": {"dirpath": str(tmp / name / "ckpt"), "save_last": True},
-                    }
+                    },
+                    {"class_path": "tadm.callbacks.RoundTripReport"},
                 ]
             ),
             *_data(),
@@ -173,7 +174,7 @@ def _run_short(tmp: Path, config: str, name: str) -> Path:
     return tmp / name
 
 
-def test_saved_config_reruns_and_reproduces(tmp_path: Path) -> None:
+def test_saved_config_reruns_and_reproduces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = _run_short(tmp_path, QUICKSTART, "a")
     saved = first / "quickstart" / "version_0" / "config.yaml"
     assert saved.is_file(), list(first.rglob("*"))
@@ -191,7 +192,11 @@ def test_saved_config_reruns_and_reproduces(tmp_path: Path) -> None:
     assert meta["backbone_id"] == "space_to_depth:8"
     assert "class_path: components.rescalers.dfrm.DFRM" in meta["config"]
     # and `validate` reads it back
+    capsys.readouterr()
     main(["validate", "--config", str(saved), "--ckpt_path", str(first / "ckpt" / "last.ckpt"), *_data()])
+    report = capsys.readouterr().out  # RoundTripReport: the model next to bicubic, and where things are
+    assert "bicubic down + up" in report and "bicubic by" in report and "PSNR-Y" in report
+    assert "Checkpoint:" in report
 
 
 def test_checkpoint_holds_no_frozen_backbone_weights_and_checks_backbone(tmp_path: Path) -> None:
