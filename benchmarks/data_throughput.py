@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from components.backbones.presets import FULL_SIZE_VAE  # noqa: E402
 from components.backbones.stable_diffusion import StableDiffusionBackbone
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.webdataset import WebDatasetDataModule
@@ -38,18 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = (2048, 1365)  # "2K" photo, 3:2
 CROP = 512
 #: diffusers' AutoencoderKL as in Stable Diffusion 1.x/2.x (83.7 M parameters)
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
+SD_VAE = {**FULL_SIZE_VAE, "scaling_factor": 0.18215}
 
 
 def make_photos(folder: Path, count: int) -> None:

@@ -340,3 +340,28 @@ def save_tiny_vae(preset: str | Preset, folder: str | Path, seed: int | None = N
     folder = Path(folder)
     vae.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+#: diffusers configs of the real full-size architectures (no weights): benchmarks build them with
+#: random weights to measure cost without a download
+FULL_SIZE_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)  # fmt: skip
+FULL_SIZE_UNETS = {
+    "sd21-base": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=1024,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+        block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+}  # fmt: skip
