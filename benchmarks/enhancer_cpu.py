@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from components.backbones.presets import FULL_SIZE_UNETS as UNETS  # noqa: E402
-from components.backbones.presets import FULL_SIZE_VAE as VAE  # noqa: E402
+from components.backbones.presets import FULL_SIZE_UNETS as UNETS
+from components.backbones.presets import FULL_SIZE_VAE as VAE
 
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 CASES = [f"{b}:{k}" for b in UNETS for k in ("train:ckpt", "train:nockpt", "upscale")]
