@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from components.backbones.presets import FULL_SIZE_VAE  # noqa: E402
+from components.backbones.presets import FULL_SIZE_VAE
 from components.backbones.stable_diffusion import StableDiffusionBackbone
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.webdataset import WebDatasetDataModule
