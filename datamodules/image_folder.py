@@ -220,8 +220,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
-        _check_positive(train_repeats=train_repeats)
+        check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
+        check_positive(train_repeats=train_repeats)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if on_bad_image not in ("error", "skip"):
@@ -383,7 +383,8 @@ def check_crop_size(crop_size: int, scale: int) -> None:
         )
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
+    """Raise a ValueError naming the first argument that is below 1."""
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

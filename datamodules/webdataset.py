@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from datamodules.image_folder import check_crop_size, reflect_pad
+from datamodules.image_folder import check_crop_size, check_positive, reflect_pad
 from datamodules.image_io import (
     _LA16_RAWMODE,
     _LOW_BYTE_RAWMODE,
@@ -1076,15 +1076,13 @@ class WebDatasetDataModule(L.LightningDataModule):
         on_bad_sample: BadSamplePolicy = "skip",
     ) -> None:
         super().__init__()
-        for name, value in {
-            "scale": scale,
-            "batch_size": batch_size,
-            "val_batch_size": val_batch_size,
-            "crops_per_image": crops_per_image,
-            "shuffle_buffer": shuffle_buffer,
-        }.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_positive(
+            scale=scale,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            crops_per_image=crops_per_image,
+            shuffle_buffer=shuffle_buffer,
+        )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if samples_per_epoch is not None and samples_per_epoch < batch_size:
