@@ -28,6 +28,7 @@ from tadm.losses import (
 )
 from tadm.metrics import psnr_rgb, psnr_y, ssim_y
 from tadm.perceptual import PerceptualLoss
+from tadm.tiling import NO_TILING, Tiling, heat_map
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class TADMModule(L.LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         init_from: str | None = None,
         num_log_images: int = 4,
+        eval_tiling: Tiling | None = None,
     ) -> None:
         """
         Args:
@@ -79,7 +81,10 @@ class TADMModule(L.LightningModule):
             lr_scheduler_interval: step the scheduler every optimiser ``step`` or every ``epoch``.
             init_from: a previous stage's checkpoint whose weights initialise this run (weights only;
                 use ``--ckpt_path`` to resume a run exactly).
-            num_log_images: validation images logged to TensorBoard as HR | LR (nearest) | reconstruction.
+            num_log_images: validation images logged to TensorBoard as HR | LR (nearest) | reconstruction
+                (| timestep heat map in stages 2/3, on the aligner's t range).
+            eval_tiling: tile validation/test/predict images as inference does (default: whole images;
+                set it to see per-tile timesteps in the heat maps of large validation images).
         """
         super().__init__()
         if stage not in ("rescaler", "enhancer", "joint"):
@@ -87,7 +92,7 @@ class TADMModule(L.LightningModule):
         if rescaler.scale != scale:
             raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
         self.save_hyperparameters(
-            ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler"]
+            ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
         )
         self.backbone = backbone
         self.rescaler = rescaler
@@ -105,6 +110,7 @@ class TADMModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.num_log_images = num_log_images
+        self.eval_tiling = eval_tiling
         self.baseline = Bicubic(scale)
         #: the run's full config (YAML), set by the CLI and stored in every checkpoint
         self.run_config: str | None = None
@@ -177,15 +183,9 @@ class TADMModule(L.LightningModule):
         b = self.backbone
         return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
 
-    def _enhance_fn(self, x: Tensor) -> pipeline.Enhance | None:
-        """The z_hat -> z0_hat step for evaluating ``x``; aligners that need the HR latent (oracle) get it."""
-        if self.stage == "rescaler":
-            return None
-        z_true = None
-        if getattr(self.aligner, "needs_true_latent", False):
-            xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
-            z_true = self.backbone.encode(xp)
-        return lambda z_hat: self.enhance(z_hat, z_true)[0]
+    def _enhance_fn(self) -> pipeline.Enhance | None:
+        """The z_hat -> (z0_hat, t) step of stages 2/3 (None in stage 1), in the pipeline's signature."""
+        return None if self.stage == "rescaler" else self.enhance
 
     def train(self, mode: bool = True) -> TADMModule:
         super().train(mode)
@@ -249,10 +249,11 @@ class TADMModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(x))
+        tiling = self.eval_tiling or NO_TILING
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(), tiling=tiling)
         base = pipeline.round_trip(self.backbone, self.baseline, x)
         xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
-        return {
+        out = {
             "psnr_y": psnr_y(rt.reconstruction, x),
             "ssim_y": ssim_y(rt.reconstruction, x),
             "lr_psnr": psnr_rgb(rt.lr, bicubic_down(xp, self.scale)),
@@ -261,6 +262,10 @@ class TADMModule(L.LightningModule):
             "_lr": rt.lr,
             "_reconstruction": rt.reconstruction,
         }
+        if rt.timesteps is not None:
+            out["t_mean"] = rt.timesteps.mean(dim=(1, 2, 3))
+            out["_timesteps"] = rt.timesteps
+        return out
 
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
         x = batch["image"]
@@ -269,7 +274,7 @@ class TADMModule(L.LightningModule):
             if not name.startswith("_"):
                 self.log(f"{prefix}/{name}", value.mean(), batch_size=x.shape[0], sync_dist=True)
         if batch_idx < self.num_log_images:
-            self._log_images(prefix, batch_idx, x, out["_lr"], out["_reconstruction"])
+            self._log_images(prefix, batch_idx, x, out["_lr"], out["_reconstruction"], out.get("_timesteps"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
@@ -280,18 +285,35 @@ class TADMModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
         x = batch["image"]
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(x))
-        return {"path": batch.get("path"), "lr": rt.lr, "reconstruction": rt.reconstruction}
+        tiling = self.eval_tiling or NO_TILING
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self._enhance_fn(), tiling=tiling)
+        return {
+            "path": batch.get("path"),
+            "lr": rt.lr,
+            "reconstruction": rt.reconstruction,
+            "timesteps": rt.timesteps,
+        }
 
-    def _log_images(self, prefix: str, idx: int, x: Tensor, lr: Tensor, rec: Tensor) -> None:
+    def _log_images(
+        self, prefix: str, idx: int, x: Tensor, lr: Tensor, rec: Tensor, timesteps: Tensor | None = None
+    ) -> None:
+        """HR | LR (nearest) | reconstruction, and in stages 2/3 the timestep heat map beside them."""
         if not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
             return
         import torchvision
 
-        lr_up = crop_to(F.interpolate(lr, scale_factor=self.scale, mode="nearest"), x.shape[-2:])
-        grid = torchvision.utils.make_grid(
-            torch.cat([to_unit(x[:1]), to_unit(lr_up[:1]), to_unit(rec[:1])]), nrow=3
-        )
+        size = x.shape[-2:]
+        lr_up = crop_to(F.interpolate(lr, scale_factor=self.scale, mode="nearest"), size)
+        panels = [to_unit(x[:1]), to_unit(lr_up[:1]), to_unit(rec[:1])]
+        if timesteps is not None:
+            lo, hi = getattr(self.aligner, "t_min", None), getattr(self.aligner, "t_max", None)
+            heat = heat_map(timesteps[:1], lo, hi)
+            f = self.backbone.downsample_factor
+            panels.append(crop_to(F.interpolate(heat, scale_factor=f, mode="nearest"), size))
+            self.logger.experiment.add_histogram(
+                f"{prefix}/timesteps/{idx}", timesteps[:1].cpu(), self.global_step
+            )
+        grid = torchvision.utils.make_grid(torch.cat(panels), nrow=len(panels))
         self.logger.experiment.add_image(f"{prefix}/hr_lr_reconstruction/{idx}", grid.cpu(), self.global_step)
 
     # --------------------------------------------------------------- checkpoints

@@ -1,4 +1,10 @@
-"""The HR -> LR -> HR round trip, shared by validation, evaluation and (later) the codec."""
+"""The HR -> LR -> HR round trip shared by validation, ``tadm test`` and the codec, tiled or whole.
+
+Every step can run on tiles (see :mod:`tadm.tiling`): VAE encode/decode on pixel/latent tiles
+blended with ramps, the rescaler on stitched tiles of the LR grid, the one-step enhancer on latent
+tiles blended with Gaussian weights, each tile with its own timestep. ``NO_TILING`` processes
+whole images (what training-time validation does on crops).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,29 @@ from torch import Tensor
 from components.backbones.base import DiffusionBackbone
 from components.rescalers.base import Rescaler
 from tadm.imageops import crop_to, lcm, pad_to_multiple
+from tadm.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
+
+#: the one-step enhancer: (z_hat, true HR latent or None) -> (z0_hat, timestep (B,) or (B,1,h,w))
+Enhance = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Upscaled:
+    """A reconstruction cropped to the requested size, and the timestep map the enhancer used
+    (latent resolution; None without an enhancer)."""
+
+    image: Tensor
+    timesteps: Tensor | None
 
 
 @dataclass
 class RoundTrip:
-    """LR image (of the padded HR image) and the reconstruction cropped to the input size."""
+    """LR image (of the padded HR image), the reconstruction cropped to the input size, timesteps."""
 
     lr: Tensor
     reconstruction: Tensor
     padded_size: tuple[int, int]
+    timesteps: Tensor | None = None
 
 
 def pad_multiple(backbone: DiffusionBackbone, rescaler: Rescaler) -> int:
@@ -27,15 +47,51 @@ def pad_multiple(backbone: DiffusionBackbone, rescaler: Rescaler) -> int:
     return lcm(rescaler.scale, backbone.downsample_factor)
 
 
-def downscale(backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """HR image of any size -> LR image of the reflect-padded HR image; returns the LR and the
-    original (H, W) needed to crop the reconstruction back."""
+def encode(backbone: DiffusionBackbone, x: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
+    """VAE encode, on ``tiling.vae_tile`` pixel tiles blended over the overlap when the image is larger."""
+    f = backbone.downsample_factor
+    tile, overlap = _vae_geometry(tiling, f)
+    return blend_tiles(backbone.encode, x, tile=tile, overlap=overlap, scale=1 / f, weight="ramp", align=f)[0]
+
+
+def decode(backbone: DiffusionBackbone, z: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
+    """VAE decode, on latent tiles of ``tiling.vae_tile`` pixels blended over the overlap."""
+    f = backbone.downsample_factor
+    tile, overlap = _vae_geometry(tiling, f)
+    return blend_tiles(backbone.decode, z, tile=tile // f, overlap=overlap // f, scale=f, weight="ramp")[0]
+
+
+def _vae_geometry(tiling: Tiling, f: int) -> tuple[int, int]:
+    if tiling.vae_tile <= 0:
+        return 0, 0
+    tile = max(f, tiling.vae_tile // f * f)
+    return tile, min(tiling.vae_overlap // f * f, tile - f)
+
+
+def _rescaler_factor(backbone: DiffusionBackbone, rescaler: Rescaler) -> int | None:
+    """Latent pixels per LR pixel, or None when that is not a whole number (no rescaler tiling)."""
+    f = backbone.downsample_factor
+    return rescaler.scale // f if rescaler.scale % f == 0 else None
+
+
+def downscale(
+    backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor, tiling: Tiling = NO_TILING
+) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+    """HR image of any size -> (LR image of the reflect-padded HR image, original (H, W), HR latent).
+
+    The latent is None for pixel-space rescalers.
+    """
     xp, size = pad_to_multiple(x, pad_multiple(backbone, rescaler))
-    z = backbone.encode(xp) if rescaler.space == "latent" else None
-    return rescaler.downscale(xp, z), size
-
-
-Enhance = Callable[[Tensor], Tensor]
+    z = encode(backbone, xp, tiling) if rescaler.space == "latent" else None
+    s = rescaler.scale
+    grid = (xp.shape[-2] // s, xp.shape[-1] // s)
+    zf = _rescaler_factor(backbone, rescaler)
+    if zf is None and z is not None:
+        return rescaler.downscale(xp, z), size, z
+    y = stitch_tiles(
+        rescaler.downscale, [xp, z], [s, zf or 1], grid, 1, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+    )
+    return y, size, z
 
 
 def upscale(
@@ -44,21 +100,58 @@ def upscale(
     y: Tensor,
     size: tuple[int, int],
     enhance: Enhance | None = None,
-) -> Tensor:
-    """LR image -> HR image in [-1, 1] cropped to ``size``; ``enhance`` maps z_hat to z0_hat
-    (the one-step diffusion of stages 2/3) for latent rescalers."""
-    out = rescaler.upscale(y)
-    if enhance is not None and rescaler.space == "latent":
-        out = enhance(out)
-    x_hat = backbone.decode(out) if rescaler.space == "latent" else out.clamp(-1.0, 1.0)
-    return crop_to(x_hat, size)
+    tiling: Tiling = NO_TILING,
+    z_true: Tensor | None = None,
+) -> Upscaled:
+    """LR image -> HR image in [-1, 1] cropped to ``size``.
+
+    ``enhance`` (stages 2/3) maps z_hat to z0_hat, tile by tile on latent tiles; ``z_true`` (the HR
+    latent) is only for analysis aligners such as ``oracle``.
+    """
+    grid = (y.shape[-2], y.shape[-1])
+    if rescaler.space == "latent":
+        zf = _rescaler_factor(backbone, rescaler)
+        if zf is None:
+            out = rescaler.upscale(y)
+        else:
+            out = stitch_tiles(
+                rescaler.upscale, [y], [1], grid, zf, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+            )
+    else:
+        out = stitch_tiles(
+            rescaler.upscale, [y], [1], grid, rescaler.scale, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+        )
+        return Upscaled(crop_to(out.clamp(-1.0, 1.0), size), None)
+    timesteps = None
+    if enhance is not None:
+
+        def one(z_tile: Tensor, true_tile: Tensor | None) -> tuple[Tensor, Tensor]:
+            z0, t = enhance(z_tile, true_tile)
+            return z0, timestep_map(t, (z_tile.shape[-2], z_tile.shape[-1]))
+
+        out, timesteps = blend_tiles(
+            one,
+            out,
+            tile=tiling.latent_tile,
+            overlap=tiling.latent_overlap,
+            weight="gaussian",
+            var=tiling.gaussian_var,
+            batch=tiling.tile_batch,
+            extras=[z_true],
+        )
+    return Upscaled(crop_to(decode(backbone, out, tiling), size), timesteps)
 
 
 @torch.no_grad()
 def round_trip(
-    backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor, enhance: Enhance | None = None
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    x: Tensor,
+    enhance: Enhance | None = None,
+    tiling: Tiling = NO_TILING,
 ) -> RoundTrip:
-    y, size = downscale(backbone, rescaler, x)
-    x_hat = upscale(backbone, rescaler, y, size, enhance)
+    """Downscale then upscale ``x``; analysis aligners get the HR latent the downscale computed."""
+    y, size, z = downscale(backbone, rescaler, x, tiling)
+    up = upscale(backbone, rescaler, y, size, enhance, tiling, z_true=z)
     s = rescaler.scale
-    return RoundTrip(lr=y, reconstruction=x_hat, padded_size=(y.shape[-2] * s, y.shape[-1] * s))
+    return RoundTrip(y, up.image, (y.shape[-2] * s, y.shape[-1] * s), up.timesteps)
