@@ -1,0 +1,392 @@
+"""``tadm test`` engine: input iteration (files, folders, globs, shards, bad files), metric values against
+independent references, report files parsed back, and FID reported n/a (with the reason) when unavailable."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import urllib.error
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from datamodules.image_io import load_image
+from tadm import evaluation
+from tadm.evaluation import (
+    FID_WEIGHTS_FILE,
+    BadImage,
+    EvalImage,
+    EvalReport,
+    Metrics,
+    MetricUnavailableWarning,
+    evaluate,
+    iter_hr_images,
+)
+from tadm.shard import pack_shards
+
+
+def _image(seed: int, h: int = 32, w: int = 40) -> Tensor:
+    """A smooth random (3,H,W) image in [-1, 1] (some structure, so SSIM/LPIPS have something to see)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, h // 4, w // 4, generator=g)
+    return (F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 2 - 1).clamp(-1, 1)
+
+
+def _png_bytes(x: Tensor) -> bytes:
+    arr = ((x.permute(1, 2, 0).numpy() + 1) / 2 * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(_image(seed)))
+    return path
+
+
+def _noise(std: float, seed: int = 1) -> Callable[[Tensor], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: (x + std * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@pytest.fixture(scope="module")
+def perceptual(one_thread: None) -> Metrics:
+    """Built once: two random VGGs take seconds."""
+    return Metrics(random_backbone=True, fid=False)
+
+
+@pytest.fixture(scope="module")
+def scored(perceptual: Metrics) -> EvalReport:
+    images = [EvalImage(f"img{i}.png", _image(i)) for i in range(3)]
+    methods = {"identity": _identity, "light": _noise(0.05), "heavy": _noise(0.3)}
+    return evaluate(images, methods, perceptual, progress=False)
+
+
+def _plain() -> Metrics:
+    return Metrics(perceptual=False, fid=False)
+
+
+# ---------------------------------------------------------------------------------------------- metric values
+
+
+def test_identical_images_give_perfect_scores(perceptual: Metrics) -> None:
+    x = _image(0)[None]
+    v = perceptual.image(x, x.clone())
+    assert v["psnr_y"] == math.inf
+    assert v["ssim_y"] == pytest.approx(1.0, abs=1e-5)
+    assert v["lpips"] is not None and abs(v["lpips"]) < 1e-5
+    assert v["dists"] is not None and abs(v["dists"]) < 1e-5
+
+
+def _reference_y(x: Tensor) -> Tensor:
+    """Independent Y (BT.601) of an 8-bit-rounded image in [-1, 1]."""
+    u = ((x.clamp(-1, 1) + 1) / 2 * 255).round() / 255
+    return ((65.481 * u[:, 0] + 128.553 * u[:, 1] + 24.966 * u[:, 2]) / 255 + 16 / 255)[:, None]
+
+
+def test_psnr_ssim_equal_torchmetrics_reference() -> None:
+    target, pred = _image(3)[None], _noise(0.1)(_image(3)[None])
+    v = _plain().image(pred, target)
+    ref_psnr = PeakSignalNoiseRatio(data_range=1.0)(_reference_y(pred), _reference_y(target))
+    ref_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)(_reference_y(pred), _reference_y(target))
+    assert v["psnr_y"] == pytest.approx(float(ref_psnr), abs=1e-4)
+    assert v["ssim_y"] == pytest.approx(float(ref_ssim), abs=1e-5)
+    assert v["lpips"] is None and v["dists"] is None
+    # flat grey 128 vs 136: Y differs by 8 * 219 / 255 levels of 255 -> PSNR = 20 log10(255^2 / (8 * 219))
+    grey = torch.full((1, 3, 16, 16), 128 / 255 * 2 - 1)
+    lighter = torch.full((1, 3, 16, 16), 136 / 255 * 2 - 1)
+    assert _plain().image(lighter, grey)["psnr_y"] == pytest.approx(
+        20 * math.log10(255**2 / (8 * 219)), abs=1e-3
+    )
+
+
+def test_identity_beats_noise_on_every_metric(scored: EvalReport) -> None:
+    by = {(r.path, r.method): r for r in scored.rows}
+    for i in range(3):
+        ident, light, heavy = (by[(f"img{i}.png", m)] for m in ("identity", "light", "heavy"))
+        assert ident.psnr_y == math.inf > light.psnr_y > heavy.psnr_y
+        assert ident.ssim_y > light.ssim_y > heavy.ssim_y
+        assert ident.lpips < light.lpips < heavy.lpips  # type: ignore[operator]
+        assert ident.dists < light.dists < heavy.dists  # type: ignore[operator]
+        assert (ident.height, ident.width) == (32, 40) and ident.seconds >= 0
+
+
+# ---------------------------------------------------------------------------------------------- report files
+
+
+def _table(markdown: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0]]
+    assert header == ["method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "s/image"]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}
+
+
+def test_csv_and_markdown_parse_back_to_the_numbers(scored: EvalReport, tmp_path: Path) -> None:
+    text = scored.write(tmp_path / "out")
+    assert (tmp_path / "out" / "summary.md").read_text() == text
+    with open(tmp_path / "out" / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and list(rows[0]) == list(evaluation.CSV_COLUMNS)
+    for row, ref in zip(rows, scored.rows, strict=True):
+        assert (row["path"], int(row["height"]), int(row["width"]), row["method"]) == (
+            ref.path,
+            ref.height,
+            ref.width,
+            ref.method,
+        )
+        for col in ("psnr_y", "ssim_y", "lpips", "dists", "seconds"):
+            assert float(row[col]) == getattr(ref, col)  # repr: exact round trip
+    assert {r["psnr_y"] for r in rows if r["method"] == "identity"} == {"inf"}
+
+    table = _table(text)
+    assert list(table) == ["identity", "light", "heavy"]
+    for method, cells in table.items():
+        mine = [r for r in rows if r["method"] == method]
+        assert int(cells[0]) == 3
+        means = [statistics.mean(float(r[c]) for r in mine) for c in ("psnr_y", "ssim_y", "lpips", "dists")]
+        if method == "identity":
+            assert cells[1] == "inf"
+        else:
+            assert float(cells[1]) == pytest.approx(means[0], abs=0.006)
+        for cell, mean in zip(cells[2:5], means[1:], strict=True):
+            assert float(cell) == pytest.approx(mean, abs=6e-5)
+        assert cells[5] == "n/a"  # FID off
+        assert float(cells[6]) == pytest.approx(statistics.mean(float(r["seconds"]) for r in mine), abs=6e-4)
+    assert "PSNR-Y of `identity` is inf on 3 image(s)" in text
+    assert "FID not computed: turned off" in text and "random VGG" in text
+
+
+def test_write_is_atomic_and_replaces(scored: EvalReport, tmp_path: Path) -> None:
+    (tmp_path / "summary.md").write_text("old")
+    scored.write(tmp_path)
+    scored.write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_image.csv", "summary.md"]
+    assert (tmp_path / "summary.md").read_text().startswith("| method |")
+
+
+def test_perceptual_off_leaves_columns_empty_and_says_so(tmp_path: Path) -> None:
+    report = evaluate([EvalImage("a.png", _image(0))], {"noisy": _noise(0.1)}, _plain(), progress=False)
+    text = report.write(tmp_path)
+    with open(tmp_path / "per_image.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["lpips"] == row["dists"] == "" and float(row["psnr_y"]) < 60
+    assert _table(text)["noisy"][3:5] == ["n/a", "n/a"]
+    assert "LPIPS/DISTS not computed: turned off." in text
+
+
+def test_a_failing_method_is_recorded_and_the_rest_goes_on() -> None:
+    def crops(x: Tensor) -> Tensor:
+        return x[..., :-1, :]
+
+    def raises(x: Tensor) -> Tensor:
+        raise RuntimeError("decoder exploded")
+
+    images = [EvalImage(f"{i}.png", _image(i)) for i in range(2)]
+    report = evaluate(images, {"ok": _identity, "crops": crops, "raises": raises}, _plain(), progress=False)
+    assert [(r.path, r.method) for r in report.rows] == [("0.png", "ok"), ("1.png", "ok")]
+    assert report.failed and len(report.errors) == 4
+    assert {e.method for e in report.errors} == {"crops", "raises"}
+    text = report.markdown()
+    assert "`0.png` with `raises`: RuntimeError: decoder exploded" in text
+    assert "returned shape (1, 3, 31, 40)" in text
+    assert _table(text)["raises"][:2] == ["0", "n/a"]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def test_folder_with_corrupt_files_evaluates_the_good_ones(tmp_path: Path) -> None:
+    good = [_write_png(tmp_path / "set" / f"good{i}.png", i) for i in range(2)]
+    (tmp_path / "set" / "bad.png").write_bytes(b"this is not a png")
+    (tmp_path / "set" / "cut.png").write_bytes(good[0].read_bytes()[:120])
+    images = iter_hr_images([str(tmp_path / "set")])
+    assert images.total == 4
+    report = evaluate(images, {"identity": _identity}, _plain(), progress=False)
+    assert sorted(Path(r.path).name for r in report.rows) == ["good0.png", "good1.png"]
+    assert report.failed
+    assert sorted(Path(e.path).name for e in report.errors) == ["bad.png", "cut.png"]
+    assert all(e.method is None and e.path in e.reason for e in report.errors)  # the reason names the file
+    text = report.markdown()
+    assert "Failed: 2 input(s) could not be read" in text and "bad.png" in text and "cut.png" in text
+    assert _table(text)["identity"][0] == "2"
+
+
+def test_globs_files_and_clear_errors_for_missing_inputs(tmp_path: Path) -> None:
+    a = _write_png(tmp_path / "a" / "x.png", 0)
+    b = _write_png(tmp_path / "a" / "sub" / "y.png", 1)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+
+    def paths(*inputs: str) -> list[str]:
+        return [item.path for item in iter_hr_images(inputs)]
+
+    assert paths(str(tmp_path / "a" / "**" / "*.png")) == [str(b), str(a)]  # sorted: a/sub/ < a/x
+    assert paths(str(tmp_path / "a" / "*.png")) == [str(a)]
+    with pytest.warns(UserWarning, match="1 input"):
+        assert paths(str(b), str(tmp_path / "a")) == [str(b), str(a)]  # named twice: evaluated once
+    first = next(iter_hr_images([str(a)]))
+    assert isinstance(first, EvalImage) and torch.equal(first.image, load_image(a))
+    with pytest.raises(FileNotFoundError, match=r"no file matches the input pattern '.*\*\.jpg'"):
+        iter_hr_images([str(a), str(tmp_path / "a" / "*.jpg")])  # fails up front, before any work
+    with pytest.raises(FileNotFoundError, match="nope.png' does not exist"):
+        iter_hr_images([str(tmp_path / "nope.png")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty' holds no images"):
+        iter_hr_images([str(tmp_path / "empty")])
+
+
+def test_shards_from_tadm_shard_and_webdataset_tarwriter(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    files = [_write_png(tmp_path / "src" / name, i) for i, name in enumerate(["p.q.png", "d/r.png"])]
+    pack_shards(tmp_path / "src", tmp_path / "packed", progress=False)
+    packed = iter_hr_images([str(tmp_path / "packed")])
+    assert packed.total == 2
+    items = list(packed)
+    shard = tmp_path / "packed" / "shard-000000.tar"
+    assert [i.path for i in items] == [f"{shard}#d/r.png", f"{shard}#p.q.png"]  # original paths, not keys
+    assert all(isinstance(i, EvalImage) for i in items)
+    assert torch.equal(items[1].image, load_image(files[0]))  # type: ignore[union-attr]
+
+    tar = tmp_path / "wds" / "val-000000.tar"
+    tar.parent.mkdir()
+    with wds.TarWriter(str(tar)) as writer:
+        writer.write({"__key__": "s0", "jpg": _jpeg(_image(5))})
+        writer.write({"__key__": "s1", "png": b"broken bytes"})
+        writer.write({"__key__": "s2", "json": b"{}"})
+        writer.write({"__key__": "s3", "webp": _webp(_image(6))})
+    data = tar.read_bytes()
+    cut = tmp_path / "wds" / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    records = list(iter_hr_images([str(tmp_path / "wds" / "val-*.tar"), str(cut)]))
+    kinds = [(type(r).__name__, r.path) for r in records]
+    assert kinds[:4] == [
+        ("EvalImage", f"{tar}#s0.jpg"),
+        ("BadImage", f"{tar}#s1.png"),
+        ("BadImage", f"{tar}#s2"),
+        ("EvalImage", f"{tar}#s3.webp"),
+    ]
+    assert records[0].image.shape == (3, 32, 40)  # type: ignore[union-attr]
+    assert "s1.png" in records[1].reason and "no image field" in records[2].reason  # type: ignore[union-attr]
+    damaged = [r for r in records[4:] if isinstance(r, BadImage) and r.path == str(cut)]
+    assert len(damaged) == 1 and "is damaged after" in damaged[0].reason  # the shard, not a silent stop
+
+
+def _jpeg(x: Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_png_bytes(x))).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _webp(x: Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_png_bytes(x))).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- FID
+
+
+def test_fid_without_torch_fidelity_is_na_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchmetrics.image.fid
+
+    monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.warns(MetricUnavailableWarning, match="torch-fidelity is not installed") as caught:
+        metrics = Metrics(perceptual=False)
+    assert len(caught) == 1 and not metrics.fid
+    images = [EvalImage(f"{i}.png", _image(i)) for i in range(3)]
+    report = evaluate(images, {"identity": _identity}, metrics, progress=False)
+    text = report.markdown()
+    assert report.fid == {"identity": None} and _table(text)["identity"][5] == "n/a"
+    assert "FID not computed: the package torch-fidelity is not installed" in text and "tadm[fid]" in text
+
+
+def test_fid_without_weights_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    try:  # the real path when torch-fidelity is installed, a stand-in for its download otherwise
+        import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+        monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
+    except ImportError:
+        monkeypatch.setattr(evaluation, "_load_fid_inception", offline)
+    with pytest.warns(MetricUnavailableWarning) as caught:
+        metrics = Metrics(perceptual=False)
+    message = str(caught[0].message)
+    assert str(tmp_path / "hub" / "checkpoints" / FID_WEIGHTS_FILE) in message and "URLError" in message
+    assert not metrics.fid and "FID" in metrics.not_computed
+
+
+class _TinyFeatures(nn.Module):
+    """Stand-in for Inception: uint8 images -> 12 pooled colour features."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
+
+
+def test_fid_equals_torchmetrics_and_needs_two_images() -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metrics = Metrics(perceptual=False, fid_feature=_TinyFeatures())
+    images = [EvalImage(f"{i}.png", _image(i)) for i in range(4)]
+    recorded: list[Tensor] = []
+    noisy = _noise(0.4)
+
+    def heavy(x: Tensor) -> Tensor:
+        recorded.append(noisy(x))
+        return recorded[-1]
+
+    report = evaluate(images, {"identity": _identity, "heavy": heavy}, metrics, progress=False)
+    ref = FrechetInceptionDistance(feature=_TinyFeatures())
+    for image, pred in zip(images, recorded, strict=True):
+        ref.update(_u8(image.image[None]), real=True)
+        ref.update(_u8(pred), real=False)
+    assert report.fid["heavy"] == pytest.approx(float(ref.compute()), rel=1e-4)
+    assert abs(report.fid["identity"]) < 1e-6 < report.fid["heavy"]  # type: ignore[arg-type, operator]
+    assert float(_table(report.markdown())["heavy"][5]) == pytest.approx(report.fid["heavy"], abs=0.006)
+
+    single = evaluate(images[:1], {"identity": _identity}, metrics, progress=False)
+    assert single.fid == {"identity": None}
+    assert "FID of `identity` is n/a: FID needs at least 2 images, got 1" in single.markdown()
+
+
+def _u8(x: Tensor) -> Tensor:
+    return ((x.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+
+
+def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
+    perceptual: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8K images can exhaust a GPU in VGG; the values must come from the CPU copy, with one warning."""
+    real = evaluation._lpips_dists
+    calls: list[str] = []
+
+    def oom_on_gpu(net: nn.Module, p: Tensor, t: Tensor) -> tuple[float, float]:
+        calls.append("gpu" if net is perceptual._perceptual else "cpu")
+        if calls[-1] == "gpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, p, t)
+
+    monkeypatch.setattr(evaluation, "_lpips_dists", oom_on_gpu)
+    monkeypatch.setattr(perceptual, "device", torch.device("cuda"))  # only the fallback's branch sees it
+    monkeypatch.setattr(perceptual, "_perceptual_cpu", None)
+    x, y = _image(0)[None], _noise(0.2)(_image(0)[None])
+    with pytest.warns(UserWarning, match="out of memory on cuda"):
+        values = perceptual._perceptual_values(y, x)
+    assert calls == ["gpu", "cpu"] and values == real(perceptual._perceptual, y, x)
