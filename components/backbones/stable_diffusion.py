@@ -1,14 +1,17 @@
 """Stable Diffusion (1.5, 2.1, 2.1-base, SDXL) as a TADM backbone, composed from diffusers parts.
 
 Only the parts a stage needs are loaded (stage 1: the VAE alone). Weights come from a hub id or a
-local diffusers folder through the libraries' own ``from_pretrained``; ``tiny-*`` presets build
-the same module classes with random weights (see :mod:`components.backbones.presets`). All
-loaded modules are frozen; later stages add LoRA on top.
+local diffusers folder through the libraries' own ``from_pretrained``, or from one original
+(Stability/CompVis layout) ``.safetensors`` / ``.ckpt`` file through diffusers' ``from_single_file``
+with the configs of a local diffusers folder; ``tiny-*`` presets build the same module classes with
+random weights (see :mod:`components.backbones.presets`). All loaded modules are frozen; later stages
+add LoRA on top.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,18 @@ VAE_DECODER_LORA_REGEX = (
 #: weight file stems written by save_pretrained (diffusers models / transformers models)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 _TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
+#: where each part lives in an original (Stability/CompVis) single file, per family; text encoders
+#: are keyed by the diffusers subfolder they replace
+SINGLE_FILE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd15": {"text_encoder": ("cond_stage_model.transformer.",)},
+    "sd21": {"text_encoder": ("cond_stage_model.model.",)},
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.transformer.",),
+        "text_encoder_2": ("conditioner.embedders.1.model.",),
+    },
+}
+SINGLE_FILE_UNET = ("model.diffusion_model.",)
+SINGLE_FILE_VAE = ("first_stage_model.", "vae.")
 
 
 def _looks_like_path(src: str) -> bool:
@@ -73,7 +88,16 @@ class StableDiffusionBackbone(DiffusionBackbone):
         pretrained: Hub id or local diffusers pipeline folder (``model_index.json``, ``vae/``,
             ``unet/``, ...). Default: the preset's hub id; tiny presets build random weights.
         vae: A separate VAE to use instead of the pipeline's, as a hub id or local folder holding
-            the VAE at its root (e.g. ``stabilityai/sd-vae-ft-mse``).
+            the VAE at its root (e.g. ``stabilityai/sd-vae-ft-mse``). Also wins over ``single_file``.
+        single_file: Path to one ``.safetensors`` / ``.ckpt`` file in the ORIGINAL Stability/CompVis
+            layout (e.g. ``v2-1_512-ema-pruned.safetensors``: ``model.diffusion_model.*``,
+            ``first_stage_model.*``, ``cond_stage_model.*`` / ``conditioner.embedders.*``). The UNet,
+            the VAE and the text encoder(s) are loaded from it with diffusers' ``from_single_file``;
+            ``pretrained`` must then be a LOCAL diffusers folder of the same model that gives the
+            configs (``unet/config.json``, ``vae/config.json``, ``text_encoder*/config.json``), the
+            tokenizers and the scheduler; its weight files are not needed (except for a text encoder
+            the file lacks: that one is read from the folder, with a warning). Nothing touches the
+            network. Only the file's name enters ``backbone_id``.
         revision: Hub revision (branch, tag or commit) of ``pretrained``; not applied to ``vae``.
         variant: Weight variant of ``pretrained`` (e.g. ``fp16`` loads
             ``diffusion_pytorch_model.fp16.safetensors``); not applied to ``vae``.
@@ -95,6 +119,7 @@ class StableDiffusionBackbone(DiffusionBackbone):
         preset: str = "sd21-base",
         pretrained: str | None = None,
         vae: str | None = None,
+        single_file: str | None = None,
         revision: str | None = None,
         variant: str | None = None,
         sample_latent: bool = False,
@@ -112,7 +137,15 @@ class StableDiffusionBackbone(DiffusionBackbone):
             raise ValueError(
                 f"backbone preset {preset!r} has no hub id; set `pretrained` to a hub id or folder"
             )
+        if single_file is not None and (source is None or not _looks_like_path(source)):
+            hub = self.preset.hub_id or "stabilityai/stable-diffusion-2-1-base"
+            raise ValueError(
+                f"backbone preset {preset!r}: `single_file` needs `pretrained` to be a local diffusers "
+                f"folder with the model's configs, tokenizers and scheduler (got {source!r}); get one with "
+                f"`hf download {hub} --exclude '*.safetensors' '*.bin' '*.ckpt' --local-dir /path/to/folder`"
+            )
         self.pretrained = source
+        self.single_file = single_file
         self.vae_source = vae
         self.revision = revision
         self.variant = variant
@@ -148,6 +181,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
             source += f"@{self.revision}"
         if self.variant:
             source += f"[{self.variant}]"
+        if self.single_file:
+            source += f"+single_file={Path(self.single_file).name}"
         if self.vae_source:
             source += f"+vae={self.vae_source}"
         return f"stable_diffusion:{self.preset_name}:{source}"
@@ -194,13 +229,22 @@ class StableDiffusionBackbone(DiffusionBackbone):
             need = [p for p in todo if not (p == "vae" and self.vae_source)]
             tiny = build_tiny_components(self.preset, parts=need) if need else {}
 
-        def get(part: str, sub: str) -> Any:  # the same modules, random-tiny or from_pretrained
-            return tiny[sub] if sub in tiny else self._from_pretrained(part, sub)
+        single = self._read_single_file(todo) if self.single_file is not None else {}
+
+        def get(part: str, sub: str) -> Any:  # the same modules: random-tiny, single file or from_pretrained
+            if sub in tiny:
+                return tiny[sub]
+            if sub in single:
+                return self._from_single_file(sub, single.pop(sub))
+            return self._from_pretrained(part, sub)
 
         # everything is loaded first and assigned only if all of it worked: no half-loaded parts
         new: dict[str, Any] = {}
         if "vae" in todo:
-            new["vae"] = tiny["vae"] if "vae" in tiny else self._load_vae()
+            if "vae" in tiny or "vae" in single:
+                new["vae"] = get("vae", "vae")
+            else:
+                new["vae"] = self._load_vae()
         if "unet" in todo:
             new["unet"], new["scheduler"] = get("unet", "unet"), get("unet", "scheduler")
         if "text" in todo:
@@ -379,6 +423,121 @@ class StableDiffusionBackbone(DiffusionBackbone):
             raise self._hub_error(src, part, sub, err, key="pretrained")
         return obj
 
+    def _read_single_file(self, todo: list[str]) -> dict[str, dict[str, Tensor]]:
+        """The original-layout tensors of each wanted module, by diffusers subfolder; read once.
+
+        A ``.safetensors`` file is read lazily, so stage 1 reads only the VAE's tensors of a
+        multi-GB file. A missing UNet / VAE is an error; a missing text encoder falls back to the
+        folder's weights with a warning.
+        """
+        assert self.single_file is not None
+        path = Path(self.single_file).expanduser()
+        label = f"backbone preset {self.preset_name!r}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{label}: single file '{path}' given as `single_file` not found")
+        wanted: dict[str, tuple[str, ...]] = {}
+        if "unet" in todo:
+            wanted["unet"] = SINGLE_FILE_UNET
+        if "vae" in todo and self.vae_source is None:
+            wanted["vae"] = SINGLE_FILE_VAE
+        if "text" in todo:
+            wanted.update(SINGLE_FILE_PREFIXES[self.preset.family])
+        if not wanted:
+            return {}
+        prefixes = tuple(p for group in wanted.values() for p in group)
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    names = [k for k in f.keys() if k.startswith(prefixes)]  # noqa: SIM118 (not a dict)
+                    tensors = {k: f.get_tensor(k) for k in names}
+            else:  # .ckpt / .pt / .bin: torch.load (weights only), "state_dict" nesting unwrapped
+                from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+                every = load_single_file_checkpoint(str(path), local_files_only=True)
+                tensors = {k: v for k, v in every.items() if k.startswith(prefixes)}
+                del every
+        except Exception as err:
+            raise ValueError(
+                f"{label}: cannot read single file '{path}' as a checkpoint: {type(err).__name__}: {err}"
+            ) from err
+        out: dict[str, dict[str, Tensor]] = {}
+        for sub, group in wanted.items():
+            part = {k: v for k, v in tensors.items() if k.startswith(group)}
+            if part:
+                out[sub] = part
+            elif sub in ("unet", "vae"):
+                raise ValueError(
+                    f"{label}: single file '{path}' holds no {sub.upper()} weights (no keys under "
+                    f"{' or '.join(repr(g) for g in group)}); it is not an original-layout Stable Diffusion "
+                    f"checkpoint" + ("; give the VAE separately with `vae`" if sub == "vae" else "")
+                )
+            else:
+                warnings.warn(
+                    f"{label}: single file '{path}' holds no {sub} (no keys under {group[0]!r}); "
+                    f"loading {sub} from '{self.pretrained}/{sub}' instead",
+                    stacklevel=3,
+                )
+        return out
+
+    def _from_single_file(self, sub: str, tensors: dict[str, Tensor]) -> nn.Module:
+        """One module from the single file's original-layout tensors, configured by ``pretrained/sub``."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        assert self.pretrained is not None and self.single_file is not None
+        folder = Path(self.pretrained).expanduser()
+        self._check_local(
+            folder, sub, "config", variant=None, what="`pretrained` (configs for `single_file`)"
+        )
+        kwargs: dict[str, Any] = {"config": str(folder), "subfolder": sub, "local_files_only": True}
+        try:
+            if sub in ("unet", "vae"):
+                cls: Any = UNet2DConditionModel if sub == "unet" else AutoencoderKL
+                module = cls.from_single_file(tensors, **kwargs)
+            else:
+                cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else CLIPTextModel
+                module = create_diffusers_clip_model_from_ldm(cls, tensors, **kwargs)
+        except Exception as err:
+            # diffusers leaves absent tensors on the meta device and then fails to move them
+            missing = self._unconverted_keys(cls, folder, sub, tensors) if sub in ("unet", "vae") else []
+            raise self._single_file_error(sub, folder, missing, err) from err
+        missing = [k for k, v in module.state_dict().items() if v.is_meta]
+        if missing:
+            raise self._single_file_error(sub, folder, missing, None)
+        return module
+
+    @staticmethod
+    def _unconverted_keys(cls: Any, folder: Path, sub: str, tensors: dict[str, Tensor]) -> list[str]:
+        """Tensors of the configured model that diffusers' original->diffusers mapping does not produce."""
+        from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+        try:
+            config = cls.load_config(str(folder), subfolder=sub, local_files_only=True)
+            convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+            converted = convert(checkpoint=tensors, config=config)
+            with torch.device("meta"):
+                expected = cls.from_config(config).state_dict()
+        except Exception:  # only used to explain another error: never hide that one
+            return []
+        return sorted(set(expected) - set(converted))
+
+    def _single_file_error(
+        self, sub: str, folder: Path, missing: list[str], err: Exception | None
+    ) -> ValueError:
+        where = f"single file '{self.single_file}'"
+        if missing:
+            return ValueError(
+                f"backbone preset {self.preset_name!r}: {where} lacks {len(missing)} of {sub}'s tensors "
+                f"(e.g. {missing[:3]}) for the config in '{folder / sub}': a truncated file or another model"
+            )
+        return ValueError(
+            f"backbone preset {self.preset_name!r}: cannot load {sub} from {where} with the config in "
+            f"'{folder / sub}' (a different model or family?): {type(err).__name__}: {err}"
+        )
+
     def _set_schedule(self, scheduler: Any) -> None:
         """Training noise schedule as DDPM (whatever sampler the folder ships); v/eps from its config."""
         from diffusers import DDPMScheduler
@@ -404,6 +563,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
         kind = kind.removesuffix("_2")
         if kind == "scheduler":
             required = [("scheduler_config.json",)]
+        elif kind == "config":  # weights come from elsewhere (`single_file`)
+            required = [("config.json",)]
         elif kind == "tokenizer":
             required = [("tokenizer.json", "vocab.json")]
         else:
