@@ -15,26 +15,32 @@ from lightning.pytorch.cli import LightningCLI
 from tadm.registry import ALL_REGISTRIES, load_plugins
 
 
+def link_model_arguments(parser, with_data: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """Values written once and linked: the scale (into rescaler and data) and the latent layout."""
+    # The scale is written once, as model.scale; rescaler and data module receive it.
+    parser.link_arguments("model.scale", "model.rescaler.init_args.scale", apply_on="parse")
+    if with_data:
+        parser.link_arguments("model.scale", "data.init_args.scale", apply_on="parse")
+    # The latent layout comes from the backbone itself (a rescaler without these args is skipped).
+    parser.link_arguments(
+        "model.backbone",
+        "model.rescaler.init_args.latent_channels",
+        compute_fn=lambda backbone: backbone.latent_channels,
+        apply_on="instantiate",
+    )
+    parser.link_arguments(
+        "model.backbone",
+        "model.rescaler.init_args.latent_factor",
+        compute_fn=lambda backbone: backbone.downsample_factor,
+        apply_on="instantiate",
+    )
+
+
 class TADMCLI(LightningCLI):
     """LightningCLI with plug-ins loaded first and shared values linked once."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        # The scale is written once, as model.scale; rescaler and data module receive it.
-        parser.link_arguments("model.scale", "model.rescaler.init_args.scale", apply_on="parse")
-        parser.link_arguments("model.scale", "data.init_args.scale", apply_on="parse")
-        # The latent layout comes from the backbone itself (a rescaler without these args is skipped).
-        parser.link_arguments(
-            "model.backbone",
-            "model.rescaler.init_args.latent_channels",
-            compute_fn=lambda backbone: backbone.latent_channels,
-            apply_on="instantiate",
-        )
-        parser.link_arguments(
-            "model.backbone",
-            "model.rescaler.init_args.latent_factor",
-            compute_fn=lambda backbone: backbone.downsample_factor,
-            apply_on="instantiate",
-        )
+        link_model_arguments(parser, with_data=True)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -81,13 +87,55 @@ def shard_command(argv: Sequence[str]) -> int:
     return run(argv)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"list": list_command, "shard": shard_command}
+def downscale_command(argv: Sequence[str]) -> int:
+    from tadm.codec_cli import downscale_command as run
+
+    return run(argv)
+
+
+def upscale_command(argv: Sequence[str]) -> int:
+    from tadm.codec_cli import upscale_command as run
+
+    return run(argv)
+
+
+def test_command(argv: Sequence[str]) -> int:
+    """`tadm test --ckpt C DATA... --output DIR` (metrics table); with --config it is Lightning's test loop."""
+    from tadm.eval_cli import test_command as run
+
+    return run(argv)
+
+
+def export_command(argv: Sequence[str]) -> int:
+    from tadm.checkpoint_io import export_command as run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "list": list_command,
+    "shard": shard_command,
+    "downscale": downscale_command,
+    "upscale": upscale_command,
+    "export": export_command,
+}
+
+
+def _is_lightning_test(args: Sequence[str]) -> bool:
+    """`tadm test --config ...` keeps LightningCLI's test loop; anything else is our metrics command."""
+    return any(
+        a in ("--config", "-c")
+        or a.startswith(("--config=", "--ckpt_path", "--model", "--data", "--trainer"))
+        for a in args
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
+    if args and args[0] == "test" and not _is_lightning_test(args[1:]):
+        return test_command(args[1:])
     load_plugins()
     from tadm.module import TADMModule
 
@@ -98,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "description": "tadm: extreme image rescaling with diffusion priors. Also: `tadm list`."
+            "description": "tadm: extreme image rescaling with diffusion priors. Also: `tadm list`, "
+            "`tadm shard`, `tadm downscale`, `tadm upscale`, `tadm export`, and `tadm test --ckpt C DATA...`."
         },
     )
     return 0

@@ -363,21 +363,28 @@ class TADMModule(L.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Weights-only initialisation from another run's checkpoint (``init_from``)."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"init_from checkpoint not found: {path}") from None
-        self._check_compatible(ckpt.get(CKPT_KEY), path)
-        state = ckpt.get("state_dict", ckpt)
+        from tadm.checkpoint_io import read_checkpoint
+
+        state, meta = read_checkpoint(path)
+        self._check_compatible(meta, path)
+        self.load_trained_state(state, path, require_all=False)
+
+    def load_trained_state(self, state: dict[str, Tensor], source: str, require_all: bool = True) -> None:
+        """Load stored (trained) tensors over the frozen backbone; unknown keys are an error, and so
+        are missing trained tensors when ``require_all`` (inference) -- a warning otherwise."""
         result = self.load_state_dict(state, strict=False)
         unexpected = list(result.unexpected_keys)
         if unexpected:
-            raise KeyError(f"{path} has weights this model does not: {unexpected[:8]}")
+            raise KeyError(f"{source} has weights this model does not: {unexpected[:8]}")
         missing = sorted(set(result.missing_keys) - self._frozen_keys())
+        if missing and require_all:
+            raise KeyError(
+                f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         if missing:
             log.warning(
                 "init_from %s: %d trainable tensors not in the checkpoint keep their initial values: %s",
-                path,
+                source,
                 len(missing),
                 missing[:8],
             )

@@ -19,6 +19,9 @@ from components.rescalers.base import Rescaler
 from tadm.imageops import crop_to, lcm, pad_to_multiple
 from tadm.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
 
+#: latents smaller than this (images under 128 px) are padded for the enhancer and cropped back
+MIN_ENHANCE_LATENT = 16
+
 #: the one-step enhancer: (z_hat, true HR latent or None) -> (z0_hat, timestep (B,) or (B,1,h,w))
 Enhance = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
 
@@ -94,36 +97,45 @@ def downscale(
     return y, size, z
 
 
-def upscale(
+def rescale_up(
+    backbone: DiffusionBackbone, rescaler: Rescaler, y: Tensor, tiling: Tiling = NO_TILING
+) -> Tensor:
+    """LR image -> z_hat (latent rescalers) or the uncropped HR image (pixel rescalers), in tiles."""
+    grid = (y.shape[-2], y.shape[-1])
+    if rescaler.space == "latent":
+        zf = _rescaler_factor(backbone, rescaler)
+        if zf is None:
+            return rescaler.upscale(y)
+        return stitch_tiles(
+            rescaler.upscale, [y], [1], grid, zf, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+        )
+    return stitch_tiles(
+        rescaler.upscale, [y], [1], grid, rescaler.scale, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+    )
+
+
+def enhance_and_decode(
     backbone: DiffusionBackbone,
     rescaler: Rescaler,
-    y: Tensor,
+    out: Tensor,
     size: tuple[int, int],
     enhance: Enhance | None = None,
     tiling: Tiling = NO_TILING,
     z_true: Tensor | None = None,
 ) -> Upscaled:
-    """LR image -> HR image in [-1, 1] cropped to ``size``.
+    """What :func:`rescale_up` gave -> the HR image cropped to ``size``.
 
-    ``enhance`` (stages 2/3) maps z_hat to z0_hat, tile by tile on latent tiles; ``z_true`` (the HR
-    latent) is only for analysis aligners such as ``oracle``.
+    ``enhance`` (stages 2/3) maps z_hat to z0_hat on latent tiles blended with Gaussian weights,
+    each tile with its own timestep; ``z_true`` (the HR latent) is only for analysis aligners.
     """
-    grid = (y.shape[-2], y.shape[-1])
-    if rescaler.space == "latent":
-        zf = _rescaler_factor(backbone, rescaler)
-        if zf is None:
-            out = rescaler.upscale(y)
-        else:
-            out = stitch_tiles(
-                rescaler.upscale, [y], [1], grid, zf, tile=tiling.lr_tile, overlap=tiling.lr_overlap
-            )
-    else:
-        out = stitch_tiles(
-            rescaler.upscale, [y], [1], grid, rescaler.scale, tile=tiling.lr_tile, overlap=tiling.lr_overlap
-        )
+    if rescaler.space != "latent":
         return Upscaled(crop_to(out.clamp(-1.0, 1.0), size), None)
     timesteps = None
     if enhance is not None:
+        lh, lw = out.shape[-2:]
+        if min(lh, lw) < MIN_ENHANCE_LATENT:  # tiny images: the UNet's downsampling needs some room
+            out, _ = pad_to_multiple(out, MIN_ENHANCE_LATENT)
+            z_true = None if z_true is None else pad_to_multiple(z_true, MIN_ENHANCE_LATENT)[0]
 
         def one(z_tile: Tensor, true_tile: Tensor | None) -> tuple[Tensor, Tensor]:
             z0, t = enhance(z_tile, true_tile)
@@ -139,7 +151,22 @@ def upscale(
             batch=tiling.tile_batch,
             extras=[z_true],
         )
+        out, timesteps = crop_to(out, (lh, lw)), crop_to(timesteps, (lh, lw))
     return Upscaled(crop_to(decode(backbone, out, tiling), size), timesteps)
+
+
+def upscale(
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    y: Tensor,
+    size: tuple[int, int],
+    enhance: Enhance | None = None,
+    tiling: Tiling = NO_TILING,
+    z_true: Tensor | None = None,
+) -> Upscaled:
+    """LR image -> HR image in [-1, 1] cropped to ``size`` (:func:`rescale_up` + :func:`enhance_and_decode`)."""
+    out = rescale_up(backbone, rescaler, y, tiling)
+    return enhance_and_decode(backbone, rescaler, out, size, enhance, tiling, z_true)
 
 
 @torch.no_grad()

@@ -1,0 +1,245 @@
+"""The codec commands: tadm downscale / upscale / test on a tiny stage-2 checkpoint, and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, PngImagePlugin
+
+from datamodules.image_io import load_image
+from tadm.checkpoint_io import export_checkpoint
+from tadm.cli import main
+from tadm.codec import CheckpointError, load_codec
+from tadm.lr_files import read_lr
+from tests.conftest import SAMPLES
+from tests.test_checkpoint_io import _args, _cli
+
+FAST = [
+    "--latent-tile",
+    "16",
+    "--latent-overlap",
+    "8",
+    "--vae-tile",
+    "128",
+    "--vae-overlap",
+    "32",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny stage-2 (enhancer) checkpoint after one optimiser step."""
+    root = tmp_path_factory.mktemp("codec")
+    cli = _cli(_args(root, extra=["--trainer.max_steps=1"]))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = root / "stage2.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos of odd sizes (not multiples of 16), plus gray / RGBA / 16-bit / 1x1 variants."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()[::4, ::4][:75, :101]).save(root / "astronaut.png")
+    Image.fromarray(data.coffee()[::4, ::4][:90, :61]).save(root / "coffee.jpg", quality=95)
+    Image.fromarray(data.camera()[::8, ::8][:33, :47]).save(root / "gray.png")
+    rgba = np.dstack([data.chelsea()[::6, ::6], np.full(data.chelsea()[::6, ::6].shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba).save(root / "rgba.png")
+    Image.fromarray(data.camera()[::8, ::8].astype(np.uint16) * 257).save(root / "gray16.png")
+    Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(root / "one.png")
+    return root
+
+
+def _run(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def test_downscale_upscale_restores_odd_sizes_and_lr_is_bit_exact(
+    ckpt: Path, photos: Path, tmp_path: Path, one_thread: None
+) -> None:
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    assert _run("downscale", "--ckpt", ckpt, photos, "--output", lr, *FAST) == 0
+    assert _run("upscale", "--ckpt", ckpt, lr, "--output", hr, "--save-timesteps", *FAST) == 0
+    codec = load_codec(ckpt)
+    for src in sorted(photos.iterdir()):
+        x = load_image(src)
+        y_file, meta = read_lr(lr / f"{src.stem}.png")
+        assert meta is not None and (meta.hr_height, meta.hr_width) == tuple(x.shape[-2:])
+        assert meta.scale == 16 and meta.rescaler_id == codec.rescaler_id and meta.model_id == codec.model_id
+        # the PNG holds exactly the quantised LR tensor the model produces
+        y_model, size = codec.downscale(x[None])
+        assert torch.equal(y_file, y_model), src.name
+        assert y_file.shape[-2:] == (-(-x.shape[-2] // 16), -(-x.shape[-1] // 16))
+        out = load_image(hr / f"{src.stem}.png")
+        assert out.shape == x.shape, src.name  # original (odd) size restored from the metadata alone
+        heat = Image.open(hr / f"{src.stem}.timesteps.png")
+        assert heat.size == (x.shape[-1], x.shape[-2])
+    # files are ordinary images with ordinary permissions
+    assert (lr / "astronaut.png").stat().st_mode & 0o044 == 0o044
+
+
+def test_upscale_matches_the_in_memory_round_trip(ckpt: Path, photos: Path, tmp_path: Path) -> None:
+    codec = load_codec(ckpt)
+    x = load_image(photos / "astronaut.png")[None]
+    rt = codec.round_trip(x)
+    y, size = codec.downscale(x)
+    up = codec.upscale(y, size)
+    torch.testing.assert_close(up.image, rt.reconstruction)
+    assert up.timesteps is not None and 10 <= up.timesteps.min() <= up.timesteps.max() <= 200
+
+
+def test_reruns_skip_existing_and_interrupted_writes_leave_nothing(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lr = tmp_path / "lr"
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def flaky_save(self: Image.Image, fp: object, *a: object, **k: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third file: write some bytes, then die like a killed process
+            Path(str(fp)).write_bytes(b"\x89PNG\r\n\x1a\npartial")
+            raise KeyboardInterrupt
+        real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", flaky_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run("downscale", "--ckpt", ckpt, photos, "--output", lr, *FAST)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    leftovers = sorted(p.name for p in lr.iterdir())
+    assert len(leftovers) == 2 and all(n.endswith(".png") and not n.startswith(".") for n in leftovers)
+    for name in leftovers:
+        assert read_lr(lr / name)[1] is not None  # complete files only
+    # a re-run finishes the rest and skips what exists
+    capsys.readouterr()
+    assert _run("downscale", "--ckpt", ckpt, photos, "--output", lr, *FAST) == 0
+    assert "downscaled 4 file(s), skipped 2 existing" in capsys.readouterr().out
+    assert len(list(lr.iterdir())) == 6
+    before = (lr / "one.png").stat().st_mtime_ns
+    assert _run("downscale", "--ckpt", ckpt, photos / "one.png", "--output", lr, "--overwrite", *FAST) == 0
+    assert (lr / "one.png").stat().st_mtime_ns >= before
+
+
+def test_bad_files_are_reported_and_the_rest_finished(
+    ckpt: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("astronaut.png", "gray.png"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "fake.png").write_text("not a png either")
+    good = (photos / "coffee.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.warns(UserWarning, match=r"skipping 1 file\(s\) that are not images.*notes.txt"):
+        code = _run("downscale", "--ckpt", ckpt, folder, "--output", tmp_path / "lr", *FAST)
+    err = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "lr").iterdir()) == ["astronaut.png", "gray.png"]
+    assert "fake.png" in err.err and "truncated.jpg" in err.err and "2 failed" in err.out
+
+
+def _lr_with(tmp_path: Path, src: Path, **changes: str) -> Path:
+    im = Image.open(src)
+    info = PngImagePlugin.PngInfo()
+    text = {**im.text, **changes}
+    for k, v in text.items():
+        if v is not None:
+            info.add_text(k, v)
+    out = tmp_path / f"edited_{len(list(tmp_path.glob('edited_*')))}.png"
+    im.save(out, pnginfo=info)
+    return out
+
+
+def test_lr_files_from_elsewhere(
+    ckpt: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lr = tmp_path / "lr"
+    assert _run("downscale", "--ckpt", ckpt, photos / "astronaut.png", "--output", lr, *FAST) == 0
+    src = lr / "astronaut.png"
+    # no metadata: assume the checkpoint's scale, warn
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.open(src).convert("RGB").save(plain / "plain.png")
+    with pytest.warns(UserWarning, match="no tadm metadata; assuming .* x16"):
+        assert _run("upscale", "--ckpt", ckpt, plain / "plain.png", "--output", tmp_path / "o1", *FAST) == 0
+    w, h = Image.open(src).size
+    assert Image.open(tmp_path / "o1" / "plain.png").size == (w * 16, h * 16)
+    # another model's or another scale's LR file: a clear error per file, exit 1
+    other = _lr_with(tmp_path, src, **{"tadm:rescaler_id": "0123456789abcdef"})
+    assert _run("upscale", "--ckpt", ckpt, other, "--output", tmp_path / "o2", *FAST) == 1
+    assert "made by a different model" in capsys.readouterr().err
+    x32 = _lr_with(tmp_path, src, **{"tadm:scale": "32"})
+    assert _run("upscale", "--ckpt", ckpt, x32, "--output", tmp_path / "o3", *FAST) == 1
+    assert "scale x32, this checkpoint is x16" in capsys.readouterr().err
+    resized = tmp_path / "resized.png"
+    Image.open(src).resize((w + 3, h)).save(resized, pnginfo=_info(Image.open(src).text))
+    assert _run("upscale", "--ckpt", ckpt, resized, "--output", tmp_path / "o4", *FAST) == 1
+    assert "was it resized" in capsys.readouterr().err
+
+
+def _info(text: dict[str, str]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    return info
+
+
+def test_checkpoint_for_a_missing_backbone_names_it(ckpt: Path, tmp_path: Path) -> None:
+    c = torch.load(ckpt, weights_only=False)
+    cfg = yaml.safe_load(c["tadm"]["config"])
+    cfg["model"]["backbone"]["init_args"].update(
+        preset="sd21-base", pretrained=str(tmp_path / "no_such_sd21")
+    )
+    c["tadm"]["config"] = yaml.safe_dump(cfg)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(c, bad)
+    with pytest.raises(CheckpointError, match=r"needs backbone 'sd21-base'.*no_such_sd21"):
+        load_codec(bad)
+    assert _run("upscale", "--ckpt", bad, SAMPLES / "val", "--output", tmp_path / "o", *FAST) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_exported_checkpoint_writes_the_same_lr(ckpt: Path, photos: Path, tmp_path: Path) -> None:
+    exported = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    a, b = load_codec(ckpt), load_codec(exported)
+    assert a.rescaler_id == b.rescaler_id  # LR files of one decode with the other
+    x = load_image(photos / "coffee.jpg")[None]
+    assert torch.equal(a.downscale(x)[0], b.downscale(x)[0])
+    y, size = a.downscale(x)
+    diff = (a.upscale(y, size).image - b.upscale(y, size).image).abs().max()
+    assert diff < 0.05  # bf16-rounded enhancer weights: close, not equal
+
+
+def test_tadm_test_writes_csv_and_summary_with_bicubic_row(
+    ckpt: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    code = _run(
+        "test", "--ckpt", ckpt, photos / "astronaut.png", photos / "coffee.jpg", "--output", out,
+        "--perceptual-random-backbone", "--no-fid", *FAST,
+    )  # fmt: skip
+    assert code == 0
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    methods = {r["method"] for r in rows}
+    assert len(rows) == 4 and any(m.startswith("tadm stage2.ckpt") for m in methods)
+    assert "bicubic x16" in methods
+    for r in rows:
+        assert 5 < float(r["psnr_y"]) < 60 and 0 < float(r["ssim_y"]) <= 1 and float(r["seconds"]) > 0
+        assert r["lpips"] != "" and r["dists"] != ""
+    summary = (out / "summary.md").read_text()
+    assert "bicubic x16" in summary and "FID" in summary and "--no-fid" in summary
+    assert summary.strip() in capsys.readouterr().out
