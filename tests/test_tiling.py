@@ -239,7 +239,9 @@ def test_each_tile_gets_its_own_timestep(photo: Tensor, one_thread: None) -> Non
             num[y : y + 12, x : x + 12] += w * aligner(z[..., y : y + 12, x : x + 12]).item()
             den[y : y + 12, x : x + 12] += w
     torch.testing.assert_close(t[0, 0], num / den, atol=1e-3, rtol=1e-4)
-    assert t[0, 0, 6, 6].item() == pytest.approx(aligner(z[..., :12, :12]).item(), abs=1e-2)  # a tile's centre
+    assert t[0, 0, 6, 6].item() == pytest.approx(
+        aligner(z[..., :12, :12]).item(), abs=1e-2
+    )  # a tile's centre
     # and the timestep of a whole-image run is one value
     whole = pipeline.enhance_and_decode(m.backbone, m.rescaler, z, (200, 296), m._enhance_fn(), NO_TILING)
     assert whole.timesteps is not None and whole.timesteps.unique().numel() == 1
