@@ -243,3 +243,21 @@ def test_tadm_test_writes_csv_and_summary_with_bicubic_row(
     summary = (out / "summary.md").read_text()
     assert "bicubic x16" in summary and "FID" in summary and "--no-fid" in summary
     assert summary.strip() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_keeps_the_lr_exact_and_the_output_close(
+    ckpt: Path, photos: Path, precision: str, one_thread: None
+) -> None:
+    from tadm.metrics import psnr_y
+
+    full, half = load_codec(ckpt), load_codec(ckpt, precision=precision)  # type: ignore[arg-type]
+    x = load_image(photos / "astronaut.png")[None]
+    y32, size = full.downscale(x)
+    y16, _ = half.downscale(x)
+    assert torch.equal(y32, y16)  # the rescaler always runs in fp32: the same LR file everywhere
+    a, b = full.upscale(y32, size).image, half.upscale(y16, size).image
+    assert torch.isfinite(b).all() and b.dtype == torch.float32
+    assert psnr_y(b, a).item() > 30.0
+    with pytest.raises(ValueError, match="precision"):
+        load_codec(ckpt, precision="fp8")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +258,25 @@ def test_tiled_round_trip_runs_on_a_tiny_stable_diffusion(photo: Tensor, one_thr
     assert rt.reconstruction.shape == photo.shape and rt.reconstruction.abs().max() <= 1
     assert rt.timesteps is not None and rt.timesteps.shape == (1, 1, 26, 38)
     assert torch.isfinite(rt.reconstruction).all() and rt.timesteps.std() > 0
+
+
+def test_tensorboard_shows_the_timestep_heat_map_beside_the_reconstruction(
+    photo: Tensor, tmp_path: Path, one_thread: None
+) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = _tiny_enhancer(ContentAligner())
+    m.eval_tiling = Tiling(latent_tile=12, latent_overlap=4, vae_tile=0, lr_tile=0)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    m._trainer = SimpleNamespace(logger=logger, loggers=[logger], sanity_checking=False, global_step=0)  # type: ignore[assignment]
+    out = m.evaluate_batch(photo)
+    assert out["_timesteps"].shape == (1, 1, 26, 38) and out["t_mean"].shape == (1,)
+    m._log_images("val", 0, photo, out["_lr"], out["_reconstruction"], out["_timesteps"])
+    logger.experiment.flush()
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    (img,) = acc.Images("val/hr_lr_reconstruction/0")
+    assert img.width > 4 * photo.shape[-1] and img.height >= photo.shape[-2]  # HR | LR | rec | heat map
+    assert "val/timesteps/0" in acc.Tags()["histograms"]
