@@ -48,3 +48,18 @@ def repo() -> Path:
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def stage2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Lightning checkpoint after one stage-2 step of the tiny SD 2.1 config: trained tensors,
+    optimiser state, tadm meta (shared by the export and codec tests)."""
+    from tests.test_checkpoint_io import _args
+    from tests.test_stages import _cli
+
+    root = tmp_path_factory.mktemp("stage2")
+    cli = _cli(_args(root, extra=["--trainer.max_steps=1"]))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = root / "last.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,59 +18,14 @@ from tadm.checkpoint_io import (
     export_command,
     read_checkpoint,
 )
-from tadm.cli import TADMCLI
-from tadm.module import TADMModule
-from tadm.registry import load_plugins
-from tests.conftest import REPO
-
-CONFIGS = REPO / "configs"
-SAMPLES = REPO / "assets" / "samples"
+from tests.test_stages import _args as stage_args
+from tests.test_stages import _cli
 
 
 def _args(root: Path, stage: str = "enhancer", extra: list[str] | None = None) -> list[str]:
-    """The stage's real config shrunk to the tiny backbone and one 64x64 crop (as tests/test_stages.py)."""
-    return [
-        "--config",
-        str(CONFIGS / "experiments" / f"{stage}_x16.yaml"),
-        "--model.backbone.init_args.preset=tiny-sd21",
-        "--model.backbone.init_args.gradient_checkpointing=false",
-        "--model.rescaler.init_args.width=16",
-        "--model.rescaler.init_args.num_resblocks=1",
-        "--model.init_from=null",
-        "--model.perceptual_random_backbone=true",
-        "--trainer.precision=32-true",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.accumulate_grad_batches=1",
-        "--trainer.logger=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks=[]",
-        f"--trainer.default_root_dir={root}",
-        f"--data.init_args.train_dir={SAMPLES / 'train'}",
-        f"--data.init_args.val_dir={SAMPLES / 'val'}",
-        "--data.init_args.crop_size=64",
-        "--data.init_args.batch_size=1",
-        "--data.init_args.num_workers=0",
-        *(extra or []),
-    ]
-
-
-def _cli(args: list[str]) -> TADMCLI:
-    load_plugins()
-    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
-
-
-@pytest.fixture(scope="module")
-def stage2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Lightning checkpoint after one stage-2 step: trained tensors, optimiser state, tadm meta."""
-    root = tmp_path_factory.mktemp("stage2")
-    cli = _cli(_args(root, extra=["--trainer.max_steps=1"]))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    path = root / "last.ckpt"
-    cli.trainer.save_checkpoint(path)
-    return path
+    """The stage's real config shrunk to the tiny backbone (tests/test_stages.py), run under ``root``."""
+    more = [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *(extra or [])]
+    return stage_args(stage=stage, extra=more)
 
 
 def _bf16(t: Tensor) -> Tensor:

@@ -17,7 +17,6 @@ from tadm.cli import main
 from tadm.codec import CheckpointError, load_codec
 from tadm.lr_files import read_lr
 from tests.conftest import SAMPLES
-from tests.test_checkpoint_io import _args, _cli
 
 FAST = [
     "--latent-tile",
@@ -32,15 +31,10 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny stage-2 (enhancer) checkpoint after one optimiser step."""
-    root = tmp_path_factory.mktemp("codec")
-    cli = _cli(_args(root, extra=["--trainer.max_steps=1"]))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    path = root / "stage2.ckpt"
-    cli.trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def ckpt(stage2_ckpt: Path) -> Path:
+    """A tiny stage-2 (enhancer) checkpoint after one optimiser step (shared, see conftest)."""
+    return stage2_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +229,7 @@ def test_tadm_test_writes_csv_and_summary_with_bicubic_row(
     assert code == 0
     rows = list(csv.DictReader((out / "per_image.csv").open()))
     methods = {r["method"] for r in rows}
-    assert len(rows) == 4 and any(m.startswith("tadm stage2.ckpt") for m in methods)
+    assert len(rows) == 4 and any(m.startswith("tadm last.ckpt") for m in methods)
     assert "bicubic x16" in methods
     for r in rows:
         assert 5 < float(r["psnr_y"]) < 60 and 0 < float(r["ssim_y"]) <= 1 and float(r["seconds"]) > 0
