@@ -206,12 +206,15 @@ class TADMModule(L.LightningModule):
         z = self._latent(batch)
         w = self.loss_weights
         terms: dict[str, Tensor] = {}
+        outputs: dict[str, Tensor] = {}
         if self.stage != "enhancer":
-            terms.update(self.rescaler.training_losses(x, z, self.distance))
+            terms.update(self.rescaler.training_losses(x, z, self.distance, outputs=outputs))
         if self.stage != "rescaler":
             if self.stage == "enhancer":
                 with torch.no_grad():
                     z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            elif "z_hat" in outputs:  # joint: the rescaler's own backward reconstruction, computed once
+                z_hat = outputs["z_hat"]
             else:
                 z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
             z0, t = self.enhance(z_hat, z)

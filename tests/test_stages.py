@@ -137,6 +137,24 @@ def test_frozen_stay_frozen_and_trainable_change(stage: str) -> None:
     assert any(n.startswith("rescaler.") for n in changed) == (stage == "joint")
 
 
+def test_joint_step_runs_the_rescaler_round_trip_once() -> None:
+    """Stage 3 enhances the z_hat its stage-1 loss terms computed; no second DFRM pass."""
+    m = _cli(_args(stage="joint")).model
+    calls = {"up": 0}
+    up = m.rescaler.upscale
+
+    def counted(y: Tensor) -> Tensor:
+        calls["up"] += 1
+        return up(y)
+
+    m.rescaler.upscale = counted  # type: ignore[method-assign]
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    loss = m.training_step({"image": x}, 0)
+    assert calls["up"] == 1 and torch.isfinite(loss)
+    loss.backward()
+    assert m.rescaler.decoder[-1].weight.grad is not None  # the enhancer's loss reaches the DFRM
+
+
 def test_stage2_checkpoint_holds_only_trained_parts_and_names_backbone(tmp_path: Path) -> None:
     ckpt_cb = json.dumps(
         [

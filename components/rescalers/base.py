@@ -41,10 +41,14 @@ class Rescaler(nn.Module, ABC):
     def upscale(self, y: Tensor) -> Tensor:
         """LR image -> latent (``space == "latent"``) or HR image (``space == "pixel"``)."""
 
-    def training_losses(self, x: Tensor, z: Tensor | None, distance: Distance) -> dict[str, Tensor]:
+    def training_losses(
+        self, x: Tensor, z: Tensor | None, distance: Distance, outputs: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Unweighted stage-1 loss terms by name; the LightningModule applies the weights.
 
-        The default covers rescalers without parameters of their own (nothing to train).
+        A rescaler may put ``outputs["z_hat"] = upscale(downscale(x, z))`` (with gradients) into
+        ``outputs``: the joint stage then enhances it instead of running the rescaler twice. The
+        default covers rescalers without parameters of their own (nothing to train).
         """
         return {}
 

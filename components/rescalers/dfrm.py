@@ -130,13 +130,18 @@ class DFRM(Rescaler):
     def upscale(self, y: Tensor) -> Tensor:
         return self.decoder(self.invertible.inverse(y))
 
-    def training_losses(self, x: Tensor, z: Tensor | None, distance: Distance) -> dict[str, Tensor]:
+    def training_losses(
+        self, x: Tensor, z: Tensor | None, distance: Distance, outputs: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Stage-1 terms: LR guidance towards bicubic, and the latent rebuilt from z_lr (forward)
-        and from the quantised LR image (backward)."""
+        and from the quantised LR image (backward; that z_hat goes to ``outputs["z_hat"]``)."""
         z_lr = self.encode_lr(x, z)
         y = quantize_8bit(self.invertible(z_lr), self.training, self.quantization)
+        z_hat = self.upscale(y)
+        if outputs is not None:
+            outputs["z_hat"] = z_hat
         return {
             "lr": distance(y, bicubic_down(x, self.scale)),
             "latent_forward": distance(self.decoder(z_lr), z),
-            "latent_backward": distance(self.upscale(y), z),
+            "latent_backward": distance(z_hat, z),
         }
