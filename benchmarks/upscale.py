@@ -151,7 +151,9 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
                 "peak_rss_gb": rss_gb(),
                 "rss_after_build_gb": rss_loaded,
                 "build_s": build_s,
-                "attention": type(next(iter(getattr(unet, "_orig_mod", unet).attn_processors.values()))).__name__,
+                "attention": type(
+                    next(iter(getattr(unet, "_orig_mod", unet).attn_processors.values()))
+                ).__name__,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
