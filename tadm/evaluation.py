@@ -58,6 +58,10 @@ TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID",
 _GLOB_CHARS = frozenset("*?[")
 
 
+#: LPIPS / DISTS pool VGG features 4-5 times: smaller images have no score
+MIN_PERCEPTUAL_SIDE = 32
+
+
 class MetricUnavailableWarning(UserWarning):
     """A metric cannot be computed in this environment (missing package or weights); it is reported n/a."""
 
@@ -355,8 +359,15 @@ class Metrics:
                 "lpips": None,
                 "dists": None,
             }
-            if self._perceptual is not None:
+            if self._perceptual is not None and min(p.shape[-2:]) >= MIN_PERCEPTUAL_SIDE:
                 values["lpips"], values["dists"] = self._perceptual_values(p, t)
+            elif self._perceptual is not None:
+                note = (
+                    f"LPIPS/DISTS are undefined for images under {MIN_PERCEPTUAL_SIDE} px (VGG pooling): "
+                    "left empty for such images and out of the means"
+                )
+                if note not in self.caveats:
+                    self.caveats.append(note)
         return values
 
     def _perceptual_values(self, p: Tensor, t: Tensor) -> tuple[float, float]:

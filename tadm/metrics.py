@@ -33,9 +33,17 @@ def psnr_y(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def ssim_y(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-image SSIM on Y (Gaussian window 11, sigma 1.5); images in [-1, 1]."""
+    """Per-image SSIM on Y (Gaussian window 11, sigma 1.5); images in [-1, 1].
+
+    Images smaller than the window get the largest odd window that fits (sigma scaled alike), down
+    to 1x1 where SSIM reduces to its luminance term: tiny images get a defined score, not an error.
+    """
     p, t = _y(pred), _y(target)
-    return structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
+    k = min(11, min(p.shape[-2:]))
+    k -= 1 - k % 2
+    return structural_similarity_index_measure(
+        p, t, data_range=1.0, reduction="none", kernel_size=k, sigma=1.5 * k / 11
+    )
 
 
 def psnr_rgb(pred: Tensor, target: Tensor) -> Tensor:

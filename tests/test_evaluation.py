@@ -92,6 +92,18 @@ def test_identical_images_give_perfect_scores(perceptual: Metrics) -> None:
     assert v["dists"] is not None and abs(v["dists"]) < 1e-5
 
 
+def test_tiny_images_get_psnr_ssim_and_no_perceptual_scores(perceptual: Metrics) -> None:
+    """1x1 .. 31 px images: SSIM with a shrunk window, LPIPS/DISTS undefined (VGG pooling) and said so."""
+    for h, w in ((1, 1), (5, 3), (20, 31)):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h * w)) * 2 - 1
+        v = perceptual.image(x, x.clone())
+        assert v["psnr_y"] == math.inf and v["ssim_y"] == pytest.approx(1.0, abs=1e-5)
+        assert v["lpips"] is None and v["dists"] is None
+        noisy = perceptual.image(_noise(0.3)(x), x)
+        assert noisy["ssim_y"] is not None and noisy["ssim_y"] < 1.0
+    assert any("under 32 px" in c for c in perceptual.caveats)
+
+
 def _reference_y(x: Tensor) -> Tensor:
     """Independent Y (BT.601) of an 8-bit-rounded image in [-1, 1]."""
     u = ((x.clamp(-1, 1) + 1) / 2 * 255).round() / 255
