@@ -261,3 +261,15 @@ def test_test_and_predict_subcommands_on_whole_images() -> None:
         hr = load_image(out["path"][0])
         assert out["reconstruction"].shape[-2:] == hr.shape[-2:]  # padded for the model, cropped back
         assert out["lr"].shape[-2:] == (-(-hr.shape[-2] // 16), -(-hr.shape[-1] // 16))
+
+
+def test_tadm_test_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tadm test --ckpt ...` is the metrics command; with --config it stays LightningCLI's test loop."""
+    from tadm.cli import _is_lightning_test, main
+
+    assert _is_lightning_test(["--config", "c.yaml", "--ckpt_path", "x.ckpt"])
+    assert _is_lightning_test(["-c", "c.yaml"]) and _is_lightning_test(["--config=c.yaml"])
+    assert not _is_lightning_test(["--ckpt", "x.ckpt", "data/", "--output", "out"])
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert "--perceptual-random-backbone" in capsys.readouterr().out
