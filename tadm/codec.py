@@ -85,11 +85,10 @@ class Codec:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.module.rescaler.parameters()), torch.empty(0)).device
-
-    @property
-    def enhances(self) -> bool:
-        return self.module.stage != "rescaler"
+        """Where the model lives (a weight-free model, e.g. bicubic on space_to_depth, is on the CPU)."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":
