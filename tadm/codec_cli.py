@@ -66,7 +66,7 @@ def collect_inputs(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTE
                 )
             if not images:
                 raise InputError(f"input folder '{p}' holds no images")
-            found += [InputFile(f, f.relative_to(p).with_suffix("")) for f in images]
+            found += [InputFile(f, f.relative_to(p).parent / f.stem) for f in images]
         elif p.is_file():
             found.append(InputFile(p, Path(p.stem)))
         elif glob.has_magic(item):
@@ -127,7 +127,7 @@ def run_files(
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(verb, total=len(files))
         for f in files:
-            dest = output / f.rel.with_suffix(".png")
+            dest = output / f.rel.parent / f"{f.rel.name}.png"  # not with_suffix: "a.v2.jpg" -> "a.v2.png"
             if dest.exists() and not overwrite:
                 report.skipped += 1
             else:

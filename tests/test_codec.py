@@ -50,6 +50,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(rgba).save(root / "rgba.png")
     Image.fromarray(data.camera()[::8, ::8].astype(np.uint16) * 257).save(root / "gray16.png")
     Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(root / "one.png")
+    Image.fromarray(data.rocket()[::10, ::10]).save(root / "rocket.v2.png")  # a dot in the stem
     return root
 
 
@@ -120,8 +121,8 @@ def test_reruns_skip_existing_and_interrupted_writes_leave_nothing(
     # a re-run finishes the rest and skips what exists
     capsys.readouterr()
     assert _run("downscale", "--ckpt", ckpt, photos, "--output", lr, *FAST) == 0
-    assert "downscaled 4 file(s), skipped 2 existing" in capsys.readouterr().out
-    assert len(list(lr.iterdir())) == 6
+    assert "downscaled 5 file(s), skipped 2 existing" in capsys.readouterr().out
+    assert len(list(lr.iterdir())) == 7
     before = (lr / "one.png").stat().st_mtime_ns
     assert _run("downscale", "--ckpt", ckpt, photos / "one.png", "--output", lr, "--overwrite", *FAST) == 0
     assert (lr / "one.png").stat().st_mtime_ns >= before
