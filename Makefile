@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(BIN)/tadm fit --config configs/quickstart.yaml
 	$(BIN)/tadm validate --config configs/quickstart.yaml --ckpt_path $(QS_CKPT)
+	$(BIN)/tadm downscale --ckpt $(QS_CKPT) assets/samples/val --output runs/quickstart/lr --overwrite --no-progress
+	$(BIN)/tadm upscale --ckpt $(QS_CKPT) runs/quickstart/lr --output runs/quickstart/restored --overwrite --no-progress
 
 test: setup
 	$(BIN)/python -m pytest -q
