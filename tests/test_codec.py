@@ -40,17 +40,23 @@ def ckpt(stage2_ckpt: Path) -> Path:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photos of odd sizes (not multiples of 16), plus gray / RGBA / 16-bit / 1x1 variants."""
-    from skimage import data
+
+    def photo(name: str) -> np.ndarray:
+        return np.asarray(Image.open(SAMPLES / name).convert("RGB"))
 
     root = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()[::4, ::4][:75, :101]).save(root / "astronaut.png")
-    Image.fromarray(data.coffee()[::4, ::4][:90, :61]).save(root / "coffee.jpg", quality=95)
-    Image.fromarray(data.camera()[::8, ::8][:33, :47]).save(root / "gray.png")
-    rgba = np.dstack([data.chelsea()[::6, ::6], np.full(data.chelsea()[::6, ::6].shape[:2], 200, np.uint8)])
-    Image.fromarray(rgba).save(root / "rgba.png")
-    Image.fromarray(data.camera()[::8, ::8].astype(np.uint16) * 257).save(root / "gray16.png")
+    astronaut, gray = (
+        photo("train/astronaut.png"),
+        np.asarray(Image.open(SAMPLES / "train/astronaut.png").convert("L")),
+    )
+    Image.fromarray(astronaut[::4, ::4][:75, :101]).save(root / "astronaut.png")
+    Image.fromarray(photo("val/coffee.png")[::4, ::4][:90, :61]).save(root / "coffee.jpg", quality=95)
+    Image.fromarray(gray[::8, ::8][:33, :47]).save(root / "gray.png")
+    chelsea = photo("val/chelsea.png")[::6, ::6]
+    Image.fromarray(np.dstack([chelsea, np.full(chelsea.shape[:2], 200, np.uint8)])).save(root / "rgba.png")
+    Image.fromarray(gray[::8, ::8].astype(np.uint16) * 257).save(root / "gray16.png")
     Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(root / "one.png")
-    Image.fromarray(data.rocket()[::10, ::10]).save(root / "rocket.v2.png")  # a dot in the stem
+    Image.fromarray(photo("train/rocket.jpg")[::10, ::10]).save(root / "rocket.v2.png")  # a dot in the stem
     return root
 
 

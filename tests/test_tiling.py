@@ -183,9 +183,10 @@ def _tiny_enhancer(aligner: nn.Module, backbone: DiffusionBackbone | None = None
 
 @pytest.fixture(scope="module")
 def photo() -> Tensor:
-    from skimage import data
+    from datamodules.image_io import load_image
+    from tests.conftest import SAMPLES
 
-    img = torch.from_numpy(data.astronaut()[:, :, :3].copy()).permute(2, 0, 1).float() / 127.5 - 1
+    img = load_image(SAMPLES / "train" / "astronaut.png")
     return F.interpolate(img[None], size=(200, 296), mode="area")  # not a multiple of 16: padded inside
 
 
