@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from tadm.atomic import atomic_write
 
 META_KEY = "tadm"  # tadm.module.CKPT_KEY; not imported, so `tadm export` does not load Lightning
 EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -131,16 +131,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bf16", ove
 
     from safetensors.torch import save_file
 
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".partial", dir=dst_p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, dst_p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst_p
+    return atomic_write(dst_p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _parser() -> argparse.ArgumentParser:

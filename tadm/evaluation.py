@@ -48,6 +48,7 @@ from datamodules.webdataset import (
     index_for,
     iter_shard,
 )
+from tadm.atomic import atomic_write_text
 from tadm.imageops import quantize_unit_8bit, to_unit
 from tadm.metrics import psnr_y, ssim_y
 
@@ -574,8 +575,8 @@ class EvalReport:
                 + [_csv_float(v) for v in (r.psnr_y, r.ssim_y, r.lpips, r.dists, r.seconds)]
             )
         text = self.markdown()
-        _write_atomic(out / "per_image.csv", buf.getvalue())
-        _write_atomic(out / "summary.md", text)
+        atomic_write_text(out / "per_image.csv", buf.getvalue())
+        atomic_write_text(out / "summary.md", text)
         return text
 
 
@@ -719,12 +720,3 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def _csv_float(value: float | None) -> str:
     return "" if value is None else repr(float(value))  # repr: exact round trip; inf -> "inf"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -8,8 +8,6 @@ scale and the ids of the checkpoint, so ``tadm upscale`` restores the original s
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from datamodules.image_io import ImageReadError
+from tadm.atomic import atomic_write
 
 FORMAT_VERSION = "1"
 _PREFIX = "tadm:"
@@ -78,28 +77,6 @@ def from_uint8(arr: np.ndarray) -> Tensor:
     """(h,w,3) uint8 -> (1,3,h,w) float in [-1,1], bit-identical to the quantiser's output."""
     v = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float()
     return (v / 127.5 - 1.0)[None]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the target folder and rename it into place.
-
-    An interrupted run leaves either the old file or nothing, never a partial file under the
-    final name; the temp file is removed on any error (a hard kill can leave a ``.*.tmp`` only).
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
 
 
 def write_png(path: str | os.PathLike[str], image: Tensor, text: dict[str, str] | None = None) -> Path:

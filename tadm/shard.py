@@ -36,6 +36,7 @@ import numpy as np
 
 from datamodules.image_io import ImageReadError, image_size, list_images, load_image
 from datamodules.webdataset import INDEX_FORMAT, INDEX_NAME, LATENT_FIELD, META_FIELD
+from tadm.atomic import atomic_write_text
 
 STATE_NAME = ".tadm-shard-state.json"
 INDEX_VERSION = 1
@@ -132,9 +133,7 @@ def _tar_size(fields: dict[str, bytes], key: str) -> int:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
