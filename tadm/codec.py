@@ -111,11 +111,15 @@ class Codec:
                 f"checkpoint {self.source} uses the analysis aligner {type(m.aligner).__name__}, which needs "
                 "the HR image: it cannot upscale an LR file alone (use `tadm test` to evaluate it)"
             )
-        y = y.to(self.device).float()
+        return self._upscale(y.to(self.device).float(), size)
+
+    def _upscale(self, y: Tensor, size: tuple[int, int], z_true: Tensor | None = None) -> pipeline.Upscaled:
+        """The rescaler in fp32, then the enhancer and VAE decoder under the chosen precision."""
+        m = self.module
         z_hat = pipeline.rescale_up(m.backbone, m.rescaler, y, self.tiling)
         with self._autocast():
             return pipeline.enhance_and_decode(
-                m.backbone, m.rescaler, z_hat, size, m._enhance_fn(), self.tiling
+                m.backbone, m.rescaler, z_hat, size, m._enhance_fn(), self.tiling, z_true=z_true
             )
 
     @torch.no_grad()
@@ -124,11 +128,7 @@ class Codec:
         m = self.module
         x = x.to(self.device).float()
         y, size, z = pipeline.downscale(m.backbone, m.rescaler, x, self.tiling)
-        z_hat = pipeline.rescale_up(m.backbone, m.rescaler, y, self.tiling)
-        with self._autocast():
-            up = pipeline.enhance_and_decode(
-                m.backbone, m.rescaler, z_hat, size, m._enhance_fn(), self.tiling, z_true=z
-            )
+        up = self._upscale(y, size, z_true=z)
         s = self.scale
         return pipeline.RoundTrip(y, up.image, (y.shape[-2] * s, y.shape[-1] * s), up.timesteps)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import logging
 import sys
 import time
 import warnings
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 
     from tadm.codec import Codec
     from tadm.lr_files import LRMeta
-
-log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
