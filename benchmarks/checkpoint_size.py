@@ -5,7 +5,7 @@ trained parameters by part, the Lightning checkpoint (with and without optimiser
     .venv/bin/python benchmarks/checkpoint_size.py        # ~40 s, ~6 GB RAM, ~1 GB in a temp folder
 
 The checkpoint goes through ``TADMModule.on_save_checkpoint`` (the real filter: frozen backbone
-weights out, ``tadm`` meta in) and is then exported with :func:`tadm.checkpoint_io.export_checkpoint`.
+weights out, ``tadm`` meta in) and is then exported with :func:`tadm.model.checkpoints.export_checkpoint`.
 Prints a table; asserts nothing.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from components.backbones.presets import FULL_SIZE_UNETS, FULL_SIZE_VAE
+from tadm.components.backbones.presets import FULL_SIZE_UNETS, FULL_SIZE_VAE
 
 PARTS = (  # (label, predicate on a stored key)
     ("DFRM (rescaler, trained in stage 1)", lambda k: k.startswith("rescaler.")),
@@ -33,10 +33,10 @@ def build_model(unet_rank: int, vae_rank: int):  # type: ignore[no-untyped-def]
     """TADMModule, stage enhancer, on the full-size SD 2.1-base UNet + VAE with random weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from components.aligners.tpm import TimestepPredictionModule
-    from components.backbones.stable_diffusion import StableDiffusionBackbone
-    from components.rescalers.dfrm import DFRM
-    from tadm.module import TADMModule
+    from tadm.components.aligners.tpm import TimestepPredictionModule
+    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.model.module import TADMModule
 
     torch.manual_seed(0)
     b = StableDiffusionBackbone(preset="sd21-base", unet_lora_rank=unet_rank, vae_lora_rank=vae_rank)
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--vae-lora-rank", type=int, default=16)
     args = ap.parse_args()
 
-    from tadm.checkpoint_io import export_checkpoint
+    from tadm.model.checkpoints import export_checkpoint
 
     model, unet_params = build_model(args.unet_lora_rank, args.vae_lora_rank)
     unet_bytes = 4 * unet_params

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from components.backbones.presets import FULL_SIZE_VAE
-from components.backbones.stable_diffusion import StableDiffusionBackbone
-from datamodules.image_folder import ImageFolderDataModule
-from datamodules.webdataset import WebDatasetDataModule
-from tadm.shard import LatentOptions, pack_shards
+from tadm.components.backbones.presets import FULL_SIZE_VAE
+from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.datamodules.image_folder import ImageFolderDataModule
+from tadm.datamodules.shard_writer import LatentOptions, pack_shards
+from tadm.datamodules.webdataset import WebDatasetDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (2048, 1365)  # "2K" photo, 3:2
@@ -122,9 +122,9 @@ def step_rows(repeats: int) -> list[tuple[str, float]]:
     """One stage-1 step (forward, backward, AdamW) with a cached latent vs encoding the crop first."""
     from diffusers import AutoencoderKL
 
-    from components.rescalers.dfrm import DFRM
-    from tadm.losses import weighted_sum
-    from tadm.module import TADMModule
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.model.losses import weighted_sum
+    from tadm.model.module import TADMModule
 
     torch.manual_seed(0)
     backbone = StableDiffusionBackbone("tiny-sd15")

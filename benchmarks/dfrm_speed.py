@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from components.rescalers.dfrm import DFRM
-from tadm.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
+from tadm.components.rescalers.dfrm import DFRM
+from tadm.model.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 
 VARIANTS = {
     "paper": {},

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from components.backbones.presets import FULL_SIZE_UNETS as UNETS
-from components.backbones.presets import FULL_SIZE_VAE as VAE
+from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
+from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
 
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 CASES = [f"{b}:{k}" for b in UNETS for k in ("train:ckpt", "train:nockpt", "upscale")]
@@ -31,10 +31,10 @@ CASES = [f"{b}:{k}" for b in UNETS for k in ("train:ckpt", "train:nockpt", "upsc
 def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from components.aligners.tpm import TimestepPredictionModule
-    from components.backbones.stable_diffusion import StableDiffusionBackbone
-    from components.rescalers.dfrm import DFRM
-    from tadm.module import TADMModule
+    from tadm.components.aligners.tpm import TimestepPredictionModule
+    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.model.module import TADMModule
 
     torch.manual_seed(0)
     b = StableDiffusionBackbone(preset=family, gradient_checkpointing=checkpointing)

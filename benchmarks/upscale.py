@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from components.backbones.presets import FULL_SIZE_UNETS as UNETS
-from components.backbones.presets import FULL_SIZE_VAE as VAE
+from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
+from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
 
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 
@@ -40,12 +40,12 @@ def build_codec(
 ):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from components.aligners.tpm import TimestepPredictionModule
-    from components.backbones.stable_diffusion import StableDiffusionBackbone
-    from components.rescalers.dfrm import DFRM
-    from tadm.codec import Codec
-    from tadm.module import TADMModule
-    from tadm.tiling import Tiling
+    from tadm.components.aligners.tpm import TimestepPredictionModule
+    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.inference.codec import Codec
+    from tadm.inference.tiling import Tiling
+    from tadm.model.module import TADMModule
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.image_io import ImageReadError, image_size, list_images, load_image
+from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
 
 Split = Literal["train", "val", "test", "predict"]
 BadImagePolicy = Literal["error", "skip"]

@@ -43,8 +43,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from datamodules.image_folder import check_crop_size, check_positive, reflect_pad
-from datamodules.image_io import (
+from tadm.datamodules.image_folder import check_crop_size, check_positive, reflect_pad
+from tadm.datamodules.image_io import (
     _LA16_RAWMODE,
     _LOW_BYTE_RAWMODE,
     ImageReadError,

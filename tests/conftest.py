@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models, real sample photos, CI-aware skipping of slow tests."""
+"""Shared fixtures: tiny models, real sample photos, an offline VGG16 stand-in, CI-aware skipping."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tadm.registry import load_plugins
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "assets" / "samples"
+from tadm.config.plugins import load_plugins
+from tests.helpers import REPO, SAMPLES
+from tests.helpers.vgg import write_random_vgg16
 
 load_plugins()
 
@@ -24,6 +23,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TORCH_HOME with a random VGG16 where torchvision looks for the ImageNet one (LPIPS / DISTS build
+    offline, in this process and in the subprocesses it starts); no FID weights."""
+    home = tmp_path_factory.mktemp("torch_home")
+    write_random_vgg16(home)
+    saved = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = saved
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +68,10 @@ def samples() -> Path:
 def stage2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Lightning checkpoint after one stage-2 step of the tiny SD 2.1 config: trained tensors,
     optimiser state, tadm meta (shared by the export and codec tests)."""
-    from tests.test_checkpoint_io import _args
-    from tests.test_stages import _cli
+    from tests.helpers.cli import build_cli, stage_args
 
     root = tmp_path_factory.mktemp("stage2")
-    cli = _cli(_args(root, extra=["--trainer.max_steps=1"]))
+    cli = build_cli(stage_args(root=root, extra=["--trainer.max_steps=1"]))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = root / "last.ckpt"
     cli.trainer.save_checkpoint(path)

@@ -7,14 +7,14 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
-from components.aligners.base import TimestepAligner
-from components.aligners.fixed import FixedTimestep
-from components.aligners.oracle import OracleTimestep
-from components.aligners.spatial_tpm import SpatialTPM
-from components.aligners.tpm import TimestepPredictionModule
-from tadm.diffusion_math import noise_ratio
-from tadm.enhancer import Refiner
-from tadm.registry import ALIGNERS, find_short_name
+from tadm.components.aligners.fixed import FixedTimestep
+from tadm.components.aligners.oracle import OracleTimestep
+from tadm.components.aligners.spatial_tpm import SpatialTPM
+from tadm.components.aligners.tpm import TimestepPredictionModule
+from tadm.config.plugins import find_short_name
+from tadm.contracts import ALIGNERS, TimestepAligner
+from tadm.model.enhancer import Refiner
+from tadm.ops.diffusion import noise_ratio
 
 
 def _n_params(module: torch.nn.Module) -> int:

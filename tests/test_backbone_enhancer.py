@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 
 FAMILIES = ["tiny-sd15", "tiny-sd21", "tiny-sdxl"]
 

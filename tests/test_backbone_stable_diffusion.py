@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.backbones.presets import (
+from tadm.components.backbones.presets import (
     PRESETS,
     build_tiny_components,
     get_preset,
     save_tiny_pipeline,
     save_tiny_vae,
 )
-from components.backbones.stable_diffusion import StableDiffusionBackbone
-from tadm.registry import BACKBONES
+from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.contracts import BACKBONES
 
 # tiny preset -> (full-size preset of the same family, VAE scaling, prediction type in its scheduler)
 CASES = {

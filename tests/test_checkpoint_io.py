@@ -12,20 +12,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tadm.checkpoint_io import (
-    CheckpointError,
-    export_checkpoint,
-    export_command,
-    read_checkpoint,
-)
-from tests.test_stages import _args as stage_args
-from tests.test_stages import _cli
+from tadm.commands.export import export_command
+from tadm.errors import CheckpointError
+from tadm.model.checkpoints import export_checkpoint, read_checkpoint
+from tests.helpers.cli import build_cli, stage_args
 
 
 def _args(root: Path, stage: str = "enhancer", extra: list[str] | None = None) -> list[str]:
-    """The stage's real config shrunk to the tiny backbone (tests/test_stages.py), run under ``root``."""
-    more = [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *(extra or [])]
-    return stage_args(stage=stage, extra=more)
+    """The stage's real config shrunk to the tiny backbone, run under ``root``."""
+    return stage_args(stage=stage, extra=extra, root=root)
+
+
+_cli = build_cli
 
 
 def _bf16(t: Tensor) -> Tensor:
@@ -161,10 +159,10 @@ def test_export_command(stage2_ckpt: Path, tmp_path: Path, capsys: pytest.Captur
     printed = capsys.readouterr().out
     mb_in, mb_out = stage2_ckpt.stat().st_size / 1e6, out.stat().st_size / 1e6
     assert f"{mb_in:.2f} MB" in printed and f"{mb_out:.2f} MB" in printed and "bf16" in printed
-    assert export_command([str(stage2_ckpt), "-o", str(out)]) == 1  # exists
+    assert export_command([str(stage2_ckpt), "-o", str(out)]) == 2  # exists: an unusable invocation
     assert "exists" in capsys.readouterr().err
     assert export_command([str(stage2_ckpt), "-o", str(out), "--dtype", "fp32", "--overwrite"]) == 0
     exported = read_checkpoint(out)[0]
     assert all(v.dtype == torch.float32 for k, v in exported.items() if k.startswith("aligner."))
-    assert export_command([str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert export_command([str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "m.safetensors")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err

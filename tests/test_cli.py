@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tadm.cli import TADMCLI, main
-from tadm.module import TADMModule
-from tests.conftest import REPO
+from tadm.commands.main import main
+from tests.helpers import CONFIGS, VAL
+from tests.helpers.cli import build_cli, data_args
 
-CONFIGS = REPO / "configs"
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
-TRAIN = str(REPO / "assets" / "samples" / "train")
-VAL = str(REPO / "assets" / "samples" / "val")
 
 
 @pytest.fixture(autouse=True)
@@ -25,22 +22,8 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def _data(crop: int = 64, batch: int = 2) -> list[str]:
-    return [
-        f"--data.init_args.train_dir={TRAIN}",
-        f"--data.init_args.val_dir={VAL}",
-        f"--data.init_args.crop_size={crop}",
-        f"--data.init_args.batch_size={batch}",
-    ]
-
-
-def _cli(args: list[str]) -> TADMCLI:
-    from tadm.registry import load_plugins
-
-    load_plugins()
-    import lightning as L
-
-    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+_data = data_args
+_cli = build_cli
 
 
 def test_quickstart_fast_dev_run() -> None:
@@ -80,7 +63,6 @@ def test_experiment_configs_run_shrunk_on_tiny_backbones(experiment: str, family
     if not experiment.startswith("rescaler"):
         shrink = [
             "--model.init_from=null",
-            "--model.perceptual_random_backbone=true",
             "--trainer.precision=32-true",
         ]
     main(
@@ -165,7 +147,7 @@ def _run_short(tmp: Path, config: str, name: str) -> Path:
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                         "init_args": {"dirpath": str(tmp / name / "ckpt"), "save_last": True},
                     },
-                    {"class_path": "tadm.callbacks.RoundTripReport"},
+                    {"class_path": "tadm.model.callbacks.RoundTripReport"},
                 ]
             ),
             *_data(),
@@ -179,7 +161,7 @@ def test_saved_config_reruns_and_reproduces(tmp_path: Path, capsys: pytest.Captu
     saved = first / "quickstart" / "version_0" / "config.yaml"
     assert saved.is_file(), list(first.rglob("*"))
     beside = first / "ckpt" / "config.yaml"  # also next to the checkpoints
-    assert beside.is_file() and "class_path: components.rescalers.dfrm.DFRM" in beside.read_text()
+    assert beside.is_file() and "class_path: tadm.components.rescalers.dfrm.DFRM" in beside.read_text()
     second = _run_short(tmp_path, str(saved), "b")
     a = torch.load(first / "ckpt" / "last.ckpt", weights_only=False)
     b = torch.load(second / "ckpt" / "last.ckpt", weights_only=False)
@@ -190,7 +172,7 @@ def test_saved_config_reruns_and_reproduces(tmp_path: Path, capsys: pytest.Captu
     # the checkpoint carries the full config and the backbone it needs
     meta = a["tadm"]
     assert meta["backbone_id"] == "space_to_depth:8"
-    assert "class_path: components.rescalers.dfrm.DFRM" in meta["config"]
+    assert "class_path: tadm.components.rescalers.dfrm.DFRM" in meta["config"]
     # and `validate` reads it back
     capsys.readouterr()
     main(["validate", "--config", str(saved), "--ckpt_path", str(first / "ckpt" / "last.ckpt"), *_data()])
@@ -254,7 +236,7 @@ def test_test_and_predict_subcommands_on_whole_images() -> None:
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert {"test/psnr_y", "test/ssim_y", "test/bicubic_psnr_y", "test/lr_psnr"} <= set(results[0])
     preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
-    from datamodules.image_io import load_image
+    from tadm.datamodules.image_io import load_image
 
     assert len(preds) == 2
     for out in preds:
@@ -263,13 +245,13 @@ def test_test_and_predict_subcommands_on_whole_images() -> None:
         assert out["lr"].shape[-2:] == (-(-hr.shape[-2] // 16), -(-hr.shape[-1] // 16))
 
 
-def test_tadm_test_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
-    """`tadm test --ckpt ...` is the metrics command; with --config it stays LightningCLI's test loop."""
-    from tadm.cli import _is_lightning_test, main
-
-    assert _is_lightning_test(["--config", "c.yaml", "--ckpt_path", "x.ckpt"])
-    assert _is_lightning_test(["-c", "c.yaml"]) and _is_lightning_test(["--config=c.yaml"])
-    assert not _is_lightning_test(["--ckpt", "x.ckpt", "data/", "--output", "out"])
+def test_metrics_command_has_its_own_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tadm evaluate` is the metrics command; `tadm test` is always LightningCLI's test loop."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--ckpt" in out and "--no-perceptual" in out
     with pytest.raises(SystemExit):
         main(["test", "--help"])
-    assert "--perceptual-random-backbone" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--ckpt_path" in out and "--no-perceptual" not in out

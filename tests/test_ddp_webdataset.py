@@ -77,7 +77,7 @@ class TinyModule(L.LightningModule):
 
 def _ddp_main(config: dict[str, Any]) -> None:
     """One 2-process DDP fit; runs as a script (rank 0 from the test, rank 1 from Lightning's launcher)."""
-    from datamodules.webdataset import WebDatasetDataModule
+    from tadm.datamodules.webdataset import WebDatasetDataModule
 
     torch.set_num_threads(1)
     trainer = L.Trainer(
@@ -147,7 +147,7 @@ def _check_validation(records: list[dict[str, Any]], everything: set[str], batch
 
 
 def test_two_ranks_read_disjoint_samples_covering_the_shards(tmp_path: Path) -> None:
-    from tests.test_webdataset import all_keys, write_shards
+    from tests.helpers.shards import all_keys, write_shards
 
     train = write_shards(tmp_path / "train", [6, 6, 6, 6], size=(40, 40))
     val = write_shards(tmp_path / "val", [2, 2, 1], size=(40, 40), seed=9)
@@ -170,7 +170,7 @@ def test_two_ranks_read_disjoint_samples_covering_the_shards(tmp_path: Path) -> 
 
 
 def test_three_shards_on_two_ranks_finish_without_hanging(tmp_path: Path) -> None:
-    from tests.test_webdataset import all_keys, write_shards
+    from tests.helpers.shards import all_keys, write_shards
 
     shards = write_shards(tmp_path / "data", [5, 3, 4], size=(40, 40))
     urls = sorted(str(p) for p in shards.glob("*.tar"))
@@ -192,7 +192,7 @@ def test_three_shards_on_two_ranks_finish_without_hanging(tmp_path: Path) -> Non
 
 
 def all_keys_of(url: str) -> set[str]:
-    from tests.test_webdataset import tar_keys
+    from tests.helpers.shards import tar_keys
 
     return set(tar_keys(Path(url)))
 
@@ -206,8 +206,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
     """The README recipe: `tadm shard`, then the same YAML under two `torchrun --nnodes 2` launches."""
-    from tadm.cli import main
-    from tests.test_webdataset import all_keys
+    from tadm.commands.main import main
+    from tests.helpers.shards import all_keys
 
     samples = REPO / "assets" / "samples"
     assert main(["shard", str(samples / "train"), str(tmp_path / "train"), "--maxcount", "1", "--quiet"]) == 0
@@ -216,7 +216,7 @@ def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
     recorder = [{"class_path": "tests.test_ddp_webdataset.KeyRecorder", "init_args": {"out": str(out)}}]
     fit = [
         "-m",
-        "tadm.cli",
+        "tadm.commands.main",
         "fit",
         "--config",
         str(REPO / "configs" / "quickstart.yaml"),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.backbones.space_to_depth import SpaceToDepthBackbone
-from components.rescalers.base import quantize_8bit
-from components.rescalers.blocks import AffineCoupling, InvertibleNet
-from components.rescalers.dfrm import DFRM
-from tadm import pipeline
-from tadm.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
+from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
+from tadm.components.rescalers.dfrm import DFRM
+from tadm.contracts import quantize_8bit
+from tadm.inference import pipeline
+from tadm.model.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
+from tadm.ops.blocks import AffineCoupling, InvertibleNet
 
 TINY = dict(width=16, num_resblocks=1, pixel_width=4, num_couplings=2, coupling_growth=8)
 
@@ -103,7 +103,7 @@ def test_final_activation_option() -> None:
 
 
 def test_stage1_loss_decreases_on_fixed_batch(samples) -> None:
-    from datamodules.image_io import load_image
+    from tadm.datamodules.image_io import load_image
 
     x = load_image(samples / "val" / "chelsea.png")[:, :64, :128].unsqueeze(0)
     b = SpaceToDepthBackbone()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from tadm.diffusion_math import abar_at, noise_ratio, t_for_noise_ratio, x0_from_output
+from tadm.ops.diffusion import abar_at, noise_ratio, t_for_noise_ratio, x0_from_output
 
 
 def _sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:

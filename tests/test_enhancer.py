@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
-from tadm.diffusion_math import abar_at, x0_from_output
-from tadm.enhancer import HybridScheduler, Refiner, unet_timestep
+from tadm.model.enhancer import HybridScheduler, Refiner, unet_timestep
+from tadm.ops.diffusion import abar_at, x0_from_output
 
 
 @pytest.fixture

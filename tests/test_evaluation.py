@@ -19,9 +19,10 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from datamodules.image_io import load_image
-from tadm import evaluation
-from tadm.evaluation import (
+from tadm.datamodules.image_io import load_image
+from tadm.datamodules.shard_writer import pack_shards
+from tadm.evaluation import engine as evaluation
+from tadm.evaluation.engine import (
     FID_WEIGHTS_FILE,
     BadImage,
     EvalImage,
@@ -31,7 +32,6 @@ from tadm.evaluation import (
     evaluate,
     iter_hr_images,
 )
-from tadm.shard import pack_shards
 
 
 def _image(seed: int, h: int = 32, w: int = 40) -> Tensor:
@@ -66,14 +66,14 @@ def _identity(x: Tensor) -> Tensor:
 @pytest.fixture(scope="module")
 def perceptual(one_thread: None) -> Metrics:
     """Built once: two random VGGs take seconds."""
-    return Metrics(random_backbone=True, fid=False)
+    return Metrics(fid=False)
 
 
 @pytest.fixture(scope="module")
 def scored(perceptual: Metrics) -> EvalReport:
     images = [EvalImage(f"img{i}.png", _image(i)) for i in range(3)]
     methods = {"identity": _identity, "light": _noise(0.05), "heavy": _noise(0.3)}
-    return evaluate(images, methods, perceptual, progress=False)
+    return evaluate(images, methods, perceptual)
 
 
 def _plain() -> Metrics:
@@ -179,7 +179,7 @@ def test_csv_and_markdown_parse_back_to_the_numbers(scored: EvalReport, tmp_path
         assert cells[5] == "n/a"  # FID off
         assert float(cells[6]) == pytest.approx(statistics.mean(float(r["seconds"]) for r in mine), abs=6e-4)
     assert "PSNR-Y of `identity` is inf on 3 image(s)" in text
-    assert "FID not computed: turned off" in text and "random VGG" in text
+    assert "FID not computed: turned off" in text
 
 
 def test_write_is_atomic_and_replaces(scored: EvalReport, tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_write_is_atomic_and_replaces(scored: EvalReport, tmp_path: Path) -> Non
 
 
 def test_perceptual_off_leaves_columns_empty_and_says_so(tmp_path: Path) -> None:
-    report = evaluate([EvalImage("a.png", _image(0))], {"noisy": _noise(0.1)}, _plain(), progress=False)
+    report = evaluate([EvalImage("a.png", _image(0))], {"noisy": _noise(0.1)}, _plain())
     text = report.write(tmp_path)
     with open(tmp_path / "per_image.csv", newline="") as f:
         row = next(csv.DictReader(f))
@@ -208,7 +208,7 @@ def test_a_failing_method_is_recorded_and_the_rest_goes_on() -> None:
         raise RuntimeError("decoder exploded")
 
     images = [EvalImage(f"{i}.png", _image(i)) for i in range(2)]
-    report = evaluate(images, {"ok": _identity, "crops": crops, "raises": raises}, _plain(), progress=False)
+    report = evaluate(images, {"ok": _identity, "crops": crops, "raises": raises}, _plain())
     assert [(r.path, r.method) for r in report.rows] == [("0.png", "ok"), ("1.png", "ok")]
     assert report.failed and len(report.errors) == 4
     assert {e.method for e in report.errors} == {"crops", "raises"}
@@ -227,7 +227,7 @@ def test_folder_with_corrupt_files_evaluates_the_good_ones(tmp_path: Path) -> No
     (tmp_path / "set" / "cut.png").write_bytes(good[0].read_bytes()[:120])
     images = iter_hr_images([str(tmp_path / "set")])
     assert images.total == 4
-    report = evaluate(images, {"identity": _identity}, _plain(), progress=False)
+    report = evaluate(images, {"identity": _identity}, _plain())
     assert sorted(Path(r.path).name for r in report.rows) == ["good0.png", "good1.png"]
     assert report.failed
     assert sorted(Path(e.path).name for e in report.errors) == ["bad.png", "cut.png"]
@@ -264,7 +264,7 @@ def test_shards_from_tadm_shard_and_webdataset_tarwriter(tmp_path: Path) -> None
     import webdataset as wds
 
     files = [_write_png(tmp_path / "src" / name, i) for i, name in enumerate(["p.q.png", "d/r.png"])]
-    pack_shards(tmp_path / "src", tmp_path / "packed", progress=False)
+    pack_shards(tmp_path / "src", tmp_path / "packed")
     packed = iter_hr_images([str(tmp_path / "packed")])
     assert packed.total == 2
     items = list(packed)
@@ -320,7 +320,7 @@ def test_fid_without_torch_fidelity_is_na_with_one_warning(monkeypatch: pytest.M
         metrics = Metrics(perceptual=False)
     assert len(caught) == 1 and not metrics.fid
     images = [EvalImage(f"{i}.png", _image(i)) for i in range(3)]
-    report = evaluate(images, {"identity": _identity}, metrics, progress=False)
+    report = evaluate(images, {"identity": _identity}, metrics)
     text = report.markdown()
     assert report.fid == {"identity": None} and _table(text)["identity"][5] == "n/a"
     assert "FID not computed: the package torch-fidelity is not installed" in text and "tadm[fid]" in text
@@ -364,7 +364,7 @@ def test_fid_equals_torchmetrics_and_needs_two_images() -> None:
         recorded.append(noisy(x))
         return recorded[-1]
 
-    report = evaluate(images, {"identity": _identity, "heavy": heavy}, metrics, progress=False)
+    report = evaluate(images, {"identity": _identity, "heavy": heavy}, metrics)
     ref = FrechetInceptionDistance(feature=_TinyFeatures())
     for image, pred in zip(images, recorded, strict=True):
         ref.update(_u8(image.image[None]), real=True)
@@ -373,7 +373,7 @@ def test_fid_equals_torchmetrics_and_needs_two_images() -> None:
     assert abs(report.fid["identity"]) < 1e-6 < report.fid["heavy"]  # type: ignore[arg-type, operator]
     assert float(_table(report.markdown())["heavy"][5]) == pytest.approx(report.fid["heavy"], abs=0.006)
 
-    single = evaluate(images[:1], {"identity": _identity}, metrics, progress=False)
+    single = evaluate(images[:1], {"identity": _identity}, metrics)
     assert single.fid == {"identity": None}
     assert "FID of `identity` is n/a: FID needs at least 2 images, got 1" in single.markdown()
 

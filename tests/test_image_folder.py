@@ -14,14 +14,14 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from datamodules.image_folder import (
+from tadm.datamodules.image_folder import (
     ImageFolderDataModule,
     ImageFolderDataset,
     ImageSkippedWarning,
     random_crop_flip,
     reflect_pad,
 )
-from datamodules.image_io import ImageReadError, image_size, list_images, load_image
+from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
@@ -520,7 +520,7 @@ def test_real_dataloader_sample_shapes(tmp_path: Path) -> None:
 
 def test_cache_images_decodes_each_file_once(tmp_path, monkeypatch) -> None:
     """With cache_images the decoder runs once per file, and cached crops equal uncached ones."""
-    import datamodules.image_folder as imf
+    import tadm.datamodules.image_folder as imf
 
     for i in range(2):
         Image.fromarray(np.full((40, 48, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from components.backbones.space_to_depth import SpaceToDepthBackbone
-from components.rescalers.bicubic import Bicubic
-from components.rescalers.dfrm import DFRM
-from tadm import pipeline
-from tadm.imageops import crop_to, pad_to_multiple
-from tadm.losses import get_distance, weighted_sum
-from tadm.metrics import psnr_y, rgb_to_y, ssim_y
-from tadm.module import TADMModule
+from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
+from tadm.components.rescalers.bicubic import Bicubic
+from tadm.components.rescalers.dfrm import DFRM
+from tadm.evaluation.metrics import psnr_y, rgb_to_y, ssim_y
+from tadm.inference import pipeline
+from tadm.model.losses import get_distance, weighted_sum
+from tadm.model.module import TADMModule
+from tadm.ops.images import crop_to, pad_to_multiple
 
 
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (5, 3), (37, 71), (64, 64)])

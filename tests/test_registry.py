@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from components.rescalers.base import Rescaler
-from tadm import registry as reg
-from tadm.cli import main
-from tadm.registry import BACKBONES, RESCALERS, Registry, RegistryError, find_short_name, load_plugins
-from tests.conftest import REPO
+from tadm.commands.main import main
+from tadm.config import plugins as reg
+from tadm.config.plugins import find_short_name, load_plugins
+from tadm.contracts import BACKBONES, RESCALERS, Registry, RegistryError, Rescaler
+from tests.helpers import REPO
 
 
 class _Base:
@@ -70,7 +70,7 @@ def test_builtins_registered() -> None:
 
 
 def test_short_name_resolves_only_for_matching_kind() -> None:
-    assert find_short_name(Rescaler, "dfrm") == "components.rescalers.dfrm.DFRM"
+    assert find_short_name(Rescaler, "dfrm") == "tadm.components.rescalers.dfrm.DFRM"
     assert find_short_name(torch.nn.Linear, "dfrm") is None
 
 
@@ -78,8 +78,8 @@ def test_entry_point_plugin_is_imported(monkeypatch: pytest.MonkeyPatch, tmp_pat
     """A third-party package's module named by the ``tadm.plugins`` entry point gets imported."""
     pkg = tmp_path / "thirdparty_tadm_plugin.py"
     pkg.write_text(
-        "from components.rescalers.bicubic import Bicubic\n"
-        "from tadm.registry import RESCALERS\n"
+        "from tadm.components.rescalers.bicubic import Bicubic\n"
+        "from tadm.contracts import RESCALERS\n"
         "@RESCALERS.register('thirdparty_bicubic')\n"
         "class ThirdParty(Bicubic):\n    '''A third-party rescaler.'''\n"
     )
@@ -129,7 +129,7 @@ def test_short_name_chosen_in_config(capsys: pytest.CaptureFixture[str]) -> None
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: tests.test_registry.IdentityRescaler" in out
-    assert "class_path: components.backbones.space_to_depth.SpaceToDepthBackbone" in out
+    assert "class_path: tadm.components.backbones.space_to_depth.SpaceToDepthBackbone" in out
 
 
 def test_list_command_prints_every_kind(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.image_folder import reflect_pad
-from datamodules.image_io import load_image
-from tadm.cli import main
-from tadm.shard import STATE_NAME, ShardError, _Packer, build_backbone, pack_shards, parse_size, sample_keys
-from tests.conftest import REPO
-from tests.test_webdataset import write_images
+from tadm.commands.main import main
+from tadm.commands.shard import parse_size
+from tadm.config.build import build_backbone
+from tadm.datamodules.image_folder import reflect_pad
+from tadm.datamodules.image_io import load_image
+from tadm.datamodules.shard_writer import STATE_NAME, _Packer, pack_shards, sample_keys
+from tadm.errors import ShardError
+from tests.helpers import REPO
+from tests.helpers.shards import write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +79,7 @@ def test_round_trip_keeps_original_bytes_with_one_key_per_sample(photos: Path, t
 def test_maxsize_closes_shards_before_they_grow_past_it(photos: Path, tmp_path: Path) -> None:
     largest = max(p.stat().st_size for p in photos.rglob("*") if p.is_file())
     limit = 3 * largest + 8 * 512
-    index = pack_shards(photos, tmp_path / "out", maxsize=limit, progress=False)
+    index = pack_shards(photos, tmp_path / "out", maxsize=limit)
     assert len(index["shards"]) > 1
     assert all(s["size"] <= limit + 10240 for s in index["shards"])  # + the tar's end-of-archive record
     assert sum(s["count"] for s in index["shards"]) == 6
@@ -85,7 +88,7 @@ def test_maxsize_closes_shards_before_they_grow_past_it(photos: Path, tmp_path: 
 def test_interrupted_run_leaves_only_complete_shards_and_resumes_to_the_same_result(
     photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reference = pack_shards(photos, tmp_path / "ref", maxcount=2, progress=False)
+    reference = pack_shards(photos, tmp_path / "ref", maxcount=2)
     original = _Packer._sample
 
     def crash_at_five(self: _Packer, i: int) -> dict[str, bytes]:
@@ -96,44 +99,44 @@ def test_interrupted_run_leaves_only_complete_shards_and_resumes_to_the_same_res
     out = tmp_path / "out"
     monkeypatch.setattr(_Packer, "_sample", crash_at_five)
     with pytest.raises(KeyboardInterrupt):
-        pack_shards(photos, out, maxcount=2, progress=False)
+        pack_shards(photos, out, maxcount=2)
     # two finished shards, each a valid tar of 2 samples; the third (half written) is nowhere
     assert sorted(p.name for p in out.iterdir()) == [STATE_NAME, "shard-000000.tar", "shard-000001.tar"]
     assert all(len(_members(out / f"shard-00000{i}.tar")) == 4 for i in (0, 1))
 
     monkeypatch.setattr(_Packer, "_sample", original)
-    resumed = pack_shards(photos, out, maxcount=2, progress=False)
+    resumed = pack_shards(photos, out, maxcount=2)
     assert resumed["shards"] == reference["shards"]
     for shard in reference["shards"]:
         assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
     assert not (out / STATE_NAME).exists()
     # a finished run is left alone; other options need --overwrite
-    assert pack_shards(photos, out, maxcount=2, progress=False)["created"] == resumed["created"]
+    assert pack_shards(photos, out, maxcount=2)["created"] == resumed["created"]
     with pytest.raises(ShardError, match="other images or options.*--overwrite"):
-        pack_shards(photos, out, maxcount=3, progress=False)
-    assert pack_shards(photos, out, maxcount=3, overwrite=True, progress=False)["count"] == 6
+        pack_shards(photos, out, maxcount=3)
+    assert pack_shards(photos, out, maxcount=3, overwrite=True)["count"] == 6
 
 
 def test_bad_input_gets_an_error_naming_the_file(
     photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(ShardError, match=r"image folder '.*missing' does not exist"):
-        pack_shards(tmp_path / "missing", tmp_path / "o1", progress=False)
+        pack_shards(tmp_path / "missing", tmp_path / "o1")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match=r"image folder '.*empty' holds no images"):
-        pack_shards(tmp_path / "empty", tmp_path / "o2", progress=False)
+        pack_shards(tmp_path / "empty", tmp_path / "o2")
     bad = photos / "zz_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is no png")
-    assert main(["shard", str(photos), str(tmp_path / "o3"), "--quiet"]) == 1
+    assert main(["shard", str(photos), str(tmp_path / "o3"), "--quiet"]) == 2  # unusable: nothing packed
     assert "zz_broken.png" in capsys.readouterr().err
     assert not list((tmp_path / "o3").glob("*.tar")), "a failed run leaves no shard behind"
     with pytest.warns(UserWarning, match="zz_broken.png"):
-        index = pack_shards(photos, tmp_path / "o4", on_bad_image="skip", progress=False)
+        index = pack_shards(photos, tmp_path / "o4", on_bad_image="skip")
     assert index["count"] == 6 and [s["path"] for s in index["skipped"]] == ["zz_broken.png"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "shard-000000.tar").write_bytes(b"")
     with pytest.raises(ShardError, match="already holds.*not made by this command"):
-        pack_shards(photos, tmp_path / "other", on_bad_image="skip", progress=False)
+        pack_shards(photos, tmp_path / "other", on_bad_image="skip")
 
 
 def test_help_and_sizes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,10 +192,10 @@ def test_latents_of_fixed_crops_from_a_composed_config(photos: Path, tmp_path: P
 def test_latent_options_are_checked(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quick = str(REPO / "configs" / "quickstart.yaml")
     assert (
-        main(["shard", str(photos), str(tmp_path / "o"), "--latents", quick, "--crop", "36", "--quiet"]) == 1
+        main(["shard", str(photos), str(tmp_path / "o"), "--latents", quick, "--crop", "36", "--quiet"]) == 2
     )
     assert "--crop 36 is not a multiple of the backbone's downsampling 8" in capsys.readouterr().err
-    assert main(["shard", str(photos), str(tmp_path / "o"), "--latents", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["shard", str(photos), str(tmp_path / "o"), "--latents", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml' does not exist" in capsys.readouterr().err
-    assert main(["shard", str(photos), str(tmp_path / "o"), "--backbone-arg", "preset=x"]) == 1
+    assert main(["shard", str(photos), str(tmp_path / "o"), "--backbone-arg", "preset=x"]) == 2
     assert "--backbone-arg needs --latents" in capsys.readouterr().err

@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from components.backbones.presets import (
+from tadm.components.backbones.presets import (
     FULL_SIZE_UNETS,
     build_tiny_components,
     save_tiny_pipeline,
 )
-from components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 
 # ---------------------------------------------------------------------------------------------------
 # diffusers -> original (LDM) key layout

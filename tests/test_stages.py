@@ -6,23 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from torch import Tensor
 
-from components.aligners.base import TimestepAligner
-from components.aligners.fixed import FixedTimestep
-from components.aligners.tpm import TimestepPredictionModule
-from tadm.cli import TADMCLI
-from tadm.diffusion_math import abar_at, x0_from_output
-from tadm.module import TADMModule
-from tadm.registry import ALIGNERS, load_plugins
-from tests.conftest import REPO
-
-CONFIGS = REPO / "configs"
-TRAIN = str(REPO / "assets" / "samples" / "train")
-VAL = str(REPO / "assets" / "samples" / "val")
+from tadm.components.aligners.fixed import FixedTimestep
+from tadm.components.aligners.tpm import TimestepPredictionModule
+from tadm.contracts import ALIGNERS, TimestepAligner
+from tadm.model.module import TADMModule
+from tadm.ops.diffusion import abar_at, x0_from_output
+from tests.helpers import CONFIGS
+from tests.helpers.cli import build_cli, stage_args
 
 
 @pytest.fixture(autouse=True)
@@ -30,36 +24,8 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def _args(stage: str = "enhancer", preset: str = "tiny-sd21", extra: list[str] | None = None) -> list[str]:
-    return [
-        "--config",
-        str(CONFIGS / "experiments" / f"{stage}_x16.yaml"),
-        f"--model.backbone.init_args.preset={preset}",
-        "--model.backbone.init_args.gradient_checkpointing=false",
-        "--model.rescaler.init_args.width=16",
-        "--model.rescaler.init_args.num_resblocks=1",
-        "--model.init_from=null",
-        "--model.perceptual_random_backbone=true",
-        "--trainer.precision=32-true",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.accumulate_grad_batches=1",
-        "--trainer.logger=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.callbacks=[]",
-        f"--data.init_args.train_dir={TRAIN}",
-        f"--data.init_args.val_dir={VAL}",
-        "--data.init_args.crop_size=64",
-        "--data.init_args.batch_size=1",
-        "--data.init_args.num_workers=0",
-        *(extra or []),
-    ]
-
-
-def _cli(args: list[str]) -> TADMCLI:
-    load_plugins()
-    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+_args = stage_args
+_cli = build_cli
 
 
 @pytest.mark.parametrize(("config", "cls"), [("fixed", FixedTimestep), ("tpm", TimestepPredictionModule)])

@@ -10,25 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.aligners.base import TimestepAligner
-from components.aligners.fixed import FixedTimestep
-from components.backbones.base import DiffusionBackbone
-from components.backbones.stable_diffusion import StableDiffusionBackbone
-from components.rescalers.dfrm import DFRM
-from tadm import pipeline
-from tadm.metrics import psnr_y
-from tadm.module import TADMModule
-from tadm.tiling import (
+from tadm.components.aligners.fixed import FixedTimestep
+from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.components.rescalers.dfrm import DFRM
+from tadm.contracts import DiffusionBackbone, TimestepAligner
+from tadm.evaluation.metrics import psnr_y
+from tadm.inference import pipeline
+from tadm.inference.heatmap import heat_map
+from tadm.inference.tiling import (
     NO_TILING,
     Tiling,
     blend_tiles,
-    count_tiles,
-    heat_map,
     stitch_tiles,
     tile_starts,
     tile_weight,
     timestep_map,
 )
+from tadm.model.module import TADMModule
 
 
 @pytest.mark.parametrize(
@@ -113,7 +111,6 @@ def test_timestep_maps_and_heat_map() -> None:
     assert heat.shape == (1, 3, 4, 4) and heat.min() >= 0 and heat.max() <= 1
     lum = (0.299 * heat[0, 0] + 0.587 * heat[0, 1] + 0.114 * heat[0, 2]).flatten()
     assert (lum[1:] >= lum[:-1] - 1e-6).all()  # viridis: brightness grows with t
-    assert count_tiles((540, 960), 96, 32) == len(tile_starts(540, 96, 32)) * len(tile_starts(960, 96, 32))
 
 
 def test_tiling_rejects_bad_geometry() -> None:
@@ -183,8 +180,8 @@ def _tiny_enhancer(aligner: nn.Module, backbone: DiffusionBackbone | None = None
 
 @pytest.fixture(scope="module")
 def photo() -> Tensor:
-    from datamodules.image_io import load_image
-    from tests.conftest import SAMPLES
+    from tadm.datamodules.image_io import load_image
+    from tests.helpers import SAMPLES
 
     img = load_image(SAMPLES / "train" / "astronaut.png")
     return F.interpolate(img[None], size=(200, 296), mode="area")  # not a multiple of 16: padded inside
@@ -194,9 +191,10 @@ def test_tiled_and_whole_round_trips_agree_above_35_db(photo: Tensor, one_thread
     """Acceptance: tiles (enhancer, VAE and rescaler) vs the whole image, fixed aligner, >= 35 dB, no seams."""
     m = _tiny_enhancer(FixedTimestep(200.0))
     tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=10, lr_overlap=3)
-    assert count_tiles((208 // 8, 304 // 8), 16, 8) > 4  # really tiled: several tiles in each direction
-    whole = pipeline.round_trip(m.backbone, m.rescaler, photo, m._enhance_fn(), NO_TILING)
-    tiled = pipeline.round_trip(m.backbone, m.rescaler, photo, m._enhance_fn(), tiling)
+    # really tiled: several tiles in each direction
+    assert len(tile_starts(208 // 8, 16, 8)) * len(tile_starts(304 // 8, 16, 8)) > 4
+    whole = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, NO_TILING)
+    tiled = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling)
     assert tiled.reconstruction.shape == photo.shape
     agreement = psnr_y(tiled.reconstruction, whole.reconstruction).item()
     assert agreement >= 35.0, agreement
@@ -228,7 +226,7 @@ def test_each_tile_gets_its_own_timestep(photo: Tensor, one_thread: None) -> Non
     # on the HR latent, whose tiles differ clearly (an untrained DFRM's z_hat hardly varies)
     with torch.no_grad():
         z = m.backbone.encode(F.pad(photo, (0, 8, 0, 8), mode="reflect"))
-    up = pipeline.enhance_and_decode(m.backbone, m.rescaler, z, (200, 296), m._enhance_fn(), tiling)
+    up = pipeline.enhance_and_decode(m.backbone, m.rescaler, z, (200, 296), m.enhance_fn, tiling)
     t = up.timesteps
     assert t is not None and t.shape == (1, 1, 208 // 8, 304 // 8)
     assert t.min() >= 10 - 1e-3 and t.max() <= 190 + 1e-3
@@ -245,17 +243,17 @@ def test_each_tile_gets_its_own_timestep(photo: Tensor, one_thread: None) -> Non
         aligner(z[..., :12, :12]).item(), abs=1e-2
     )  # a tile's centre
     # and the timestep of a whole-image run is one value
-    whole = pipeline.enhance_and_decode(m.backbone, m.rescaler, z, (200, 296), m._enhance_fn(), NO_TILING)
+    whole = pipeline.enhance_and_decode(m.backbone, m.rescaler, z, (200, 296), m.enhance_fn, NO_TILING)
     assert whole.timesteps is not None and whole.timesteps.unique().numel() == 1
 
 
 def test_tiled_round_trip_runs_on_a_tiny_stable_diffusion(photo: Tensor, one_thread: None) -> None:
     """The same code path on a real diffusers UNet/VAE: shapes, range, per-tile timesteps of a spatial aligner."""
-    from components.aligners.spatial_tpm import SpatialTPM
+    from tadm.components.aligners.spatial_tpm import SpatialTPM
 
     m = _tiny_enhancer(SpatialTPM(), StableDiffusionBackbone("tiny-sd21"))
     tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=4)
-    rt = pipeline.round_trip(m.backbone, m.rescaler, photo, m._enhance_fn(), tiling)
+    rt = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling)
     assert rt.reconstruction.shape == photo.shape and rt.reconstruction.abs().max() <= 1
     assert rt.timesteps is not None and rt.timesteps.shape == (1, 1, 26, 38)
     assert torch.isfinite(rt.reconstruction).all() and rt.timesteps.std() > 0

@@ -4,7 +4,6 @@ samples, exact decoding, cached latents and resuming (single process; DDP runs i
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import warnings
 from collections import Counter
@@ -18,9 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules.image_folder import reflect_pad
-from datamodules.image_io import load_image
-from datamodules.webdataset import (
+from tadm.datamodules.image_folder import reflect_pad
+from tadm.datamodules.image_io import load_image
+from tadm.datamodules.shard_writer import LatentOptions, pack_shards
+from tadm.datamodules.webdataset import (
     EvalShardStream,
     LatentSpec,
     SampleSkippedWarning,
@@ -32,64 +32,9 @@ from datamodules.webdataset import (
     expand_shards,
     uint8_to_unit,
 )
-from tadm.shard import LatentOptions, pack_shards
+from tests.helpers.shards import all_keys, keys_of, tar_keys, write_images, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# helpers (also used by test_shard.py and test_ddp_webdataset.py)
-
-
-def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
-    """Smooth-ish random RGB images, alternating PNG and JPEG, named img_000.png, img_001.jpg, ..."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i, (h, w) in enumerate(sizes):
-        small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-        im = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-        path = folder / f"img_{i:03d}.{'png' if i % 2 == 0 else 'jpg'}"
-        im.save(path)
-        paths.append(path)
-    return paths
-
-
-def write_shards(
-    root: Path, counts: list[int], size: tuple[int, int] = (40, 48), seed: int = 0, **pack: Any
-) -> Path:
-    """Shards with the given sample counts (via ``tadm shard``, one source folder per shard)."""
-    out = root / "shards"
-    out.mkdir(parents=True, exist_ok=True)
-    shards, total = [], 0
-    for s, n in enumerate(counts):
-        src = root / f"src{s}"
-        write_images(src, [size] * n, seed=seed + s)
-        for i, p in enumerate(sorted(src.iterdir())):
-            p.rename(src / f"s{s}_{i:03d}{p.suffix}")
-        index = pack_shards(src, root / f"tmp{s}", maxcount=10**6, progress=False, **pack)
-        (root / f"tmp{s}" / "shard-000000.tar").rename(out / f"shard-{s:06d}.tar")
-        entry = {**index["shards"][0], "name": f"shard-{s:06d}.tar"}
-        shards.append(entry)
-        total += n
-        latents = index["latents"]
-    index = {"format": "tadm-shards", "version": 1, "count": total, "shards": shards, "latents": latents}
-    (out / "index.json").write_text(json.dumps(index))
-    return out
-
-
-def all_keys(root: Path) -> set[str]:
-    return {k for p in sorted(root.glob("*.tar")) for k in tar_keys(p)}
-
-
-def tar_keys(path: Path) -> list[str]:
-    with tarfile.open(path) as tar:
-        return sorted({m.name.split(".")[0] for m in tar.getmembers()})
-
-
-def keys_of(stream: Any, batch_size: int = 1, num_workers: int = 0) -> list[str]:
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers)
-    return [k for batch in loader for k in batch["key"]]
 
 
 @pytest.fixture(scope="module")
@@ -447,27 +392,27 @@ def test_images_without_a_uint8_path_decode_exactly_like_load_image(tmp_path: Pa
 @pytest.fixture(scope="module")
 def latent_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """Images (one smaller than the crop) packed with tiny-sd15 latents of 2 fixed 64-crops + flips."""
-    from components.backbones.stable_diffusion import StableDiffusionBackbone
+    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 
     root = tmp_path_factory.mktemp("latents")
     write_images(root / "src", [(80, 96), (72, 64), (48, 56)])
     backbone = StableDiffusionBackbone("tiny-sd15")
     backbone.load_for_stage("rescaler")
     opts = LatentOptions(backbone, crop=64, crops_per_image=2, flips=True)
-    pack_shards(root / "src", root / "shards", latents=opts, progress=False)
+    pack_shards(root / "src", root / "shards", latents=opts)
     return root / "shards", backbone
 
 
 def _tiny_module(backbone: Any) -> Any:
-    from components.rescalers.dfrm import DFRM
-    from tadm.module import TADMModule
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.model.module import TADMModule
 
     rescaler = DFRM(scale=16, width=16, num_resblocks=1, pixel_width=8, num_couplings=1, coupling_growth=8)
     return TADMModule(backbone=backbone, rescaler=rescaler, scale=16)
 
 
 def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(latent_shards: tuple[Path, Any]) -> None:
-    from tadm.losses import weighted_sum
+    from tadm.model.losses import weighted_sum
 
     root, backbone = latent_shards
     module = _tiny_module(backbone)
@@ -528,9 +473,9 @@ def test_cached_latent_shards_train_through_the_cli_without_encoding(
     latent_shards: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """configs/data/webdataset.yaml composed after an experiment: a fast_dev_run from cached latents."""
-    from tadm.cli import TADMCLI
-    from tadm.module import TADMModule
-    from tests.conftest import REPO
+    from tadm.commands.lightning import TADMCLI
+    from tadm.model.module import TADMModule
+    from tests.helpers import REPO
 
     root, _ = latent_shards
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,2 @@
-"""Timestep aligners: choose the one-step diffusion timestep from the reconstructed latent.
-Every module here is imported by ``tadm.registry.load_plugins``."""
-
-from components.aligners.base import TimestepAligner
-
-__all__ = ["TimestepAligner"]
+"""Timestep aligners (contract: :class:`tadm.contracts.TimestepAligner`): choose the one-step
+diffusion timestep from the reconstructed latent. One module per aligner."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from components.aligners.base import TimestepAligner
-from tadm.registry import ALIGNERS
+from tadm.contracts import ALIGNERS, TimestepAligner
 
 
 @ALIGNERS.register("fixed")

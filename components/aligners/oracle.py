@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from components.aligners.base import TimestepAligner
-from tadm.diffusion_math import t_for_noise_ratio
-from tadm.registry import ALIGNERS
+from tadm.contracts import ALIGNERS, TimestepAligner
+from tadm.ops.diffusion import t_for_noise_ratio
 
 
 @ALIGNERS.register("oracle")

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.aligners.base import TimestepAligner
-from components.aligners.tpm import LatentTrunk, channel_stats, check_range, scale_to_range
-from tadm.registry import ALIGNERS
+from tadm.components.aligners.tpm import LatentTrunk, channel_stats, check_range, scale_to_range
+from tadm.contracts import ALIGNERS, TimestepAligner
 
 
 @ALIGNERS.register("spatial_tpm")
@@ -52,6 +51,7 @@ class SpatialTPM(TimestepAligner):
         if smooth_kernel < 1 or smooth_kernel % 2 == 0:
             raise ValueError(f"smooth_kernel must be an odd number >= 1, got {smooth_kernel}")
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self.latent_channels = latent_channels
         self.use_global = use_global
         self.smooth_kernel = smooth_kernel
         self.trunk = LatentTrunk(latent_channels, width)

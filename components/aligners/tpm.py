@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from components.aligners.base import TimestepAligner
-from components.rescalers.blocks import ConvBlock, ResBlock
-from tadm.registry import ALIGNERS
+from tadm.contracts import ALIGNERS, TimestepAligner
+from tadm.ops.blocks import ConvBlock, ResBlock
 
 
 class LatentTrunk(nn.Sequential):
@@ -66,6 +65,7 @@ class TimestepPredictionModule(TimestepAligner):
         super().__init__()
         check_range(t_min, t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self.latent_channels = latent_channels
         self.trunk = LatentTrunk(latent_channels, width)
         layers: list[nn.Module] = [nn.Linear(2 * width, hidden)]
         for _ in range(4):

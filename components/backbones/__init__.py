@@ -1,6 +1,2 @@
-"""Diffusion backbones: own the VAE (and, for the enhancer, UNet, schedule and text prior).
-Every module here is imported by ``tadm.registry.load_plugins``."""
-
-from components.backbones.base import DiffusionBackbone
-
-__all__ = ["DiffusionBackbone"]
+"""Diffusion backbones (contract: :class:`tadm.contracts.DiffusionBackbone`): own the VAE and, for
+the enhancer, the diffusion model, its noise schedule and the empty-prompt conditioning."""

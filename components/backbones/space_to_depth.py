@@ -13,8 +13,7 @@ from collections.abc import Iterable
 import torch.nn.functional as F
 from torch import Tensor
 
-from components.backbones.base import DiffusionBackbone
-from tadm.registry import BACKBONES
+from tadm.contracts import BACKBONES, DiffusionBackbone
 
 
 @BACKBONES.register("space_to_depth")

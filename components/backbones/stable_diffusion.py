@@ -4,7 +4,7 @@ Only the parts a stage needs are loaded (stage 1: the VAE alone). Weights come f
 local diffusers folder through the libraries' own ``from_pretrained``, or from one original
 (Stability/CompVis layout) ``.safetensors`` / ``.ckpt`` file through diffusers' ``from_single_file``
 with the configs of a local diffusers folder; ``tiny-*`` presets build the same module classes with
-random weights (see :mod:`components.backbones.presets`). All loaded modules are frozen; later stages
+random weights (see :mod:`tadm.components.backbones.presets`). All loaded modules are frozen; later stages
 add LoRA on top.
 """
 
@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from components.backbones.base import DiffusionBackbone
-from components.backbones.presets import TEXT_SUBFOLDERS, build_tiny_components, get_preset
-from tadm.registry import BACKBONES
+from tadm.components.backbones.presets import TEXT_SUBFOLDERS, build_tiny_components, get_preset
+from tadm.contracts import BACKBONES, DiffusionBackbone
 
 PARTS = ("vae", "unet", "text")
-#: TADM_METHOD.md: LoRA targets on the UNet (conv_in is trained fully, not through LoRA)
+#: docs/method.md: LoRA targets on the UNet (conv_in is trained fully, not through LoRA)
 UNET_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
     "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -159,9 +158,7 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.tokenizer: Any = None
         self.tokenizer_2: Any = None
         self.scheduler: Any = None
-        self.prediction_type: str | None = None
         self.num_train_timesteps: int | None = None
-        self.register_buffer("alphas_cumprod", None, persistent=False)
         self.unet_lora_rank = unet_lora_rank
         self.vae_lora_rank = vae_lora_rank
         self.unet_lora_targets = list(unet_lora_targets or UNET_LORA_TARGETS)
@@ -346,6 +343,15 @@ class StableDiffusionBackbone(DiffusionBackbone):
         if stage not in ("enhancer", "joint"):
             return []
         return [p for m in (self.unet, self.vae) if m is not None for p in m.parameters() if p.requires_grad]
+
+    def prepare_inference(self, channels_last: bool = False, compile: bool = False) -> None:
+        """NHWC memory format for the UNet and VAE; ``torch.compile`` of the UNet."""
+        if channels_last:
+            for part in (self.unet, self.vae):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        if compile and self.unet is not None:
+            self.unet = torch.compile(self.unet)
 
     @staticmethod
     def _freeze(module: nn.Module, device: torch.device) -> nn.Module:

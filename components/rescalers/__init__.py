@@ -1,6 +1,2 @@
-"""Rescalers: HR image (+ latent) -> 8-bit LR image -> reconstruction. Every module here is
-imported by ``tadm.registry.load_plugins`` so its ``@RESCALERS.register`` runs."""
-
-from components.rescalers.base import Rescaler
-
-__all__ = ["Rescaler"]
+"""Rescalers (contract: :class:`tadm.contracts.Rescaler`): HR image (+ latent) -> 8-bit LR image ->
+reconstruction. One module per rescaler."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from components.rescalers.base import Rescaler, quantize_8bit
-from tadm.imageops import bicubic_down, bicubic_resize
-from tadm.registry import RESCALERS
+from tadm.contracts import RESCALERS, Rescaler, quantize_8bit
+from tadm.ops.images import bicubic_down, bicubic_resize
 
 
 @RESCALERS.register("bicubic")

@@ -14,10 +14,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from components.rescalers.base import Distance, Rescaler, quantize_8bit
-from components.rescalers.blocks import ConvBlock, InvertibleNet, ResBlock
-from tadm.imageops import bicubic_down
-from tadm.registry import RESCALERS
+from tadm.contracts import RESCALERS, Distance, Rescaler, quantize_8bit
+from tadm.ops.blocks import ConvBlock, InvertibleNet, ResBlock
+from tadm.ops.images import bicubic_down
 
 
 def _log2_int(value: int, what: str) -> int:

@@ -1,0 +1,88 @@
+"""``tadm downscale`` and ``tadm upscale``: a trained model as an HR -> 8-bit LR -> HR codec.
+
+    tadm downscale --ckpt C photos/ more/*.jpg --output lr/
+    tadm upscale   --ckpt C lr/ --output restored/
+
+Inputs are files, folders (recursive) and glob patterns; outputs keep each file's path relative to
+the folder it was found in. Every output is written atomically; existing outputs are skipped unless
+``--overwrite``, so an interrupted run is finished by running it again. A bad file is reported and
+the rest are processed; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tadm.commands.common import add_model_arguments, command, for_each, load_from_args
+from tadm.datamodules.inputs import InputFile, collect_inputs
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=doc)
+    ap.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    add_model_arguments(ap)
+    ap.add_argument("--output", "-o", required=True, type=Path, help="output folder")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    return ap
+
+
+def _run_codec(
+    args: argparse.Namespace, files: list[InputFile], verb: str, write: Callable[[InputFile, Path], None]
+) -> int:
+    """``write(input, destination)`` each input whose output is not there yet (or all, with --overwrite)."""
+
+    def process(f: InputFile) -> bool:
+        dest = args.output / f.rel.parent / f"{f.rel.name}.png"  # not with_suffix: "a.v2.jpg" -> "a.v2.png"
+        if dest.exists() and not args.overwrite:
+            return False
+        write(f, dest)
+        return True
+
+    report = for_each(files, process, lambda f: str(f.path), verb, len(files), not args.no_progress)
+    print(report.summary(f"{verb}d"))
+    return report.exit_code
+
+
+@command("tadm downscale")
+def downscale_command(argv: Sequence[str]) -> int:
+    """HR images -> 8-bit LR PNGs (with HR size, scale and checkpoint ids as PNG metadata)."""
+    args = _parser("tadm downscale", downscale_command.__doc__ or "").parse_args(list(argv))
+    from tadm.datamodules.image_io import load_image
+    from tadm.inference.lr_files import LRMeta, write_lr
+
+    files = collect_inputs(args.inputs)  # a bad input fails before the model loads
+    codec = load_from_args(args)
+
+    def write(f: InputFile, dest: Path) -> None:
+        y, (h, w) = codec.downscale(load_image(f.path)[None])
+        write_lr(dest, y, LRMeta(h, w, codec.scale, codec.rescaler_id, codec.model_id))
+
+    return _run_codec(args, files, "downscale", write)
+
+
+@command("tadm upscale")
+def upscale_command(argv: Sequence[str]) -> int:
+    """LR PNGs -> HR images at their original size (read from the PNG metadata)."""
+    ap = _parser("tadm upscale", upscale_command.__doc__ or "")
+    ap.add_argument("--save-timesteps", action="store_true", help="also write NAME.timesteps.png heat maps")
+    args = ap.parse_args(list(argv))
+    from tadm.inference.heatmap import timestep_panel
+    from tadm.inference.lr_files import read_lr, write_png
+
+    files = collect_inputs(args.inputs)
+    codec = load_from_args(args)
+    model = codec.module
+
+    def write(f: InputFile, dest: Path) -> None:
+        y, meta = read_lr(f.path)
+        size = codec.target_size(y, meta, str(f.path))
+        out = codec.upscale(y, size)
+        if args.save_timesteps and out.timesteps is not None and model.aligner is not None:
+            factor = model.backbone.downsample_factor
+            heat = timestep_panel(out.timesteps, factor, size, model.aligner.t_min, model.aligner.t_max)
+            write_png(dest.with_suffix(".timesteps.png"), heat * 2 - 1)
+        write_png(dest, out.image)
+
+    return _run_codec(args, files, "upscale", write)

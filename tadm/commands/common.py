@@ -1,0 +1,183 @@
+"""What every command shares: the exit-code convention, error reporting, the per-file loop with its
+rich progress bar, and the checkpoint / device / tiling options of the inference commands.
+
+Exit codes (README "Commands"): ``0`` everything was processed; ``1`` some inputs failed (each is
+reported, the rest were processed); ``2`` the invocation is unusable (bad option, missing checkpoint or
+input, unwritable output): nothing was processed. Ctrl-C prints one line and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tadm.errors import TadmError
+
+if TYPE_CHECKING:
+    from tadm.inference.codec import Codec
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: what an unusable invocation raises: reported in one line, exit 2
+USAGE_ERRORS: tuple[type[BaseException], ...] = (TadmError, OSError, ValueError, KeyError)
+
+T = TypeVar("T")
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an error (KeyError quotes its message; we do not)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return str(msg) or type(err).__name__
+
+
+def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command body: usage errors -> one line on stderr + exit 2, Ctrl-C -> one line + 130."""
+
+    def deco(body: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(body)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return body(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            except USAGE_ERRORS as err:
+                print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
+                return EXIT_USAGE
+
+        return run
+
+    return deco
+
+
+@contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A rich progress bar (Lightning's RichProgressBar uses rich too); yields ``advance(n=1, total=None)``
+    (``total`` sets or corrects the total when it becomes known)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not enabled, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int = 1, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.advance(task, n)
+
+        yield advance
+
+
+@dataclass
+class RunReport:
+    """Counts and failures of one command run; exit status 1 when anything failed."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, verb: str) -> str:
+        lines = [
+            f"{verb} {self.done} file(s), skipped {self.skipped} existing, {len(self.failed)} failed "
+            f"in {self.seconds:.1f} s"
+        ]
+        lines += [f"  FAILED {name}: {why}" for name, why in self.failed]
+        return "\n".join(lines)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+
+#: what one bad input may raise without stopping the others (reported, exit 1 at the end)
+ITEM_ERRORS: tuple[type[BaseException], ...] = (TadmError, ValueError, RuntimeError, OSError)
+
+
+def for_each(
+    items: Iterable[T],
+    process: Callable[[T], bool | None],
+    name: Callable[[T], str],
+    description: str,
+    total: int | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """The per-file loop of every command: ``process(item)`` each item under one progress bar.
+
+    ``process`` returns False when it skipped the item (e.g. its output exists). An item that raises one
+    of :data:`ITEM_ERRORS` is reported on stderr and in the report, and the loop goes on.
+    """
+    report = RunReport()
+    start = time.perf_counter()
+    with progress_bar(total, description, progress) as advance:
+        for item in items:
+            try:
+                if process(item) is False:
+                    report.skipped += 1
+                else:
+                    report.done += 1
+            except ITEM_ERRORS as err:
+                report.failed.append((name(item), error_line(err)))
+                print(f"error: {error_line(err)}", file=sys.stderr)
+            advance(1)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """Checkpoint, device, precision and tiling options shared by downscale / upscale / evaluate."""
+    ap.add_argument(
+        "--ckpt", required=True, help="checkpoint (.ckpt from training, or .safetensors from tadm export)"
+    )
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast for UNet/VAE (default fp32)",
+    )
+    ap.add_argument("--backbone", default=None, help="load the frozen backbone from this folder instead")
+    ap.add_argument(
+        "--latent-tile", type=int, default=96, help="enhancer tile in latent pixels (0: whole image)"
+    )
+    ap.add_argument("--latent-overlap", type=int, default=32, help="enhancer tile overlap in latent pixels")
+    ap.add_argument("--tile-batch", type=int, default=1, help="enhancer tiles per UNet call (raise on GPUs)")
+    ap.add_argument("--vae-tile", type=int, default=768, help="VAE tile in image pixels (0: whole image)")
+    ap.add_argument("--vae-overlap", type=int, default=128, help="VAE tile overlap in image pixels")
+    ap.add_argument("--lr-tile", type=int, default=128, help="rescaler tile in LR pixels (0: whole image)")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPUs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_from_args(args: argparse.Namespace) -> Codec:
+    """The codec the command-line options describe."""
+    from tadm.config.load import load_codec
+    from tadm.inference.tiling import Tiling
+
+    tiling = Tiling(
+        latent_tile=args.latent_tile,
+        latent_overlap=args.latent_overlap if args.latent_tile > 0 else 0,
+        tile_batch=args.tile_batch,
+        vae_tile=args.vae_tile,
+        vae_overlap=args.vae_overlap if args.vae_tile > 0 else 0,
+        lr_tile=args.lr_tile,
+    )
+    return load_codec(
+        args.ckpt,
+        device=args.device,
+        precision=args.precision,
+        tiling=tiling,
+        backbone_pretrained=args.backbone,
+        channels_last=args.channels_last,
+        compile_unet=args.compile,
+    )

@@ -1,0 +1,61 @@
+"""A checkpoint -> a ready :class:`~tadm.inference.codec.Codec`: rebuild the model from the run config
+the checkpoint stores, load the trained tensors over the frozen backbone, move and prepare it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tadm.config.build import build_module
+from tadm.errors import CheckpointError
+from tadm.inference.codec import Codec, Precision, tensor_hash
+from tadm.inference.tiling import Tiling
+from tadm.model.checkpoints import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_codec(
+    ckpt: str | Path,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    tiling: Tiling | None = None,
+    backbone_pretrained: str | None = None,
+    channels_last: bool = False,
+    compile_unet: bool = False,
+) -> Codec:
+    """Load a checkpoint for inference.
+
+    Args:
+        ckpt: a Lightning checkpoint of any stage or an exported ``.safetensors`` (``tadm export``).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for UNet, Refiner and VAE decoder.
+        tiling: tile sizes (default: TADM's, see :class:`tadm.inference.tiling.Tiling`).
+        backbone_pretrained: load the frozen backbone from this folder / hub id instead of the one the
+            checkpoint was trained with (same weights, another place). Recorded ids are not checked then.
+        channels_last: NHWC memory format for the backbone's networks (faster convolutions on GPUs).
+        compile_unet: ``torch.compile`` the diffusion model (pays off for many tiles of one size).
+    """
+    source = str(ckpt)
+    state, meta = read_checkpoint(ckpt)
+    if not meta.get("config"):
+        raise CheckpointError(
+            f"checkpoint {source} has no stored run config; it cannot be rebuilt for inference"
+        )
+    module = build_module(meta["config"], source, backbone_pretrained)
+    if backbone_pretrained is None:
+        try:
+            module.check_compatible(meta, source)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+    else:
+        log.warning(
+            "backbone replaced by %s: the checkpoint's backbone id is not checked", backbone_pretrained
+        )
+    module.load_trained_state(state, source)
+    module.to(torch.device(device)).eval()
+    module.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
+    model_id = str(meta.get("model_id") or tensor_hash(state))
+    return Codec(module, tiling or Tiling(), precision, model_id=model_id, source=source)

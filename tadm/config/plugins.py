@@ -1,0 +1,94 @@
+"""Plug-in discovery and short names in YAML (``class_path: dfrm``).
+
+:func:`load_plugins` imports every built-in plug-in module and every third-party plug-in (Python
+entry-point group ``tadm.plugins``) so their ``@REGISTRY.register`` decorators run before a config
+is parsed, and teaches jsonargparse to resolve a registered short name to its class.
+
+Why a patch: jsonargparse resolves a dot-less ``class_path`` by class *name* among the imported
+subclasses and has no public hook for aliases, so :func:`_install_short_name_resolver` wraps its
+resolver (``jsonargparse._typehints.resolve_class_path_by_name``) to try registered short names first.
+``tests/test_registry.py`` fails if a jsonargparse release moves that function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Any
+
+from tadm.contracts import ALL_REGISTRIES
+
+ENTRY_POINT_GROUP = "tadm.plugins"
+#: packages whose every module is imported: the built-in plug-ins and data modules
+BUILTIN_PACKAGES = (
+    "tadm.components.rescalers",
+    "tadm.components.backbones",
+    "tadm.components.aligners",
+    "tadm.datamodules",
+)
+
+_loaded = False
+
+
+def _import_submodules(package: str) -> None:
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
+
+
+def load_plugins(force: bool = False) -> None:
+    """Import built-in components and third-party plug-ins so their names are registered.
+
+    A third-party package declares ``[project.entry-points."tadm.plugins"] name = "pkg.module"``;
+    importing that module is expected to run its ``@REGISTRY.register(...)`` decorators.
+    A plug-in that fails to import is reported with its name and the error, not skipped silently.
+    """
+    global _loaded
+    if _loaded and not force:
+        return
+    for package in BUILTIN_PACKAGES:
+        _import_submodules(package)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:
+            raise ImportError(
+                f"tadm plug-in {ep.name!r} (entry point {ep.value!r} in group {ENTRY_POINT_GROUP!r}) "
+                f"failed to import: {err}"
+            ) from err
+    _install_short_name_resolver()
+    _loaded = True
+
+
+def find_short_name(base: Any, name: str) -> str | None:
+    """Full class path for a registered short name whose class fits the type hint ``base``."""
+    bases = base if isinstance(base, tuple) else (base,)
+    for registry in ALL_REGISTRIES:
+        if name not in registry:
+            continue
+        cls = registry.get(name)
+        if any(isinstance(b, type) and issubclass(cls, b) for b in bases):
+            return f"{cls.__module__}.{cls.__qualname__}"
+    return None
+
+
+def _install_short_name_resolver() -> None:
+    """Let jsonargparse accept registered short names as ``class_path`` (see the module docstring)."""
+    from jsonargparse import _from_config, _typehints
+
+    original = _typehints.resolve_class_path_by_name
+    if getattr(original, "_tadm_wrapped", False):
+        return
+
+    def resolve(cls: Any, name: str) -> str:
+        if isinstance(name, str) and "." not in name:
+            hit = find_short_name(cls, name)
+            if hit is not None:
+                return hit
+        return original(cls, name)
+
+    resolve._tadm_wrapped = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve
+    if hasattr(_from_config, "resolve_class_path_by_name"):
+        _from_config.resolve_class_path_by_name = resolve

@@ -1,0 +1,28 @@
+"""The errors a user can meet. Each message names what is wrong and where; commands turn them into
+exit codes (0 all good, 1 some inputs failed, 2 unusable invocation) instead of tracebacks.
+
+They also subclass the builtin error a caller would expect (``ValueError``), so code written
+against plain Python exceptions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class TadmError(Exception):
+    """Base of every error tadm raises about the user's files, options or environment."""
+
+
+class CheckpointError(TadmError, ValueError):
+    """A file that is not a (usable) tadm checkpoint, or an export that cannot be written; names the file."""
+
+
+class InputError(TadmError, ValueError):
+    """A command-line input that names nothing usable (missing path, empty folder, clashing names)."""
+
+
+class LRFileError(TadmError, ValueError):
+    """An LR file this checkpoint cannot upscale (other model or scale, resized, bad metadata)."""
+
+
+class ShardError(TadmError, ValueError):
+    """A problem with a shard set or with ``tadm shard``'s input or output folder."""

@@ -1,0 +1,175 @@
+"""A trained model as an image codec: HR -> 8-bit LR -> HR, tiled, on any device and precision.
+
+:class:`Codec` wraps a model that is already built and loaded (``tadm.config.load.load_codec`` builds
+one from a checkpoint). Two ids identify what a checkpoint can decode:
+
+- ``rescaler_id``: hash of the rescaler's weights, class and scale. An LR image can be upscaled by
+  any checkpoint with the same rescaler (a stage-2 model keeps its stage-1 DFRM frozen, so LR files
+  written by the stage-1 checkpoint stay valid). LR files carry it; a mismatch is an error.
+- ``model_id``: hash of every trained tensor as stored (provenance, written into LR files too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
+from tadm.errors import CheckpointError, LRFileError
+from tadm.inference import pipeline
+from tadm.inference.lr_files import LRMeta
+from tadm.inference.tiling import Tiling
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Model(Protocol):
+    """What the codec needs of a model (``TADMModule`` is one): its parts and its one-step enhancer."""
+
+    backbone: DiffusionBackbone
+    rescaler: Rescaler
+    aligner: TimestepAligner | None
+    scale: int
+
+    @property
+    def enhance_fn(self) -> pipeline.Enhance | None: ...
+
+    def eval(self) -> Any: ...
+
+    def parameters(self) -> Any: ...
+
+    def buffers(self) -> Any: ...
+
+
+def tensor_hash(state: dict[str, Tensor], extra: str = "") -> str:
+    """Short stable hash of named tensors (names, dtypes, shapes and bytes), 16 hex digits."""
+    h = hashlib.blake2b(extra.encode(), digest_size=8)
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def rescaler_identity(rescaler: nn.Module) -> str:
+    """The id LR files are checked against: the rescaler's weights, class and scale."""
+    state = {k: v.float() for k, v in rescaler.state_dict().items() if v.is_floating_point()}
+    cls = type(rescaler)
+    return tensor_hash(state, f"{cls.__module__}.{cls.__qualname__}|x{rescaler.scale}")
+
+
+@dataclass
+class Codec:
+    """A loaded model for inference: ``downscale`` HR -> 8-bit LR, ``upscale`` LR -> HR.
+
+    ``precision`` runs the UNet, Refiner and VAE decoder under autocast (bf16 / fp16); the rescaler
+    always runs in fp32 so the LR image is the same 8-bit image on every device and precision. VAEs
+    flagged ``force_upcast`` (SDXL's) stay fp32 inside autocast (the backbone sees to that).
+    """
+
+    module: Model
+    tiling: Tiling = field(default_factory=Tiling)
+    precision: Precision = "fp32"
+    model_id: str = ""
+    rescaler_id: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {list(DTYPES)}, got {self.precision!r}")
+        self.module.eval()
+        if not self.rescaler_id:
+            self.rescaler_id = rescaler_identity(self.module.rescaler)
+
+    @property
+    def scale(self) -> int:
+        return int(self.module.scale)
+
+    @property
+    def pad_multiple(self) -> int:
+        """HR sizes are reflect-padded to a multiple of this before downscaling."""
+        return pipeline.pad_multiple(self.module.backbone, self.module.rescaler)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (a weight-free model, e.g. bicubic on space_to_depth, is on the CPU)."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+
+    @torch.no_grad()
+    def downscale(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """HR (1,3,H,W) in [-1,1] -> (8-bit LR image in [-1,1] of the padded HR image, (H, W))."""
+        m = self.module
+        y, size, _ = pipeline.downscale(m.backbone, m.rescaler, x.to(self.device).float(), self.tiling)
+        return y, size
+
+    @torch.no_grad()
+    def upscale(self, y: Tensor, size: tuple[int, int]) -> pipeline.Upscaled:
+        """LR (1,3,h,w) in [-1,1] -> HR image cropped to ``size`` (and the timestep map used)."""
+        m = self.module
+        if m.aligner is not None and m.aligner.needs_true_latent:
+            raise CheckpointError(
+                f"checkpoint {self.source} uses the analysis aligner {type(m.aligner).__name__}, which needs "
+                "the HR image: it cannot upscale an LR file alone (use `tadm evaluate` to evaluate it)"
+            )
+        return pipeline.upscale(
+            m.backbone,
+            m.rescaler,
+            y.to(self.device),
+            size,
+            m.enhance_fn,
+            self.tiling,
+            precision=self._autocast,
+        )
+
+    @torch.no_grad()
+    def round_trip(self, x: Tensor) -> pipeline.RoundTrip:
+        """Downscale then upscale (analysis aligners get the HR latent)."""
+        m = self.module
+        return pipeline.round_trip(
+            m.backbone, m.rescaler, x.to(self.device), m.enhance_fn, self.tiling, precision=self._autocast
+        )
+
+    def target_size(self, y: Tensor, meta: LRMeta | None, name: str) -> tuple[int, int]:
+        """The HR size to restore an LR image ``y`` to, after checking the file ``name`` fits this model.
+
+        Without tadm metadata the checkpoint's scale is assumed (with a warning); another scale or
+        rescaler, or an LR size that disagrees with the recorded HR size, is an :class:`LRFileError`.
+        """
+        scale, h, w = self.scale, y.shape[-2], y.shape[-1]
+        if meta is None:
+            warnings.warn(
+                f"{name}: no tadm metadata; assuming it was made at this checkpoint's scale x{scale} "
+                f"(output {w * scale}x{h * scale})",
+                stacklevel=2,
+            )
+            return h * scale, w * scale
+        if meta.scale != scale:
+            raise LRFileError(f"{name}: LR file was made at scale x{meta.scale}, this checkpoint is x{scale}")
+        if meta.rescaler_id and meta.rescaler_id != self.rescaler_id:
+            raise LRFileError(
+                f"{name}: LR file was made by a different model (rescaler id {meta.rescaler_id}, model id "
+                f"{meta.model_id}); this checkpoint's rescaler id is {self.rescaler_id}: upscale it with the "
+                "checkpoint that downscaled it"
+            )
+        m = self.pad_multiple
+        ph, pw = -(-meta.hr_height // m) * m, -(-meta.hr_width // m) * m
+        if (h * scale, w * scale) != (ph, pw):
+            raise LRFileError(
+                f"{name}: LR image is {w}x{h} but its metadata says HR {meta.hr_width}x{meta.hr_height} at "
+                f"x{scale} (expected LR {pw // scale}x{ph // scale}); was it resized?"
+            )
+        return meta.hr_height, meta.hr_width

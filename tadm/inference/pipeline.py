@@ -1,0 +1,204 @@
+"""The HR -> LR -> HR round trip shared by validation, ``tadm test`` and the codec, tiled or whole.
+
+Every step can run on tiles (see :mod:`tadm.inference.tiling`): VAE encode/decode on pixel/latent tiles
+blended with ramps, the rescaler on stitched tiles of the LR grid, the one-step enhancer on latent
+tiles blended with Gaussian weights, each tile with its own timestep. ``NO_TILING`` processes
+whole images (what training-time validation does on crops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tadm.contracts import DiffusionBackbone, Rescaler, quantize_8bit
+from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
+from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, lcm, pad_to_multiple
+
+#: latents smaller than this (images under 128 px) are padded for the enhancer and cropped back
+MIN_ENHANCE_LATENT = 16
+
+#: the one-step enhancer: (z_hat, true HR latent or None) -> (z0_hat, timestep (B,) or (B,1,h,w))
+Enhance = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
+#: a context the enhancer and the VAE decoder run in (e.g. bf16 autocast); the rescaler never does
+Precision = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class Upscaled:
+    """A reconstruction cropped to the requested size, and the timestep map the enhancer used
+    (latent resolution; None without an enhancer)."""
+
+    image: Tensor
+    timesteps: Tensor | None
+
+
+@dataclass
+class RoundTrip:
+    """LR image (of the padded HR image), the reconstruction cropped to the input size, timesteps."""
+
+    lr: Tensor
+    reconstruction: Tensor
+    padded_size: tuple[int, int]
+    timesteps: Tensor | None = None
+
+
+def pad_multiple(backbone: DiffusionBackbone, rescaler: Rescaler) -> int:
+    """HR sizes must be multiples of both the scale and the latent downsampling."""
+    return lcm(rescaler.scale, backbone.downsample_factor)
+
+
+def encode(backbone: DiffusionBackbone, x: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
+    """VAE encode, on ``tiling.vae_tile`` pixel tiles blended over the overlap when the image is larger."""
+    f = backbone.downsample_factor
+    tile, overlap = _vae_geometry(tiling, f)
+    return blend_tiles(backbone.encode, x, tile=tile, overlap=overlap, scale=1 / f, weight="ramp", align=f)[0]
+
+
+def decode(backbone: DiffusionBackbone, z: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
+    """VAE decode, on latent tiles of ``tiling.vae_tile`` pixels blended over the overlap."""
+    f = backbone.downsample_factor
+    tile, overlap = _vae_geometry(tiling, f)
+    return blend_tiles(backbone.decode, z, tile=tile // f, overlap=overlap // f, scale=f, weight="ramp")[0]
+
+
+def _vae_geometry(tiling: Tiling, f: int) -> tuple[int, int]:
+    if tiling.vae_tile <= 0:
+        return 0, 0
+    tile = max(f, tiling.vae_tile // f * f)
+    return tile, min(tiling.vae_overlap // f * f, tile - f)
+
+
+def _rescaler_factor(backbone: DiffusionBackbone, rescaler: Rescaler) -> int | None:
+    """Latent pixels per LR pixel, or None when that is not a whole number (no rescaler tiling)."""
+    f = backbone.downsample_factor
+    return rescaler.scale // f if rescaler.scale % f == 0 else None
+
+
+def downscale(
+    backbone: DiffusionBackbone, rescaler: Rescaler, x: Tensor, tiling: Tiling = NO_TILING
+) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+    """HR image of any size -> (LR image of the reflect-padded HR image, original (H, W), HR latent).
+
+    The latent is None for pixel-space rescalers.
+    """
+    xp, size = pad_to_multiple(x, pad_multiple(backbone, rescaler))
+    z = encode(backbone, xp, tiling) if rescaler.space == "latent" else None
+    s = rescaler.scale
+    grid = (xp.shape[-2] // s, xp.shape[-1] // s)
+    zf = _rescaler_factor(backbone, rescaler)
+    if zf is None and z is not None:
+        return rescaler.downscale(xp, z), size, z
+    y = stitch_tiles(
+        rescaler.downscale, [xp, z], [s, zf or 1], grid, 1, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+    )
+    return y, size, z
+
+
+def rescale_up(
+    backbone: DiffusionBackbone, rescaler: Rescaler, y: Tensor, tiling: Tiling = NO_TILING
+) -> Tensor:
+    """LR image -> z_hat (latent rescalers) or the uncropped HR image (pixel rescalers), in tiles."""
+    grid = (y.shape[-2], y.shape[-1])
+    if rescaler.space == "latent":
+        zf = _rescaler_factor(backbone, rescaler)
+        if zf is None:
+            return rescaler.upscale(y)
+        return stitch_tiles(
+            rescaler.upscale, [y], [1], grid, zf, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+        )
+    return stitch_tiles(
+        rescaler.upscale, [y], [1], grid, rescaler.scale, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+    )
+
+
+def enhance_and_decode(
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    out: Tensor,
+    size: tuple[int, int],
+    enhance: Enhance | None = None,
+    tiling: Tiling = NO_TILING,
+    z_true: Tensor | None = None,
+) -> Upscaled:
+    """What :func:`rescale_up` gave -> the HR image cropped to ``size``.
+
+    ``enhance`` (stages 2/3) maps z_hat to z0_hat on latent tiles blended with Gaussian weights,
+    each tile with its own timestep; ``z_true`` (the HR latent) is only for analysis aligners.
+    """
+    if rescaler.space != "latent":
+        return Upscaled(crop_to(out.clamp(-1.0, 1.0), size), None)
+    timesteps = None
+    if enhance is not None:
+        lh, lw = out.shape[-2:]
+        if min(lh, lw) < MIN_ENHANCE_LATENT:  # tiny images: the UNet's downsampling needs some room
+            out, _ = pad_to_multiple(out, MIN_ENHANCE_LATENT)
+            z_true = None if z_true is None else pad_to_multiple(z_true, MIN_ENHANCE_LATENT)[0]
+
+        def one(z_tile: Tensor, true_tile: Tensor | None) -> tuple[Tensor, Tensor]:
+            z0, t = enhance(z_tile, true_tile)
+            return z0, timestep_map(t, (z_tile.shape[-2], z_tile.shape[-1]))
+
+        out, timesteps = blend_tiles(
+            one,
+            out,
+            tile=tiling.latent_tile,
+            overlap=tiling.latent_overlap,
+            weight="gaussian",
+            var=tiling.gaussian_var,
+            batch=tiling.tile_batch,
+            extras=[z_true],
+        )
+        out, timesteps = crop_to(out, (lh, lw)), crop_to(timesteps, (lh, lw))
+    return Upscaled(crop_to(decode(backbone, out, tiling), size), timesteps)
+
+
+def upscale(
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    y: Tensor,
+    size: tuple[int, int],
+    enhance: Enhance | None = None,
+    tiling: Tiling = NO_TILING,
+    z_true: Tensor | None = None,
+    precision: Precision = contextlib.nullcontext,
+) -> Upscaled:
+    """LR image -> HR image in [-1, 1] cropped to ``size``: :func:`rescale_up` in fp32, then
+    :func:`enhance_and_decode` inside ``precision()`` (e.g. a bf16 autocast)."""
+    out = rescale_up(backbone, rescaler, y.float(), tiling)
+    with precision():
+        return enhance_and_decode(backbone, rescaler, out, size, enhance, tiling, z_true)
+
+
+@torch.no_grad()
+def round_trip(
+    backbone: DiffusionBackbone,
+    rescaler: Rescaler,
+    x: Tensor,
+    enhance: Enhance | None = None,
+    tiling: Tiling = NO_TILING,
+    precision: Precision = contextlib.nullcontext,
+) -> RoundTrip:
+    """Downscale then upscale ``x`` (the rescaler in fp32, the rest in ``precision()``); analysis
+    aligners get the HR latent the downscale computed."""
+    y, size, z = downscale(backbone, rescaler, x.float(), tiling)
+    up = upscale(backbone, rescaler, y, size, enhance, tiling, z_true=z, precision=precision)
+    s = rescaler.scale
+    return RoundTrip(y, up.image, (y.shape[-2] * s, y.shape[-1] * s), up.timesteps)
+
+
+@torch.no_grad()
+def bicubic_round_trip(x: Tensor, scale: int) -> Tensor:
+    """Bicubic down to an 8-bit LR image, bicubic up, cropped back: the baseline every report shows.
+
+    The same arithmetic as the ``bicubic`` rescaler, without a backbone (HR padded to a multiple of
+    ``scale`` only).
+    """
+    xp, size = pad_to_multiple(x.float(), scale)
+    y = quantize_8bit(bicubic_down(xp, scale), training=False)
+    return crop_to(bicubic_resize(y, (xp.shape[-2], xp.shape[-1])), size)

@@ -1,0 +1,129 @@
+"""Read tadm checkpoints (Lightning ``.ckpt`` or exported ``.safetensors``) and export small ones.
+
+A Lightning checkpoint of stage 2 holds the trained tensors in fp32 plus the optimiser's two
+moments (3x their size) and loop state. ``tadm export`` keeps only what inference needs: the
+trained tensors (already all a checkpoint stores, see ``TADMModule.on_save_checkpoint``) in
+bf16/fp16, the rescaler in fp32 (its 8-bit LR image must come out bit for bit the same) and the
+``tadm`` meta dict (backbone id, rescaler, stage, scale, run config) as JSON metadata. The file is a
+plain safetensors file: no pickle, so loading it runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tadm.errors import CheckpointError
+from tadm.ops.files import atomic_write
+
+#: the Lightning checkpoint entry / safetensors metadata key that holds tadm's meta dict
+META_KEY = "tadm"
+EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: tensors kept in float32 whatever the export dtype: the rescaler makes the stored LR image
+FP32_PREFIXES = ("rescaler.",)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: 8-byte little-endian header length, then a JSON header (``{``)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The stored tensors and the ``tadm`` meta dict of a Lightning ``.ckpt`` or an exported file.
+
+    Tensors come back as stored (an export's are bf16/fp16 except the rescaler's); loading them
+    into a model casts them to its dtype. The format is told by the content, not the suffix.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: '{p}'")
+    if _is_safetensors(p):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as err:
+            raise CheckpointError(f"'{p}' is not a readable safetensors file: {err}") from err
+        if META_KEY not in metadata:
+            raise CheckpointError(
+                f"'{p}' is a safetensors file but not a tadm checkpoint (no {META_KEY!r} metadata); "
+                "export one with `tadm export CKPT --output FILE`"
+            )
+        try:
+            meta = json.loads(metadata[META_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"'{p}': its {META_KEY!r} metadata is not valid JSON: {err}") from err
+        return state, meta
+    try:
+        # Lightning checkpoints pickle loop and hyper-parameter objects: a full unpickle is needed.
+        # Only load checkpoints you trust (an exported .safetensors never runs code).
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(
+            f"'{p}' is not a checkpoint (neither a Lightning .ckpt nor a safetensors file): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"'{p}' is a torch file but not a Lightning checkpoint (no 'state_dict')")
+    if not isinstance(ckpt.get(META_KEY), dict):
+        raise CheckpointError(
+            f"'{p}' is a Lightning checkpoint but not a tadm one (no {META_KEY!r} entry: backbone id, "
+            "stage, scale, config); it was not written by TADMModule"
+        )
+    return ckpt["state_dict"], ckpt[META_KEY]
+
+
+def export_state(state: dict[str, Tensor], dtype: str = "bf16") -> dict[str, Tensor]:
+    """The tensors an export stores: rescaler in fp32, other floating tensors in ``dtype``."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
+    target = EXPORT_DTYPES[dtype]
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"state-dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        t = value.detach().cpu()
+        if t.is_floating_point():
+            cast = t.float() if key.startswith(FP32_PREFIXES) else t.to(target)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{key!r} overflows {dtype} (max |x| = {t.abs().max().item():.3g})")
+            t = cast
+        out[key] = t.contiguous().clone()  # own storage: safetensors refuses shared tensors
+    return out
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bf16", overwrite: bool = False) -> Path:
+    """Write a weights-only ``.safetensors`` of ``src``'s trained tensors for inference; returns ``dst``.
+
+    Written to a temporary file in ``dst``'s folder and renamed, so ``dst`` is never half-written.
+    """
+    src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()
+    if dst_p.suffix != ".safetensors":
+        raise CheckpointError(f"export target '{dst_p}' must end in .safetensors")
+    if dst_p.exists() and src_p.exists() and dst_p.resolve() == src_p.resolve():
+        raise CheckpointError(f"export target '{dst_p}' is the source checkpoint itself")
+    if dst_p.exists() and not overwrite:
+        raise FileExistsError(
+            f"export target '{dst_p}' exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    state, meta = read_checkpoint(src_p)
+    tensors = export_state(state, dtype)
+    try:
+        meta_json = json.dumps(meta)
+    except TypeError as err:
+        raise CheckpointError(
+            f"'{src_p}': its {META_KEY!r} meta dict is not JSON-serialisable: {err}"
+        ) from err
+    metadata = {META_KEY: meta_json, "export_dtype": dtype, "format": "pt"}
+
+    from safetensors.torch import save_file
+
+    return atomic_write(dst_p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

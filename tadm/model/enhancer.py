@@ -1,0 +1,164 @@
+"""The hybrid time scheduler of TADM's one-step enhancer (docs/method.md, pipeline step 5).
+
+z0_hat = S_fixed(z_hat, out, t0) + Refiner(z_hat, out, t_hat): the UNet runs at the aligner's
+t_hat, but its output is turned into a clean latent with the ordinary one-step DDPM formula at
+a CONSTANT t0 = 50, and a small zero-initialised Refiner learns the correction. Training thus
+starts exactly from the fixed branch, and the aligner learns through the time embeddings of the
+UNet and the Refiner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import Tensor, nn
+
+from tadm.ops.blocks import ConvBlock, ResBlock
+from tadm.ops.diffusion import abar_at, x0_from_output
+
+Mode = Literal["hybrid", "fixed_only", "learned_t"]
+MODES: tuple[str, ...] = ("hybrid", "fixed_only", "learned_t")
+
+
+def unet_timestep(t: Tensor) -> Tensor:
+    """The (B,) timestep for the UNet: ``t`` itself, or the per-sample mean of a (B,1,h,w) map.
+
+    The UNet's time embedding takes one value per sample; the mean keeps the map's gradient.
+    """
+    if t.ndim == 1:
+        return t
+    if t.ndim == 4 and t.shape[1] == 1:
+        return t.mean(dim=(1, 2, 3))
+    raise ValueError(f"a timestep must be (B,) or a (B,1,h,w) map, got shape {tuple(t.shape)}")
+
+
+class Refiner(nn.Module):
+    """Learned correction of the fixed-t0 estimate, conditioned on the aligner's t (about 0.46 M).
+
+    concat(z_hat, model_output) -> ConvBlock(width); ``num_blocks`` x [ResBlock, + time
+    embedding]; zero-initialised 3x3 conv -> C, so it outputs exactly 0 at init. One
+    Timesteps + TimestepEmbedding (diffusers) is shared by all blocks (the release's 0.46 M
+    count). A (B,1,h,w) timestep map is embedded per pixel, so a spatial aligner really steers it.
+    """
+
+    def __init__(
+        self, latent_channels: int = 4, width: int = 64, num_blocks: int = 6, time_dim: int = 64
+    ) -> None:
+        """
+        Args:
+            latent_channels: channels of the latent (C); the input has 2C (z_hat and model output).
+            width: feature channels.
+            num_blocks: ResBlocks, each followed by adding the time embedding.
+            time_dim: size of the sinusoidal timestep features.
+        """
+        super().__init__()
+        self.head = ConvBlock(2 * latent_channels, width)
+        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(num_blocks))
+        self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(time_dim, width)
+        self.tail = nn.Conv2d(width, latent_channels, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def embed_time(self, t: Tensor, batch: int, size: tuple[int, int]) -> Tensor:
+        """(B,) / scalar -> (B,width,1,1); (B,1,h,w) map -> (B,width,h,w), embedded per pixel."""
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            if t.shape[0] != batch:
+                raise ValueError(f"Refiner: {t.shape[0]} timesteps for a batch of {batch}")
+            flat = t
+        elif t.ndim == 4 and t.shape[1] == 1 and t.shape[0] == batch and tuple(t.shape[2:]) == size:
+            flat = t.permute(0, 2, 3, 1).reshape(-1)
+        else:
+            raise ValueError(
+                f"Refiner: timestep must be (B,) or a (B,1,h,w) map at the latent size {(batch, 1, *size)}, "
+                f"got {tuple(t.shape)}"
+            )
+        emb = self.time_proj(flat).to(self.time_embedding.linear_1.weight.dtype)
+        emb = self.time_embedding(emb)
+        if t.ndim == 1:
+            return emb[:, :, None, None]
+        return emb.reshape(batch, *size, -1).permute(0, 3, 1, 2)
+
+    def forward(self, z_hat: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
+        b, _, h, w = z_hat.shape
+        emb = self.embed_time(t, b, (h, w))
+        x = self.head(torch.cat([z_hat, model_output], dim=1))
+        for block in self.blocks:
+            x = block(x) + emb
+        return self.tail(x)
+
+
+class HybridScheduler(nn.Module):
+    """Turns the one-step UNet output into z0_hat: fixed-t0 estimate plus the Refiner.
+
+    Modes (the paper's method and two ablations):
+
+    - ``hybrid`` (the method): x0(z_hat, out, abar(t0)) + Refiner(z_hat, out, t).
+    - ``fixed_only``: x0(z_hat, out, abar(t0)) alone ("fixed branch only"); the Refiner is kept
+      (same checkpoint keys) but frozen and unused.
+    - ``learned_t``: x0(z_hat, out, abar(t)) + Refiner(z_hat, out, t) ("learned t in the fixed
+      branch"); a (B,1,h,w) map gives a per-pixel alpha-bar.
+
+    In ``hybrid`` and ``fixed_only`` the x0 formula uses the constant t0 even though the UNet ran
+    at t (docs/method.md step 5).
+    """
+
+    def __init__(
+        self,
+        t0: float = 50.0,
+        mode: Mode = "hybrid",
+        latent_channels: int = 4,
+        width: int = 64,
+        num_blocks: int = 6,
+        time_dim: int = 64,
+    ) -> None:
+        """
+        Args:
+            t0: the constant timestep of the fixed branch (the paper: 50).
+            mode: ``hybrid`` (the method), ``fixed_only`` or ``learned_t`` (ablations; see the class doc).
+            latent_channels: channels of the latent.
+            width: Refiner feature channels.
+            num_blocks: Refiner ResBlocks.
+            time_dim: size of the Refiner's sinusoidal timestep features.
+        """
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown HybridScheduler mode {mode!r}; choose one of {list(MODES)}")
+        if t0 < 0:
+            raise ValueError(f"t0 must be >= 0, got {t0}")
+        self.t0 = float(t0)
+        self.mode = mode
+        self.latent_channels = latent_channels
+        self.refiner = Refiner(latent_channels, width, num_blocks, time_dim)
+        if mode == "fixed_only":
+            # unused: keep it out of optimisers and out of DDP's unused-parameter check
+            self.refiner.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters this scheduler trains: the Refiner's, none in ``fixed_only``."""
+        return [] if self.mode == "fixed_only" else list(self.refiner.parameters())
+
+    def forward(
+        self, z_hat: Tensor, model_output: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str
+    ) -> Tensor:
+        """z0_hat from the UNet output ``model_output`` computed on ``z_hat`` at timestep ``t``.
+
+        Args:
+            z_hat: the reconstructed latent (B,C,h,w) the UNet denoised.
+            model_output: the UNet's prediction (eps, v or sample, per ``prediction_type``).
+            t: the aligner's timestep, (B,) or a (B,1,h,w) map.
+            alphas_cumprod: the backbone's training schedule (T,).
+            prediction_type: the backbone's prediction type.
+        """
+        abar_t = abar_at(alphas_cumprod, t if self.mode == "learned_t" else self.t0)
+        z0 = x0_from_output(z_hat, model_output, abar_t, prediction_type)
+        if self.mode == "fixed_only":
+            return z0
+        return z0 + self.refiner(z_hat, model_output, t).to(z0.dtype)
+
+    def extra_repr(self) -> str:
+        return f"t0={self.t0}, mode={self.mode!r}"

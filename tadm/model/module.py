@@ -1,0 +1,390 @@
+"""TADMModule: the one LightningModule; ``stage`` picks trainable parts and losses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
+from tadm.evaluation.metrics import psnr_rgb, psnr_y, ssim_y
+from tadm.evaluation.perceptual import PerceptualLoss
+from tadm.inference import pipeline
+from tadm.inference.heatmap import timestep_panel
+from tadm.inference.tiling import NO_TILING, Tiling
+from tadm.model.checkpoints import META_KEY, read_checkpoint
+from tadm.model.enhancer import HybridScheduler, unet_timestep
+from tadm.model.losses import (
+    DEFAULT_STAGE1_WEIGHTS,
+    DEFAULT_STAGE2_WEIGHTS,
+    DistanceName,
+    get_distance,
+    weighted_sum,
+)
+from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["rescaler", "enhancer", "joint"]
+
+
+class TADMModule(L.LightningModule):
+    """TADM's three training stages on one model.
+
+    ``rescaler`` (stage 1) trains the rescaler alone; ``enhancer`` (stage 2) freezes it and trains
+    the one-step diffusion enhancer (UNet LoRA + conv_in, VAE-decoder LoRA, aligner, Refiner);
+    ``joint`` (stage 3) trains everything with both stages' losses.
+    """
+
+    def __init__(
+        self,
+        backbone: DiffusionBackbone,
+        rescaler: Rescaler,
+        stage: Stage = "rescaler",
+        scale: int = 16,
+        aligner: TimestepAligner | None = None,
+        enhancer: HybridScheduler | None = None,
+        loss_weights: dict[str, float] | None = None,
+        distance: DistanceName = "mse",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        init_from: str | None = None,
+        num_log_images: int = 4,
+        eval_tiling: Tiling | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: the diffusion backbone (VAE, and for later stages UNet and text prior).
+            rescaler: the rescaler plug-in (e.g. ``dfrm`` or ``bicubic``).
+            stage: ``rescaler`` (stage 1), ``enhancer`` (stage 2) or ``joint`` (stage 3).
+            scale: HR -> LR factor, linked into the rescaler and the data module by the CLI.
+            aligner: chooses the one-step timestep from z_hat (stages 2/3), e.g. ``tpm``, ``fixed``.
+            enhancer: the hybrid time scheduler with its Refiner (stages 2/3); default ``HybridScheduler()``.
+            loss_weights: weight per named loss term. Defaults: stage 1 ``{lr: 3, latent_forward: 1,
+                latent_backward: 1}`` (the release); stage 2 ``{pixel: 2, lpips: 5, dists: 5}``; stage 3
+                both. A term with weight 0 is not computed.
+            distance: ``mse`` (default, the release) or ``l1`` (the paper's latent terms).
+            optimizer: optimizer factory; default AdamW(lr 1e-4, betas (0.9, 0.999), weight decay 1e-2).
+            lr_scheduler: LR scheduler factory, e.g. ``tadm.model.schedules.WarmupCosineLR`` (its ``total_steps``
+                defaults to the trainer's run length); none (constant LR) by default.
+            lr_scheduler_interval: step the scheduler every optimiser ``step`` or every ``epoch``.
+            init_from: a previous stage's checkpoint whose weights initialise this run (weights only;
+                use ``--ckpt_path`` to resume a run exactly).
+            num_log_images: validation images logged to TensorBoard as HR | LR (nearest) | reconstruction
+                (| timestep heat map in stages 2/3, on the aligner's t range).
+            eval_tiling: tile validation/test/predict images as inference does (default: whole images;
+                set it to see per-tile timesteps in the heat maps of large validation images).
+        """
+        super().__init__()
+        if stage not in ("rescaler", "enhancer", "joint"):
+            raise ValueError(f"unknown stage {stage!r}; choose rescaler, enhancer or joint")
+        if rescaler.scale != scale:
+            raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
+        self.save_hyperparameters(
+            ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
+        )
+        self.backbone = backbone
+        self.rescaler = rescaler
+        self.stage = stage
+        self.scale = scale
+        if loss_weights is None:
+            loss_weights = {
+                "rescaler": DEFAULT_STAGE1_WEIGHTS,
+                "enhancer": DEFAULT_STAGE2_WEIGHTS,
+                "joint": {**DEFAULT_STAGE1_WEIGHTS, **DEFAULT_STAGE2_WEIGHTS},
+            }[stage]
+        self.loss_weights = dict(loss_weights)
+        self.distance = get_distance(distance)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.num_log_images = num_log_images
+        self.eval_tiling = eval_tiling
+        #: the run's full config (YAML), set by the CLI and stored in every checkpoint
+        self.run_config: str | None = None
+        self.strict_loading = False  # frozen backbone weights are not stored; checked in on_load_checkpoint
+
+        backbone.load_for_stage(stage)
+        self._check_latent_layout()
+        self.aligner = aligner
+        self.enhancer = enhancer
+        self.perceptual: PerceptualLoss | None = None
+        if stage == "rescaler":
+            backbone.requires_grad_(False)
+        else:
+            self._setup_enhancer()
+        rescaler.requires_grad_(stage != "enhancer")
+        if stage == "enhancer":
+            rescaler.eval()  # Lightning keeps per-module modes: the frozen rescaler never sees train mode
+        if init_from:
+            self.load_weights(init_from)
+
+    def _setup_enhancer(self) -> None:
+        if self.aligner is None:
+            raise ValueError(f"stage {self.stage!r} needs model.aligner (e.g. class_path: tpm)")
+        if self.rescaler.space != "latent":
+            raise ValueError(
+                f"stage {self.stage!r} needs a latent rescaler; {type(self.rescaler).__name__} is pixel-space"
+            )
+        if self.enhancer is None:
+            self.enhancer = HybridScheduler(latent_channels=self.backbone.latent_channels)
+        c = self.backbone.latent_channels
+        for name, want in (
+            ("aligner", self.aligner.latent_channels),
+            ("enhancer", self.enhancer.latent_channels),
+        ):
+            # not linked by the CLI (these are optional); every SD family has 4 latent channels
+            if want is not None and want != c:
+                raise ValueError(f"model.{name} expects {want} latent channels, the backbone gives {c}")
+        if not self.backbone.has_diffusion:
+            raise ValueError(f"backbone {self.backbone.backbone_id} has no noise schedule: it cannot enhance")
+        assert self.backbone.alphas_cumprod is not None
+        self.aligner.attach_schedule(self.backbone.alphas_cumprod)
+        w = self.loss_weights
+        if w.get("lpips", 0) or w.get("dists", 0):
+            self.perceptual = PerceptualLoss(w.get("lpips", 0.0), w.get("dists", 0.0))
+
+    def _check_latent_layout(self) -> None:
+        want = self.rescaler.latent_channels
+        if self.rescaler.space == "latent" and want is not None and want != self.backbone.latent_channels:
+            raise ValueError(
+                f"rescaler expects {want} latent channels but backbone {self.backbone.backbone_id} "
+                f"produces {self.backbone.latent_channels}"
+            )
+
+    # ------------------------------------------------------------------ training
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = (
+            [p for p in self.rescaler.parameters() if p.requires_grad] if self.stage != "enhancer" else []
+        )
+        params += self.backbone.trainable_parameters(self.stage)
+        if self.stage != "rescaler":
+            assert self.aligner is not None and self.enhancer is not None
+            params += [p for p in self.aligner.parameters() if p.requires_grad]
+            params += self.enhancer.trainable_parameters()
+        return params
+
+    # ------------------------------------------------------------------ the enhancer
+    def enhance(self, z_hat: Tensor, z_true: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One-step diffusion on the reconstructed latent: (z0_hat, the aligner's t)."""
+        assert self.aligner is not None and self.enhancer is not None
+        t = self.aligner(z_hat, z_true)
+        out = self.backbone.predict(z_hat, unet_timestep(t))
+        b = self.backbone
+        assert b.alphas_cumprod is not None and b.prediction_type is not None
+        return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
+
+    @property
+    def enhance_fn(self) -> pipeline.Enhance | None:
+        """The z_hat -> (z0_hat, t) step of stages 2/3 (None in stage 1), in the pipeline's signature."""
+        return None if self.stage == "rescaler" else self.enhance
+
+    def train(self, mode: bool = True) -> TADMModule:
+        super().train(mode)
+        if self.stage == "enhancer":  # frozen: its LR image is the exact 8-bit one the enhancer will see
+            self.rescaler.eval()
+        return self
+
+    def _latent(self, batch: dict[str, Any]) -> Tensor | None:
+        if self.rescaler.space != "latent":
+            return None
+        if "latent" in batch:  # precomputed by the data pipeline
+            return batch["latent"].float()
+        with torch.no_grad():
+            return self.backbone.encode(batch["image"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x = batch["image"]
+        z = self._latent(batch)
+        w = self.loss_weights
+        terms: dict[str, Tensor] = {}
+        outputs: dict[str, Tensor] = {}
+        if self.stage != "enhancer":
+            terms.update(self.rescaler.training_losses(x, z, self.distance, outputs=outputs))
+        if self.stage != "rescaler":
+            if self.stage == "enhancer":
+                with torch.no_grad():
+                    z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            elif "z_hat" in outputs:  # joint: the rescaler's own backward reconstruction, computed once
+                z_hat = outputs["z_hat"]
+            else:
+                z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            z0, t = self.enhance(z_hat, z)
+            x_hat = self.backbone.decode(z0)
+            if w.get("pixel", 0):
+                terms["pixel"] = self.distance(x_hat, x)
+            if self.perceptual is not None:
+                terms.update(self.perceptual(x_hat, x))
+            self.log("train/t_mean", t.detach().float().mean(), batch_size=x.shape[0])
+        loss = weighted_sum(terms, self.loss_weights)
+        bs = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"stage {self.stage!r} has no trainable parameters with this rescaler/backbone")
+        if self.optimizer_factory is None:
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
+        else:
+            opt = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(opt)
+        if hasattr(sched, "total_steps") and sched.total_steps is None:
+            sched.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "interval": self.lr_scheduler_interval},
+        }
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
+        """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
+        tiling = self.eval_tiling or NO_TILING
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling)
+        base = pipeline.bicubic_round_trip(x, self.scale)
+        xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
+        out = {
+            "psnr_y": psnr_y(rt.reconstruction, x),
+            "ssim_y": ssim_y(rt.reconstruction, x),
+            "lr_psnr": psnr_rgb(rt.lr, bicubic_down(xp, self.scale)),
+            "bicubic_psnr_y": psnr_y(base, x),
+            "bicubic_ssim_y": ssim_y(base, x),
+            "_lr": rt.lr,
+            "_reconstruction": rt.reconstruction,
+        }
+        if rt.timesteps is not None:
+            out["t_mean"] = rt.timesteps.mean(dim=(1, 2, 3))
+            out["_timesteps"] = rt.timesteps
+        return out
+
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+        x = batch["image"]
+        out = self.evaluate_batch(x)
+        for name, value in out.items():
+            if not name.startswith("_"):
+                self.log(f"{prefix}/{name}", value.mean(), batch_size=x.shape[0], sync_dist=True)
+        if batch_idx < self.num_log_images:
+            self._log_images(prefix, batch_idx, x, out["_lr"], out["_reconstruction"], out.get("_timesteps"))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
+        x = batch["image"]
+        tiling = self.eval_tiling or NO_TILING
+        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling)
+        return {
+            "path": batch.get("path"),
+            "lr": rt.lr,
+            "reconstruction": rt.reconstruction,
+            "timesteps": rt.timesteps,
+        }
+
+    def _log_images(
+        self, prefix: str, idx: int, x: Tensor, lr: Tensor, rec: Tensor, timesteps: Tensor | None = None
+    ) -> None:
+        """HR | LR (nearest) | reconstruction, and in stages 2/3 the timestep heat map beside them."""
+        if not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        import torchvision
+
+        size = x.shape[-2:]
+        lr_up = crop_to(F.interpolate(lr, scale_factor=self.scale, mode="nearest"), size)
+        panels = [to_unit(x[:1]), to_unit(lr_up[:1]), to_unit(rec[:1])]
+        if timesteps is not None:
+            assert self.aligner is not None
+            f = self.backbone.downsample_factor
+            panels.append(timestep_panel(timesteps[:1], f, size, self.aligner.t_min, self.aligner.t_max))
+            self.logger.experiment.add_histogram(
+                f"{prefix}/timesteps/{idx}", timesteps[:1].cpu(), self.global_step
+            )
+        grid = torchvision.utils.make_grid(torch.cat(panels), nrow=len(panels))
+        self.logger.experiment.add_image(f"{prefix}/hr_lr_reconstruction/{idx}", grid.cpu(), self.global_step)
+
+    # --------------------------------------------------------------- checkpoints
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys not stored in checkpoints: the frozen backbone and loss networks."""
+        trainable = {id(p) for p in self.backbone.trainable_parameters(self.stage)}
+        keys = set()
+        for name, p in self.backbone.named_parameters():
+            if id(p) not in trainable:
+                keys.add(f"backbone.{name}")
+        keys |= {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
+        if self.perceptual is not None:  # frozen loss networks come from their own packages
+            keys |= {f"perceptual.{k}" for k in self.perceptual.state_dict()}
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint[META_KEY] = {
+            "backbone_id": self.backbone.backbone_id,
+            "rescaler": f"{type(self.rescaler).__module__}.{type(self.rescaler).__qualname__}",
+            "stage": self.stage,
+            "scale": self.scale,
+            "config": self.run_config,
+        }
+
+    def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
+        """Refuse a checkpoint trained on another backbone or at another scale (naming both)."""
+        if not meta:
+            return
+        if meta.get("backbone_id") != self.backbone.backbone_id:
+            raise ValueError(
+                f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
+                f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
+            )
+        if meta.get("scale") not in (None, self.scale):
+            raise ValueError(
+                f"checkpoint {source} is for scale x{meta['scale']}, this model is x{self.scale}"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_compatible(checkpoint.get(META_KEY), "being resumed")
+        missing = sorted(set(self.state_dict()) - self._frozen_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
+
+    def load_weights(self, path: str) -> None:
+        """Weights-only initialisation from another run's checkpoint (``init_from``)."""
+        state, meta = read_checkpoint(path)
+        self.check_compatible(meta, path)
+        self.load_trained_state(state, path, require_all=False)
+
+    def load_trained_state(self, state: dict[str, Tensor], source: str, require_all: bool = True) -> None:
+        """Load stored (trained) tensors over the frozen backbone; unknown keys are an error, and so
+        are missing trained tensors when ``require_all`` (inference) -- a warning otherwise."""
+        result = self.load_state_dict(state, strict=False)
+        unexpected = list(result.unexpected_keys)
+        if unexpected:
+            raise KeyError(f"{source} has weights this model does not: {unexpected[:8]}")
+        missing = sorted(set(result.missing_keys) - self._frozen_keys())
+        if missing and require_all:
+            raise KeyError(
+                f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
+        if missing:
+            log.warning(
+                "init_from %s: %d trainable tensors not in the checkpoint keep their initial values: %s",
+                source,
+                len(missing),
+                missing[:8],
+            )

@@ -1,0 +1,103 @@
+"""Network blocks shared by the DFRM, the TPM and the Refiner: conv/res blocks and exact affine couplings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv + LeakyReLU(0.1)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1))
+
+
+class ResBlock(nn.Module):
+    """conv - LeakyReLU(0.1) - conv + identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class DenseBlock(nn.Module):
+    """Five densely connected 3x3 convs (growth ``growth``), the coupling sub-network.
+
+    The last conv is zero-initialised so every coupling starts as the identity map; the others
+    get Xavier init scaled by 0.1 (as in IRN/TADM) for a stable start.
+    """
+
+    def __init__(self, cin: int, cout: int, growth: int = 32) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(cin + i * growth, growth, 3, padding=1) for i in range(4))
+        self.out = nn.Conv2d(cin + 4 * growth, cout, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+        for conv in self.convs:
+            nn.init.xavier_normal_(conv.weight)
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [x]
+        for conv in self.convs:
+            feats.append(self.act(conv(torch.cat(feats, dim=1))))
+        return self.out(torch.cat(feats, dim=1))
+
+
+class AffineCoupling(nn.Module):
+    """Exactly invertible affine coupling on channels split ``split | rest``.
+
+    y1 = x1 + f(x2);  s = clamp * (2 sigmoid(h(y1)) - 1);  y2 = x2 * exp(s) + g(y1).
+    """
+
+    def __init__(self, channels: int = 3, split: int = 1, growth: int = 32, clamp: float = 1.0) -> None:
+        super().__init__()
+        self.split = split
+        self.clamp = clamp
+        rest = channels - split
+        self.f = DenseBlock(rest, split, growth)
+        self.g = DenseBlock(split, rest, growth)
+        self.h = DenseBlock(split, rest, growth)
+
+    def _scale(self, y1: Tensor) -> Tensor:
+        return self.clamp * (torch.sigmoid(self.h(y1)) * 2.0 - 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x[:, : self.split], x[:, self.split :]
+        y1 = x1 + self.f(x2)
+        y2 = x2 * torch.exp(self._scale(y1)) + self.g(y1)
+        return torch.cat([y1, y2], dim=1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        y1, y2 = y[:, : self.split], y[:, self.split :]
+        x2 = (y2 - self.g(y1)) * torch.exp(-self._scale(y1))
+        x1 = y1 - self.f(x2)
+        return torch.cat([x1, x2], dim=1)
+
+
+class InvertibleNet(nn.Module):
+    """A stack of affine couplings: ``forward`` maps z_lr to the LR image, ``inverse`` back."""
+
+    def __init__(self, num_blocks: int = 12, channels: int = 3, split: int = 1, growth: int = 32) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(AffineCoupling(channels, split, growth) for _ in range(num_blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def inverse(self, y: Tensor) -> Tensor:
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
