@@ -20,18 +20,12 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from tadm.datamodules.image_io import load_image
+from tadm.datamodules.inputs import BadImage, EvalImage, iter_hr_images
 from tadm.datamodules.shard_writer import pack_shards
-from tadm.evaluation import engine as evaluation
-from tadm.evaluation.engine import (
-    FID_WEIGHTS_FILE,
-    BadImage,
-    EvalImage,
-    EvalReport,
-    Metrics,
-    MetricUnavailableWarning,
-    evaluate,
-    iter_hr_images,
-)
+from tadm.evaluation import engine, fid
+from tadm.evaluation.engine import Metrics, MetricUnavailableWarning, evaluate
+from tadm.evaluation.fid import FID_WEIGHTS_FILE
+from tadm.evaluation.report import CSV_COLUMNS, EvalReport
 
 
 def _image(seed: int, h: int = 32, w: int = 40) -> Tensor:
@@ -152,7 +146,7 @@ def test_csv_and_markdown_parse_back_to_the_numbers(scored: EvalReport, tmp_path
     assert (tmp_path / "out" / "summary.md").read_text() == text
     with open(tmp_path / "out" / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9 and list(rows[0]) == list(evaluation.CSV_COLUMNS)
+    assert len(rows) == 9 and list(rows[0]) == list(CSV_COLUMNS)
     for row, ref in zip(rows, scored.rows, strict=True):
         assert (row["path"], int(row["height"]), int(row["width"]), row["method"]) == (
             ref.path,
@@ -337,7 +331,7 @@ def test_fid_without_weights_names_the_file(tmp_path: Path, monkeypatch: pytest.
 
         monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
     except ImportError:
-        monkeypatch.setattr(evaluation, "_load_fid_inception", offline)
+        monkeypatch.setattr(fid, "load_fid_inception", offline)
     with pytest.warns(MetricUnavailableWarning) as caught:
         metrics = Metrics(perceptual=False)
     message = str(caught[0].message)
@@ -386,7 +380,7 @@ def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
     perceptual: Metrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """8K images can exhaust a GPU in VGG; the values must come from the CPU copy, with one warning."""
-    real = evaluation._lpips_dists
+    real = engine._lpips_dists
     calls: list[str] = []
 
     def oom_on_gpu(net: nn.Module, p: Tensor, t: Tensor) -> tuple[float, float]:
@@ -395,7 +389,7 @@ def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(net, p, t)
 
-    monkeypatch.setattr(evaluation, "_lpips_dists", oom_on_gpu)
+    monkeypatch.setattr(engine, "_lpips_dists", oom_on_gpu)
     monkeypatch.setattr(perceptual, "device", torch.device("cuda"))  # only the fallback's branch sees it
     monkeypatch.setattr(perceptual, "_perceptual_cpu", None)
     x, y = _image(0)[None], _noise(0.2)(_image(0)[None])

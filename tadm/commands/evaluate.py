@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 def evaluate_command(argv: Sequence[str]) -> int:
     """Evaluate a checkpoint: per-image CSV and a Markdown summary with a bicubic reference row."""
     args = _parser().parse_args(list(argv))
-    from tadm.evaluation.engine import Evaluation, Metrics, iter_hr_images
+    from tadm.datamodules.inputs import iter_hr_images
+    from tadm.evaluation.engine import Evaluation, Metrics
     from tadm.inference.pipeline import bicubic_round_trip
 
     images = iter_hr_images(args.inputs)

@@ -1,0 +1,165 @@
+"""What ``tadm evaluate`` reports: per-image rows, failures, FID per method and notes, written as
+``per_image.csv`` and ``summary.md`` (each atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tadm.ops.files import atomic_write_text
+
+CSV_COLUMNS = ("path", "height", "width", "method", "psnr_y", "ssim_y", "lpips", "dists", "seconds")
+TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "s/image")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image scored with one method (a row of ``per_image.csv``)."""
+
+    path: str
+    height: int
+    width: int
+    method: str
+    psnr_y: float
+    ssim_y: float
+    lpips: float | None
+    dists: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalError:
+    """An image that was not scored: unreadable (``method`` None) or a method/metric failed on it."""
+
+    path: str
+    method: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """Means over the images a method was scored on (None: not computed)."""
+
+    method: str
+    images: int
+    psnr_y: float | None
+    ssim_y: float | None
+    lpips: float | None
+    dists: float | None
+    fid: float | None
+    seconds: float | None
+
+
+@dataclass
+class EvalReport:
+    """Everything ``tadm test`` reports: per-image rows, failures, FID per method and notes."""
+
+    methods: list[str]
+    rows: list[ImageRow] = field(default_factory=list)
+    errors: list[EvalError] = field(default_factory=list)
+    fid: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """True when any input or method failed: the command should exit non-zero."""
+        return bool(self.errors)
+
+    def summary(self) -> list[MethodSummary]:
+        out = []
+        for method in self.methods:
+            rows = [r for r in self.rows if r.method == method]
+            out.append(
+                MethodSummary(
+                    method,
+                    len(rows),
+                    _mean([r.psnr_y for r in rows]),
+                    _mean([r.ssim_y for r in rows]),
+                    _mean([r.lpips for r in rows]),
+                    _mean([r.dists for r in rows]),
+                    self.fid.get(method),
+                    _mean([r.seconds for r in rows]),
+                )
+            )
+        return out
+
+    def markdown(self) -> str:
+        """The summary table (means over images) and a line per failure or metric not computed."""
+        lines = [
+            "| " + " | ".join(TABLE_HEADER) + " |",
+            "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
+        ]
+        for s in self.summary():
+            cells = [
+                s.method,
+                str(s.images),
+                _fmt(s.psnr_y, 2),
+                _fmt(s.ssim_y, 4),
+                _fmt(s.lpips, 4),
+                _fmt(s.dists, 4),
+                _fmt(s.fid, 2),
+                _fmt(s.seconds, 3),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Means over images. PSNR-Y/SSIM-Y: Y channel (BT.601), 8-bit, full image, no border crop; "
+            "LPIPS: VGG; s/image: wall clock of the method's round trip.",
+        ]
+        for method in self.methods:
+            n_inf = sum(1 for r in self.rows if r.method == method and math.isinf(r.psnr_y))
+            if n_inf:
+                lines.append(
+                    f"PSNR-Y of `{method}` is inf on {n_inf} image(s) (identical to the HR image after 8-bit "
+                    "rounding), so its mean is inf; per-image values are in per_image.csv."
+                )
+        lines += self.notes
+        unreadable = [e for e in self.errors if e.method is None]
+        failed = [e for e in self.errors if e.method is not None]
+        if unreadable:
+            lines.append(f"Failed: {len(unreadable)} input(s) could not be read and are not in the table:")
+            lines += [f"- `{e.path}`: {e.reason}" for e in unreadable]
+        if failed:
+            lines.append(f"Failed: {len(failed)} image/method pair(s) could not be scored:")
+            lines += [f"- `{e.path}` with `{e.method}`: {e.reason}" for e in failed]
+        return "\n".join(lines) + "\n"
+
+    def write(self, output_dir: str | os.PathLike[str]) -> str:
+        """Write ``per_image.csv`` and ``summary.md`` (each atomically) to ``output_dir``; return the Markdown."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for r in self.rows:
+            writer.writerow(
+                [r.path, r.height, r.width, r.method]
+                + [_csv_float(v) for v in (r.psnr_y, r.ssim_y, r.lpips, r.dists, r.seconds)]
+            )
+        text = self.markdown()
+        atomic_write_text(out / "per_image.csv", buf.getvalue())
+        atomic_write_text(out / "summary.md", text)
+        return text
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return math.fsum(present) / len(present) if present else None
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
+
+
+def _csv_float(value: float | None) -> str:
+    return "" if value is None else repr(float(value))  # repr: exact round trip; inf -> "inf"
