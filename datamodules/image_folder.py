@@ -1,8 +1,9 @@
 """Image-folder data: random crops for training, whole images for validation, test and prediction.
 
 Meant for small sets (DIV2K, Kodak, a folder of your own photos); streaming at scale lives in the
-WebDataset datamodule. Unreadable files are never dropped silently: ``on_bad_image="error"`` stops at the
-first one, ``"skip"`` warns about each one and counts it.
+WebDataset datamodule. Unreadable files follow the policy both data modules share
+(:mod:`tadm.datamodules.bad_input`): ``on_bad_image="skip"`` (the default) warns, leaves the file out and
+counts it, also when it fails inside a DataLoader worker; ``"error"`` stops at the first one.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from tadm.datamodules.bad_input import (
+    DEFAULT_POLICY,
+    BadInputPolicy,
+    SkipCollector,
+    SkipCounter,
+    check_policy,
+)
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
 
 Split = Literal["train", "val", "test", "predict"]
-BadImagePolicy = Literal["error", "skip"]
 
 _STAGE_SPLITS: dict[str, tuple[tuple[Split, ...], tuple[Split, ...]]] = {
     # stage: (required splits, optional splits)
@@ -31,10 +38,6 @@ _STAGE_SPLITS: dict[str, tuple[tuple[Split, ...], tuple[Split, ...]]] = {
     "predict": (("predict",), ()),
 }
 _ALL_SPLITS: tuple[Split, ...] = ("train", "val", "test", "predict")
-
-
-class ImageSkippedWarning(UserWarning):
-    """An unreadable image was left out (``on_bad_image="skip"``); filterable separately from other warnings."""
 
 
 def reflect_pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -61,19 +64,6 @@ def _reflect_indices(size: int, target: int) -> torch.Tensor:
     return torch.where(k >= size, period - k, k)
 
 
-def log_num_skipped(trainer: L.Trainer | None, num_skipped: int) -> bool:
-    """Log ``data/num_skipped`` at step 0 to the trainer's logger; returns whether it did.
-
-    Module-level so a LightningModule (or a callback) can log the same count, e.g.
-    ``log_num_skipped(self.trainer, self.trainer.datamodule.num_skipped)``.
-    """
-    logger = getattr(trainer, "logger", None) if trainer is not None else None
-    if num_skipped <= 0 or logger is None:
-        return False
-    logger.log_metrics({"data/num_skipped": num_skipped}, step=0)
-    return True
-
-
 class ImageFolderDataset(Dataset[dict[str, Any]]):
     """Images from a list of files, as ``{"image": (3, h, w) float in [-1, 1], "path": str}``.
 
@@ -83,15 +73,17 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             than the crop are mirror-padded first (:func:`reflect_pad`). ``"eval"``: the whole image,
             unpadded (the model pipeline pads to the multiple it needs and crops back).
         crop_size: Side of the training crop (ignored in eval mode).
-        on_bad_image: A file that fails to decode raises :class:`ImageReadError` (``"error"``), or is
-            warned about, counted in ``num_skipped`` and replaced by the next readable file (``"skip"``).
+        on_bad_image: A file that fails to decode is warned about, counted in ``num_skipped`` and replaced by
+            the next readable file (``"skip"``), or raises :class:`ImageReadError` (``"error"``).
         repeats: The file list is served this many times per epoch (tiny folders make tiny epochs).
         cache_images: Keep every decoded image in memory after its first use. Decoding a 2K photo costs
             tens of milliseconds, which dominates small-model steps on a CPU; only for folders that fit
             in RAM (each DataLoader worker holds its own cache).
+        name: Names this dataset's skip counters (the split), so one collector can tell them apart.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
-    crops and flips reproducible. ``num_skipped`` counts per process: DataLoader workers keep their own.
+    crops and flips reproducible. ``num_skipped`` counts per process (DataLoader workers count their own);
+    every sample carries its process's running count to the data module (``SkipCounter.tag``).
     """
 
     def __init__(
@@ -99,16 +91,15 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         files: Sequence[str | os.PathLike[str]],
         mode: Literal["train", "eval"] = "eval",
         crop_size: int = 256,
-        on_bad_image: BadImagePolicy = "error",
+        on_bad_image: BadInputPolicy = DEFAULT_POLICY,
         repeats: int = 1,
         cache_images: bool = False,
+        name: str = "images",
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if mode == "train" and crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if repeats < 1:
@@ -116,15 +107,33 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self.files = [Path(f) for f in files]
         self.mode = mode
         self.crop_size = crop_size
-        self.on_bad_image = on_bad_image
+        self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.repeats = repeats
-        self.num_skipped = 0
+        self.name = name
+        self._skips = SkipCounter(f"{name}/main", self.on_bad_image)
         self._bad: set[int] = set()
         self.cache_images = cache_images
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
+
+    @property
+    def num_skipped(self) -> int:
+        """Files this process failed to decode and left out (a DataLoader worker counts its own)."""
+        return self._counter().count
+
+    def _counter(self) -> SkipCounter:
+        """This process's counter: a DataLoader worker starts its own, named by the worker's id and seed.
+
+        The seed tells apart the workers of successive loaders (a worker's copy of the dataset counts from
+        zero, so reusing a name would hide its skips behind an earlier worker's count).
+        """
+        if self._skips.pid != os.getpid():
+            info = get_worker_info()
+            where = f"w{info.id}/{info.seed}" if info is not None else f"pid{os.getpid()}"
+            self._skips = SkipCounter(f"{self.name}/{where}", self.on_bad_image)
+        return self._skips
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -137,7 +146,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
                 continue
             image = self._load(i)
             if image is not None:
-                return {"image": self._transform(image), "path": str(self.files[i])}
+                sample = {"image": self._transform(image), "path": str(self.files[i])}
+                return self._counter().tag(sample)
         raise ImageReadError(
             f"none of the {n} images in this dataset could be read (first: '{self.files[0]}')"
         )
@@ -152,11 +162,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
                 self._cache[i] = image
             return image
         except ImageReadError as exc:
-            if self.on_bad_image == "error":
-                raise
+            self._counter().skip(exc)  # raises under on_bad_image="error"
             self._bad.add(i)
-            self.num_skipped += 1
-            warnings.warn(f"skipping {exc}", ImageSkippedWarning, stacklevel=3)
             return None
 
     def _transform(self, image: torch.Tensor) -> torch.Tensor:
@@ -181,9 +188,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     """Folders of images for fit / validate / test / predict.
 
     Every file's header is checked in :meth:`setup`, so an unreadable file fails (or is reported and
-    skipped) before training starts rather than hours in. Evaluation batches hold whole images, which can
-    only be stacked when they share a size: if a folder's images differ in size, its eval dataloader uses
-    batch size 1 (with a warning) instead of ``val_batch_size``.
+    skipped) before training starts rather than hours in. A file that passes the header check but fails to
+    decode is skipped (or fails) when it is read, in the main process or a DataLoader worker; both kinds of
+    skip add up in ``num_skipped``, logged as ``data/num_skipped``.
+
+    Evaluation batches hold whole images, which can only be stacked when they share a size: if a folder's
+    images differ in size, its eval dataloader uses batch size 1 (with a warning) instead of
+    ``val_batch_size``.
 
     Args:
         train_dir: Folder (searched recursively) of training images; required for ``fit``.
@@ -199,8 +210,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         scale: Downscaling factor of the model (16 or 32 for extreme rescaling); constrains ``crop_size``.
         train_repeats: Serve the training files this many times per epoch, so a tiny folder still makes a
             useful epoch.
-        on_bad_image: ``"error"``: the first unreadable image raises ``ImageReadError`` naming it.
-            ``"skip"``: each unreadable image is warned about, left out and counted in ``num_skipped``.
+        on_bad_image: ``"skip"`` (default, as for ``WebDatasetDataModule``): each unreadable image is warned
+            about, left out and counted in ``num_skipped``. ``"error"``: the first one raises
+            ``ImageReadError`` naming it.
         cache_images: Keep decoded training images in memory (small folders only; see ImageFolderDataset).
     """
 
@@ -216,7 +228,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int = 0,
         scale: int = 16,
         train_repeats: int = 1,
-        on_bad_image: BadImagePolicy = "error",
+        on_bad_image: BadInputPolicy = DEFAULT_POLICY,
         cache_images: bool = False,
     ) -> None:
         super().__init__()
@@ -224,8 +236,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         check_positive(train_repeats=train_repeats)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         check_crop_size(crop_size, scale)
         self.save_hyperparameters()
         self.dirs: dict[Split, str | None] = {
@@ -240,14 +250,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.scale = scale
         self.train_repeats = train_repeats
-        self.on_bad_image: BadImagePolicy = on_bad_image
+        self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.cache_images = cache_images
-        self.num_skipped = 0
-        """Unreadable images left out by the header check in :meth:`setup` (skip mode)."""
         self.datasets: dict[Split, ImageFolderDataset] = {}
+        self.skips = SkipCollector()
+        """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
+        self._header_skips = SkipCounter("setup", self.on_bad_image)
         self._sizes: dict[Split, list[tuple[int, int]]] = {}
         self._scans: dict[Path, tuple[list[Path], list[tuple[int, int]]]] = {}
-        self._logged_num_skipped = 0
 
     # ----------------------------------------------------------------------------------------------------
     # setup
@@ -267,10 +277,11 @@ class ImageFolderDataModule(L.LightningDataModule):
                 on_bad_image=self.on_bad_image,
                 repeats=self.train_repeats if split == "train" else 1,
                 cache_images=self.cache_images and split == "train",
+                name=split,
             )
             self._sizes[split] = sizes
-        if self.num_skipped > self._logged_num_skipped and log_num_skipped(self.trainer, self.num_skipped):
-            self._logged_num_skipped = self.num_skipped
+        self.skips.update(self._header_skips.source, self._header_skips.count)
+        self.skips.log(self.trainer)
 
     def _splits_for(self, stage: str | None) -> list[Split]:
         if stage is None:
@@ -305,19 +316,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         try:
             return image_size(path)
         except ImageReadError as exc:
-            if self.on_bad_image == "error":
-                raise
-            self.num_skipped += 1
-            warnings.warn(f"skipping {exc}", ImageSkippedWarning, stacklevel=4)
+            self._header_skips.skip(exc)  # raises under on_bad_image="error"
             return None
 
-    @property
-    def num_skipped_decoding(self) -> int:
-        """Files that passed the header check but failed to decode, as seen by this process's datasets.
+    # ----------------------------------------------------------------------------------------------------
+    # skip counting
 
-        With ``num_workers > 0`` the workers count (and warn) on their own copies; this stays 0 then.
-        """
-        return sum(ds.num_skipped for ds in self.datasets.values())
+    @property
+    def num_skipped(self) -> int:
+        """Images left out on this rank so far: at the header check, and by the batches' workers."""
+        return self.skips.total
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the workers' skip counters out of the batch and log the total as ``data/num_skipped``."""
+        return self.skips.collect(batch, self.trainer)
+
+    def teardown(self, stage: str) -> None:
+        self.skips.report(int(getattr(self.trainer, "global_rank", 0)))
 
     # ----------------------------------------------------------------------------------------------------
     # dataloaders

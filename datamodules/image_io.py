@@ -1,12 +1,15 @@
-"""Image decoding for the folder datamodules: any common file -> float (3, H, W) tensor in [-1, 1].
+"""Image decoding: any common file, or its bytes from a shard -> float (3, H, W) tensor in [-1, 1].
 
 Everything that can go wrong with a file on disk (missing, truncated, not an image, decompression
 bomb, unsupported pixel mode) surfaces as :class:`ImageReadError` naming the file, so the caller can
-decide to fail or to skip without parsing PIL's many exception types.
+decide to fail or to skip without parsing PIL's many exception types. Bytes read from a shard decode
+through the same code (:func:`decode_image`, :func:`decode_uint8`), so a shard sample and the file it
+was packed from give the same tensor bit for bit.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -77,15 +80,19 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
         raise FileNotFoundError(f"image folder '{root}' does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"image folder '{root}' is not a directory")
-    files = sorted(p for p in _walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ValueError(f"image folder '{root}' holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    """Files below ``root``, following directory symlinks but never entering a real folder twice (cycles)."""
-    seen: set[str] = set()
+def walk_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
+    """Files below ``root``, following directory symlinks but never entering a real folder twice (cycles).
+
+    A folder that is (or links to) ``exclude`` is not entered: a command's output folder inside its
+    input folder must not become input on the next run.
+    """
+    seen: set[str] = set() if exclude is None else {os.path.realpath(exclude)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -138,6 +145,59 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
             unit = _decode_standard(im, path)
     rgb = _to_rgb(unit)
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).mul_(2.0).sub_(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoded bytes (shard samples)
+
+
+class NamedBytes(io.BytesIO):
+    """Encoded image bytes that print as their origin, so ImageReadError names ``shard.tar#key.jpg``."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def decode_image(data: bytes, name: str) -> torch.Tensor:
+    """Encoded bytes -> float32 (3, H, W) in [-1, 1], with every conversion of :func:`load_image`."""
+    return load_image(NamedBytes(data, name))  # type: ignore[arg-type]
+
+
+def decode_uint8(data: bytes, name: str) -> torch.Tensor | None:
+    """8-bit RGB / gray images as uint8 (3, H, W) (EXIF rotation applied); None for anything else.
+
+    Cropping before the float conversion saves most of the work on a 2K-8K photo, and
+    :func:`uint8_to_unit` of a crop equals the same crop of :func:`decode_image` bit for bit, so cached
+    latents stay valid. Alpha, palette, CMYK and 16-bit images return None (use :func:`decode_image`).
+    """
+    source = NamedBytes(data, name)
+    with _read_errors(source), Image.open(source) as im:
+        _check_supported(im, source)
+        rawmodes = _tile_rawmodes(im)
+        if (
+            im.mode not in ("RGB", "L")
+            or "transparency" in im.info
+            or any(r in _LOW_BYTE_RAWMODE or r == _LA16_RAWMODE for r in rawmodes)
+        ):
+            return None
+        _load_strict(im)
+        oriented = _oriented(im)
+        arr = np.array(oriented)  # a writable copy (torch refuses read-only arrays)
+    if arr.dtype != np.uint8:
+        return None
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, h, w) -> float32 in [-1, 1], with exactly the arithmetic of :func:`load_image`."""
+    unit = pixels.numpy().astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(unit)).mul_(2.0).sub_(1.0)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -33,12 +33,20 @@ from typing import Any, Literal
 import numpy as np
 
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
-from tadm.datamodules.webdataset import INDEX_FORMAT, INDEX_NAME, LATENT_FIELD, META_FIELD
+from tadm.datamodules.shards import (
+    INDEX_NAME,
+    INDEX_VERSION,
+    LATENT_FIELD,
+    META_FIELD,
+    new_index,
+    read_index,
+    write_index,
+)
 from tadm.errors import ShardError
 from tadm.ops.files import atomic_write_text
 
+#: the writer's own bookkeeping while a run is unfinished (hidden; readers never look at it)
 STATE_NAME = ".tadm-shard-state.json"
-INDEX_VERSION = 1
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -122,7 +130,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ShardError(f"cannot read '{path}': {exc}; pass --overwrite to start over") from exc
     if not isinstance(data, dict):
-        raise ShardError(f"'{path}' is not a tadm shard index or state file; pass --overwrite to start over")
+        raise ShardError(f"'{path}' is not a tadm shard state file; pass --overwrite to start over")
     return data
 
 
@@ -247,7 +255,10 @@ class _Packer:
                 path.unlink()
         index_path, state_path = self.out / INDEX_NAME, self.out / STATE_NAME
         if index_path.exists():
-            index = _read_json(index_path)
+            try:
+                index = read_index(index_path)
+            except ValueError as exc:
+                raise ShardError(f"{exc}; pass --overwrite to start over") from exc
             if index.get("fingerprint") == self.fingerprint and self._intact(index["shards"]):
                 return index
             raise ShardError(
@@ -374,20 +385,16 @@ class _Packer:
                 writer.abort()
         if not shards:
             raise ShardError(f"no readable images in '{self.src}' ({len(skipped)} skipped)")
-        index = {
-            "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
-            "count": sum(s["count"] for s in shards),
-            "size": sum(s["size"] for s in shards),
-            "shards": shards,
-            "source": str(self.src.resolve()),
-            "skipped": skipped,
-            "latents": self.latent_info,
-            "options": {"maxcount": self.maxcount, "maxsize": self.maxsize, "check": self.check},
-            "fingerprint": self.fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_json_atomic(self.out / INDEX_NAME, index)
+        index = new_index(
+            shards,
+            source=str(self.src.resolve()),
+            skipped=skipped,
+            latents=self.latent_info,
+            options={"maxcount": self.maxcount, "maxsize": self.maxsize, "check": self.check},
+            fingerprint=self.fingerprint,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        write_index(self.out, index)
         (self.out / STATE_NAME).unlink(missing_ok=True)
         mb = index["size"] / 1e6
         self._say(

@@ -9,14 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tadm.components.backbones.presets import (
-    PRESETS,
-    build_tiny_components,
-    get_preset,
-    save_tiny_pipeline,
-    save_tiny_vae,
-)
+from tadm.components.backbones.presets import PRESETS, get_preset
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.components.backbones.tiny import build_tiny_components, save_tiny_pipeline, save_tiny_vae
 from tadm.contracts import BACKBONES
 
 # tiny preset -> (full-size preset of the same family, VAE scaling, prediction type in its scheduler)

@@ -22,6 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tadm.datamodules.image_io import load_image
 from tadm.datamodules.inputs import BadImage, EvalImage, iter_hr_images
 from tadm.datamodules.shard_writer import pack_shards
+from tadm.errors import InputError
 from tadm.evaluation import engine, fid
 from tadm.evaluation.engine import Metrics, MetricUnavailableWarning, evaluate
 from tadm.evaluation.fid import FID_WEIGHTS_FILE
@@ -245,12 +246,12 @@ def test_globs_files_and_clear_errors_for_missing_inputs(tmp_path: Path) -> None
         assert paths(str(b), str(tmp_path / "a")) == [str(b), str(a)]  # named twice: evaluated once
     first = next(iter_hr_images([str(a)]))
     assert isinstance(first, EvalImage) and torch.equal(first.image, load_image(a))
-    with pytest.raises(FileNotFoundError, match=r"no file matches the input pattern '.*\*\.jpg'"):
+    with pytest.raises(InputError, match=r"no file matches the input pattern '.*\*\.jpg'"):
         iter_hr_images([str(a), str(tmp_path / "a" / "*.jpg")])  # fails up front, before any work
-    with pytest.raises(FileNotFoundError, match="nope.png' does not exist"):
+    with pytest.raises(InputError, match="nope.png' does not exist"):
         iter_hr_images([str(tmp_path / "nope.png")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty' holds no images"):
+    with pytest.raises(InputError, match="empty' holds no images"):
         iter_hr_images([str(tmp_path / "empty")])
 
 

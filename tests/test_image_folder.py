@@ -8,20 +8,22 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from tadm.datamodules.bad_input import InputSkippedWarning
 from tadm.datamodules.image_folder import (
     ImageFolderDataModule,
     ImageFolderDataset,
-    ImageSkippedWarning,
     random_crop_flip,
     reflect_pad,
 )
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
+from tests.helpers.loggers import MetricsLogger
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
@@ -385,7 +387,7 @@ def test_stage_without_its_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_corrupt_file_error_mode_fails_setup(tmp_path: Path) -> None:
     _folder(tmp_path)
     _corrupt_png(tmp_path / "garbage.png")
-    dm = ImageFolderDataModule(train_dir=str(tmp_path), crop_size=16)
+    dm = ImageFolderDataModule(train_dir=str(tmp_path), crop_size=16, on_bad_image="error")
     with pytest.raises(ImageReadError, match="garbage.png"):
         dm.setup("fit")
 
@@ -395,10 +397,10 @@ def test_corrupt_file_skip_mode_warns_counts_and_logs(tmp_path: Path) -> None:
     _corrupt_png(tmp_path / "garbage.png")
     logged = []
     dm = ImageFolderDataModule(
-        train_dir=str(tmp_path), val_dir=str(tmp_path), crop_size=16, on_bad_image="skip"
-    )
+        train_dir=str(tmp_path), val_dir=str(tmp_path), crop_size=16
+    )  # skip: the default
     dm.trainer = SimpleNamespace(logger=SimpleNamespace(log_metrics=lambda m, step: logged.append((m, step))))
-    with pytest.warns(ImageSkippedWarning, match="garbage.png.*not an image"):
+    with pytest.warns(InputSkippedWarning, match="garbage.png.*not an image"):
         dm.setup("fit")
     assert dm.num_skipped == 1  # same folder for train and val: scanned once
     assert logged == [({"data/num_skipped": 1}, 0)]
@@ -410,7 +412,7 @@ def test_corrupt_file_skip_mode_warns_counts_and_logs(tmp_path: Path) -> None:
 def test_truncated_file_error_mode_raises_from_getitem(tmp_path: Path) -> None:
     _folder(tmp_path, n=2)
     bad = _truncated_png(tmp_path / "cut.png")
-    dm = ImageFolderDataModule(test_dir=str(tmp_path), crop_size=16)
+    dm = ImageFolderDataModule(test_dir=str(tmp_path), crop_size=16, on_bad_image="error")
     dm.setup("test")  # the header is fine
     ds = dm.datasets["test"]
     index = ds.files.index(bad)
@@ -426,25 +428,29 @@ def test_truncated_file_skip_mode_serves_next_image(tmp_path: Path) -> None:
     ds = dm.datasets["test"]
     assert dm.num_skipped == 0 and len(ds) == 3
     index = ds.files.index(bad)
-    with pytest.warns(ImageSkippedWarning, match="cut.png.*truncated"):
+    with pytest.warns(InputSkippedWarning, match="cut.png.*truncated"):
         sample = ds[index]
     assert sample["path"] in {str(p) for p in good}
-    assert ds.num_skipped == 1 and dm.num_skipped_decoding == 1
+    assert ds.num_skipped == 1 and sample["_skipped"] == 1  # the sample carries its process's count
     served = [ds[i]["path"] for i in range(len(ds))]  # known-bad file is not retried (no new warning)
     assert set(served) == {str(p) for p in good} and ds.num_skipped == 1
+    # the module learns the count from the batches (in a Trainer: on_before_batch_transfer)
+    assert dm.num_skipped == 0
+    batch = dm.on_before_batch_transfer(default_collate([sample]), 0)
+    assert dm.num_skipped == 1 and set(batch) == {"image", "path"}
 
 
 def test_all_files_unreadable_in_skip_mode_is_an_error(tmp_path: Path) -> None:
     _corrupt_png(tmp_path / "a.png")
     dm = ImageFolderDataModule(test_dir=str(tmp_path), on_bad_image="skip")
-    with pytest.warns(ImageSkippedWarning), pytest.raises(ValueError, match="no readable images"):
+    with pytest.warns(InputSkippedWarning), pytest.raises(ValueError, match="no readable images"):
         dm.setup("test")
 
 
 def test_dataloader_workers_reraise_naming_file(tmp_path: Path, monkeypatch) -> None:
     _folder(tmp_path, n=3)
     _truncated_png(tmp_path / "broken.png")
-    dm = ImageFolderDataModule(test_dir=str(tmp_path), num_workers=2)
+    dm = ImageFolderDataModule(test_dir=str(tmp_path), num_workers=2, on_bad_image="error")
     dm.setup("test")
     loader = dm.test_dataloader()
     assert loader.num_workers == 2 and loader.persistent_workers
@@ -454,6 +460,45 @@ def test_dataloader_workers_reraise_naming_file(tmp_path: Path, monkeypatch) -> 
     # After a worker error torch waits 5 s per worker before killing them; shut down now to keep tests fast.
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
     loader._iterator._shutdown_workers()
+
+
+class _MeanModule(L.LightningModule):
+    """One parameter; checks that the data module took its skip counters out of every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        assert "_skipped" not in batch and "_source" not in batch
+        return (self.w * batch["image"].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_decode_failures_in_a_worker_are_counted_and_logged_with_the_header_skips(tmp_path: Path) -> None:
+    _folder(tmp_path, n=3, size=(24, 24))
+    _corrupt_png(tmp_path / "garbage.png")  # fails the header check at setup
+    _truncated_png(tmp_path / "cut.png")  # passes it, fails to decode in the DataLoader worker
+    logger = MetricsLogger()
+    dm = ImageFolderDataModule(train_dir=str(tmp_path), crop_size=16, batch_size=1, num_workers=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(InputSkippedWarning, match="rank 0: 2 unreadable"):  # the teardown report
+        trainer.fit(_MeanModule(), datamodule=dm)
+    assert trainer.global_step == 4  # the bad file's turn is served by a good one
+    assert dm.num_skipped == 2
+    assert logger.values("data/num_skipped") == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------------------

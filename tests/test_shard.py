@@ -18,7 +18,7 @@ from tadm.commands.shard import parse_size
 from tadm.config.build import build_backbone
 from tadm.datamodules.image_folder import reflect_pad
 from tadm.datamodules.image_io import load_image
-from tadm.datamodules.shard_writer import STATE_NAME, _Packer, pack_shards, sample_keys
+from tadm.datamodules.shard_writer import STATE_NAME, pack_shards, sample_keys
 from tadm.errors import ShardError
 from tests.helpers import REPO
 from tests.helpers.shards import write_images
@@ -86,25 +86,21 @@ def test_maxsize_closes_shards_before_they_grow_past_it(photos: Path, tmp_path: 
 
 
 def test_interrupted_run_leaves_only_complete_shards_and_resumes_to_the_same_result(
-    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    photos: Path, tmp_path: Path
 ) -> None:
     reference = pack_shards(photos, tmp_path / "ref", maxcount=2)
-    original = _Packer._sample
 
-    def crash_at_five(self: _Packer, i: int) -> dict[str, bytes]:
-        if i == 5:
+    def interrupt_after_five(done: int, total: int) -> None:
+        if done == 5:  # the fifth image is in the third shard, not yet finished
             raise KeyboardInterrupt
-        return original(self, i)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(_Packer, "_sample", crash_at_five)
     with pytest.raises(KeyboardInterrupt):
-        pack_shards(photos, out, maxcount=2)
+        pack_shards(photos, out, maxcount=2, progress=interrupt_after_five)
     # two finished shards, each a valid tar of 2 samples; the third (half written) is nowhere
     assert sorted(p.name for p in out.iterdir()) == [STATE_NAME, "shard-000000.tar", "shard-000001.tar"]
     assert all(len(_members(out / f"shard-00000{i}.tar")) == 4 for i in (0, 1))
 
-    monkeypatch.setattr(_Packer, "_sample", original)
     resumed = pack_shards(photos, out, maxcount=2)
     assert resumed["shards"] == reference["shards"]
     for shard in reference["shards"]:

@@ -19,12 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tadm.components.backbones.presets import (
-    FULL_SIZE_UNETS,
-    build_tiny_components,
-    save_tiny_pipeline,
-)
+from tadm.components.backbones.presets import FULL_SIZE_UNETS
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.components.backbones.tiny import build_tiny_components, save_tiny_pipeline
 
 # ---------------------------------------------------------------------------------------------------
 # diffusers -> original (LDM) key layout
@@ -285,8 +282,9 @@ def test_sd21_open_clip_text_encoder_from_single_file(tmp_path: Path) -> None:
     single["cond_stage_model.model.text_projection"] = torch.randn(32, 32)  # in real files, unused by SD 2
     save_file(single, str(path))
     bb = StableDiffusionBackbone(preset="sd21", pretrained=str(folder), single_file=str(path))
-    sub = bb._read_single_file(["text"])["text_encoder"]
-    enc = bb._from_single_file("text_encoder", sub)
+    loader = bb._loader()
+    sub = loader.read_single_file(["text"])["text_encoder"]
+    enc = loader.from_single_file("text_encoder", sub)
     want = ref["text_encoder"].state_dict()
     assert set(enc.state_dict()) == set(want)
     assert all(torch.equal(enc.state_dict()[k], want[k]) for k in want)

@@ -3,6 +3,7 @@ samples, exact decoding, cached latents and resuming (single process; DDP runs i
 
 from __future__ import annotations
 
+import inspect
 import io
 import tarfile
 import warnings
@@ -17,21 +18,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tadm.datamodules.image_folder import reflect_pad
-from tadm.datamodules.image_io import load_image
+from tadm.datamodules.bad_input import InputSkippedWarning
+from tadm.datamodules.image_folder import ImageFolderDataModule, reflect_pad
+from tadm.datamodules.image_io import decode_uint8, load_image, uint8_to_unit
+from tadm.datamodules.placement import Ownership
+from tadm.datamodules.shard_streams import EvalShardStream, LatentSpec, Pixels, TrainShardStream
 from tadm.datamodules.shard_writer import LatentOptions, pack_shards
-from tadm.datamodules.webdataset import (
-    EvalShardStream,
-    LatentSpec,
-    SampleSkippedWarning,
-    TrainShardStream,
-    WebDatasetDataModule,
-    _Ownership,
-    _Pixels,
-    decode_uint8,
-    expand_shards,
-    uint8_to_unit,
-)
+from tadm.datamodules.shards import expand_shards
+from tadm.datamodules.webdataset import WebDatasetDataModule
+from tests.helpers.loggers import MetricsLogger
 from tests.helpers.shards import all_keys, keys_of, tar_keys, write_images, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +120,7 @@ def test_every_sample_belongs_to_exactly_one_rank_and_worker(
     owners: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for rank in range(world):
         for worker in range(workers):
-            plan = _Ownership.plan(num_shards, rank, world, worker, workers)
+            plan = Ownership.plan(num_shards, rank, world, worker, workers)
             for shard in plan.shards:
                 for pos in range(sizes[shard]):
                     if plan.owns(shard, pos):
@@ -135,7 +130,7 @@ def test_every_sample_belongs_to_exactly_one_rank_and_worker(
     assert all(len(v) == 1 for v in owners.values()), {k: v for k, v in owners.items() if len(v) > 1}
     # shard-level split (split_by_node, split_by_worker) whenever there are enough shards
     if num_shards >= world * workers:
-        plan = _Ownership.plan(num_shards, 0, world, 0, workers)
+        plan = Ownership.plan(num_shards, 0, world, 0, workers)
         assert not plan.rank_by_sample and not plan.worker_by_sample
 
 
@@ -246,7 +241,7 @@ def test_corrupt_samples_are_skipped_with_a_warning_and_counted(tmp_path: Path) 
     shard = tmp_path / "bad.tar"
     _corrupt_shard(shard, src)
     stream = TrainShardStream([str(shard)], 32, batch_size=1, samples_per_epoch=3, shuffle_buffer=1)
-    with pytest.warns(SampleSkippedWarning) as record:
+    with pytest.warns(InputSkippedWarning) as record:
         samples = list(stream)
     assert sorted(s["key"] for s in samples) == ["good0", "good1", "good2"]
     assert stream.num_skipped == 3
@@ -255,11 +250,11 @@ def test_corrupt_samples_are_skipped_with_a_warning_and_counted(tmp_path: Path) 
     assert "broken" in messages and "no image" in messages and "unreadable .json" in messages
 
     # evaluation keeps its count: the 3 bad samples are replaced by copies of good ones
-    with pytest.warns(SampleSkippedWarning):
+    with pytest.warns(InputSkippedWarning):
         evald = list(EvalShardStream([str(shard)], [6], 1))
     assert len(evald) == 6 and {s["key"] for s in evald} == {"good0", "good1", "good2"}
-    # on_bad_sample="error" raises at the first one (for debugging)
-    strict = TrainShardStream([str(shard)], 32, 1, 3, shuffle_buffer=1, on_bad_sample="error")
+    # on_bad_image="error" raises at the first one (for debugging)
+    strict = TrainShardStream([str(shard)], 32, 1, 3, shuffle_buffer=1, on_bad_image="error")
     with pytest.raises(Exception, match="broken"):
         list(strict)
 
@@ -270,34 +265,12 @@ def test_truncated_shard_is_skipped_and_eval_still_fills_its_share(shards: Path,
     cut.write_bytes(data[: len(data) // 2])
     good = _urls(shards)[0]
     train = TrainShardStream([good, str(cut)], 32, batch_size=1, samples_per_epoch=20, shuffle_buffer=1)
-    with pytest.warns(SampleSkippedWarning, match="damaged"):
+    with pytest.warns(InputSkippedWarning, match="damaged"):
         keys = [s["key"] for s in train]
     assert len(keys) == 20 and set(keys) <= all_keys(shards)
-    with pytest.warns(SampleSkippedWarning, match="ended before"):
+    with pytest.warns(InputSkippedWarning, match="ended before"):
         evald = list(EvalShardStream([good, str(cut)], [5, 6], 1))
     assert len(evald) == 11
-
-
-class _MetricsLogger(L.pytorch.loggers.Logger):
-    """Records log_metrics calls (the data module logs its skip counter through the trainer's logger)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "record"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append(dict(metrics))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 class KeyModule(L.LightningModule):
@@ -335,7 +308,7 @@ def test_data_module_logs_the_skip_count(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_images(src, [(40, 48)] * 2)
     _corrupt_shard(tmp_path / "bad.tar", src)
-    logger = _MetricsLogger()
+    logger = MetricsLogger()
     dm = WebDatasetDataModule(
         train_shards=str(tmp_path / "bad.tar"),
         crop_size=32,
@@ -344,11 +317,43 @@ def test_data_module_logs_the_skip_count(tmp_path: Path) -> None:
         shuffle_buffer=1,
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SampleSkippedWarning)
+        warnings.simplefilter("ignore", InputSkippedWarning)
         _trainer(tmp_path, max_epochs=1, logger=logger).fit(KeyModule(), datamodule=dm)
     assert dm.num_skipped == 3
-    logged = [m["data/num_skipped"] for m in logger.metrics if "data/num_skipped" in m]
+    logged = logger.values("data/num_skipped")
     assert logged and logged[-1] == 3
+
+
+class EvalKeyModule(KeyModule):
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        assert "_skipped" not in batch
+
+
+def test_lightning_sees_sized_loaders_without_its_iterable_dataset_caution(
+    shards: Path, tmp_path: Path
+) -> None:
+    """Lightning cautions about any DataLoader over an IterableDataset with a length; the shard loaders are
+    sized iterables of batches instead, and no process-wide filter hides the caution."""
+    caution = "Your `IterableDataset` has `__len__` defined"
+    assert not any(f[1] is not None and "IterableDataset" in f[1].pattern for f in warnings.filters)
+    dm = WebDatasetDataModule(
+        train_shards=str(shards), val_shards=str(shards), crop_size=32, batch_size=3, val_batch_size=2
+    )
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=None, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(EvalKeyModule(), datamodule=dm)
+    assert not [w for w in record if caution in str(w.message)]
+    assert trainer.num_training_batches == 6 and trainer.num_val_batches == [9]
+
+
+def test_both_data_modules_share_the_bad_input_option_and_its_default() -> None:
+    for module in (ImageFolderDataModule, WebDatasetDataModule):
+        parameters = inspect.signature(module.__init__).parameters
+        assert parameters["on_bad_image"].default == "skip", module.__name__
+        assert "on_bad_sample" not in parameters
+        with pytest.raises(ValueError, match="on_bad_image must be 'error' or 'skip'"):
+            module(on_bad_image="ignore")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -370,9 +375,9 @@ def test_uint8_crops_equal_load_image_crops(tmp_path: Path) -> None:
         assert u8 is not None and u8.dtype == torch.uint8
         full = load_image(tmp_path / name)
         assert torch.equal(uint8_to_unit(u8), full), name
-        padded = _Pixels(data, name, 64)  # smaller than the crop: mirror-padded like the image folder
+        padded = Pixels(data, name, 64)  # smaller than the crop: mirror-padded like the image folder
         assert torch.equal(padded.crop(0, 0, 64), reflect_pad(full, 64, 64)), name
-        assert torch.equal(_Pixels(data, name, 32).crop(3, 5, 32), full[:, 3:35, 5:37]), name
+        assert torch.equal(Pixels(data, name, 32).crop(3, 5, 32), full[:, 3:35, 5:37]), name
 
 
 def test_images_without_a_uint8_path_decode_exactly_like_load_image(tmp_path: Path) -> None:
@@ -382,7 +387,7 @@ def test_images_without_a_uint8_path_decode_exactly_like_load_image(tmp_path: Pa
     for name in ("alpha.png", "gray16.png"):
         data = (tmp_path / name).read_bytes()
         assert decode_uint8(data, name) is None
-        assert torch.equal(_Pixels(data, name, 16).crop(2, 3, 16), load_image(tmp_path / name)[:, 2:18, 3:19])
+        assert torch.equal(Pixels(data, name, 16).crop(2, 3, 16), load_image(tmp_path / name)[:, 2:18, 3:19])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,15 +3,16 @@
 Only the parts a stage needs are loaded (stage 1: the VAE alone). Weights come from a hub id or a
 local diffusers folder through the libraries' own ``from_pretrained``, or from one original
 (Stability/CompVis layout) ``.safetensors`` / ``.ckpt`` file through diffusers' ``from_single_file``
-with the configs of a local diffusers folder; ``tiny-*`` presets build the same module classes with
-random weights (see :mod:`tadm.components.backbones.presets`). All loaded modules are frozen; later stages
-add LoRA on top.
+with the configs of a local diffusers folder (all in :mod:`tadm.components.backbones.sd_loading`);
+``tiny-*`` presets build the same module classes with random weights (see
+:mod:`tadm.components.backbones.tiny`). This module is the runtime: all loaded modules are frozen,
+later stages add LoRA on top, and encode/decode/predict run them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tadm.components.backbones.presets import TEXT_SUBFOLDERS, build_tiny_components, get_preset
+from tadm.components.backbones.presets import get_preset
+from tadm.components.backbones.sd_loading import SDWeightLoader, resolve_source
 from tadm.contracts import BACKBONES, DiffusionBackbone
 
 PARTS = ("vae", "unet", "text")
@@ -32,42 +34,6 @@ UNET_LORA_TARGETS = (
 VAE_DECODER_LORA_REGEX = (
     r"decoder\.(.*\.)?(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_q|to_k|to_v|to_out\.0)"
 )
-#: weight file stems written by save_pretrained (diffusers models / transformers models)
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
-_TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
-#: where each part lives in an original (Stability/CompVis) single file, per family; text encoders
-#: are keyed by the diffusers subfolder they replace
-SINGLE_FILE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd15": {"text_encoder": ("cond_stage_model.transformer.",)},
-    "sd21": {"text_encoder": ("cond_stage_model.model.",)},
-    "sdxl": {
-        "text_encoder": ("conditioner.embedders.0.transformer.",),
-        "text_encoder_2": ("conditioner.embedders.1.model.",),
-    },
-}
-SINGLE_FILE_UNET = ("model.diffusion_model.",)
-SINGLE_FILE_VAE = ("first_stage_model.", "vae.")
-
-
-def _looks_like_path(src: str) -> bool:
-    """A string that cannot be a hub id (``org/name``) is meant as a local folder."""
-    return (
-        src.startswith(("/", ".", "~", "\\"))
-        or src.count("/") > 1
-        or "\\" in src
-        or (len(src) > 1 and src[1] == ":")
-        or Path(src).expanduser().exists()
-    )
-
-
-def _weight_candidates(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
-    suffix = f".{variant}" if variant else ""
-    names = []
-    for stem in stems:
-        names += [f"{stem}{suffix}.safetensors", f"{stem}{suffix}.bin"]
-        names += [f"{stem}.safetensors.index{suffix}.json", f"{stem}.bin.index{suffix}.json"]
-        names += [f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"] if suffix else []
-    return [folder / n for n in names]
 
 
 @BACKBONES.register(
@@ -131,19 +97,7 @@ class StableDiffusionBackbone(DiffusionBackbone):
         super().__init__()
         self.preset_name = preset
         self.preset = get_preset(preset)
-        source = pretrained if pretrained is not None else self.preset.hub_id
-        if source is None and not self.preset.tiny:
-            raise ValueError(
-                f"backbone preset {preset!r} has no hub id; set `pretrained` to a hub id or folder"
-            )
-        if single_file is not None and (source is None or not _looks_like_path(source)):
-            hub = self.preset.hub_id or "stabilityai/stable-diffusion-2-1-base"
-            raise ValueError(
-                f"backbone preset {preset!r}: `single_file` needs `pretrained` to be a local diffusers "
-                f"folder with the model's configs, tokenizers and scheduler (got {source!r}); get one with "
-                f"`hf download {hub} --exclude '*.safetensors' '*.bin' '*.ckpt' --local-dir /path/to/folder`"
-            )
-        self.pretrained = source
+        self.pretrained = resolve_source(preset, self.preset, pretrained, single_file)
         self.single_file = single_file
         self.vae_source = vae
         self.revision = revision
@@ -203,7 +157,7 @@ class StableDiffusionBackbone(DiffusionBackbone):
     @property
     def shift_factor(self) -> float:
         """Latent shift of VAEs that have one (none in the SD families: 0)."""
-        shift = getattr(self.vae.config, "shift_factor", None) if self.vae is not None else None
+        shift = self.vae.config.shift_factor if self.vae is not None else None
         return float(shift or 0.0)
 
     @property
@@ -221,32 +175,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
         todo = [p for p in PARTS if p in wanted and p not in self.loaded_parts]
         if not todo:
             return
-        tiny: dict[str, Any] = {}
-        if self.pretrained is None:
-            need = [p for p in todo if not (p == "vae" and self.vae_source)]
-            tiny = build_tiny_components(self.preset, parts=need) if need else {}
-
-        single = self._read_single_file(todo) if self.single_file is not None else {}
-
-        def get(part: str, sub: str) -> Any:  # the same modules: random-tiny, single file or from_pretrained
-            if sub in tiny:
-                return tiny[sub]
-            if sub in single:
-                return self._from_single_file(sub, single.pop(sub))
-            return self._from_pretrained(part, sub)
-
         # everything is loaded first and assigned only if all of it worked: no half-loaded parts
-        new: dict[str, Any] = {}
-        if "vae" in todo:
-            if "vae" in tiny or "vae" in single:
-                new["vae"] = get("vae", "vae")
-            else:
-                new["vae"] = self._load_vae()
-        if "unet" in todo:
-            new["unet"], new["scheduler"] = get("unet", "unet"), get("unet", "scheduler")
-        if "text" in todo:
-            for enc_name, tok_name in TEXT_SUBFOLDERS[self.preset.family]:
-                new[enc_name], new[tok_name] = get("text", enc_name), get("text", tok_name)
+        new = self._loader().load(todo)
         vae, unet = new.get("vae", self.vae), new.get("unet", self.unet)
         if vae is not None and unet is not None and unet.config.in_channels != vae.config.latent_channels:
             raise ValueError(
@@ -262,6 +192,19 @@ class StableDiffusionBackbone(DiffusionBackbone):
                 setattr(self, name, obj)
         if "text" in todo:
             self._encode_empty_prompt()
+
+    def _loader(self) -> SDWeightLoader:
+        """The loader for this backbone's weight sources (built per call: it holds no modules)."""
+        return SDWeightLoader(
+            preset_name=self.preset_name,
+            preset=self.preset,
+            pretrained=self.pretrained,
+            vae_source=self.vae_source,
+            single_file=self.single_file,
+            revision=self.revision,
+            variant=self.variant,
+            local_files_only=self.local_files_only,
+        )
 
     # --- the enhancer: empty-prompt conditioning, one UNet call, trainable parts -------------
     @torch.no_grad()
@@ -366,184 +309,6 @@ class StableDiffusionBackbone(DiffusionBackbone):
                 module.eval()
         return self
 
-    def _load_vae(self) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        if self.vae_source is None:
-            return self._from_pretrained("vae", "vae")
-        src = self.vae_source
-        if _looks_like_path(src):
-            folder = Path(src).expanduser()
-            # a whole pipeline folder given as `vae:` is accepted too: use its vae/ subfolder
-            sub = (
-                "vae"
-                if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists()
-                else ""
-            )
-            self._check_local(folder, sub, "vae", variant=None, what="the VAE given as `vae`")
-            return AutoencoderKL.from_pretrained(str(folder), subfolder=sub or None)
-        kwargs = {} if self.local_files_only is None else {"local_files_only": self.local_files_only}
-        try:
-            return AutoencoderKL.from_pretrained(src, **kwargs)
-        except OSError as err:
-            raise self._hub_error(src, "vae", "", err, key="vae") from err
-
-    def _from_pretrained(self, part: str, sub: str) -> Any:
-        """Load one subfolder of ``pretrained`` with the class that subfolder holds."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        cls: Any = {
-            "vae": AutoencoderKL,
-            "unet": UNet2DConditionModel,
-            "scheduler": DDPMScheduler,
-            "text_encoder": CLIPTextModel,
-            "text_encoder_2": CLIPTextModelWithProjection,
-            "tokenizer": CLIPTokenizer,
-            "tokenizer_2": CLIPTokenizer,
-        }[sub]
-        src = self.pretrained
-        assert src is not None
-        kwargs: dict[str, Any] = {"subfolder": sub}
-        if self.revision is not None:
-            kwargs["revision"] = self.revision
-        if self.variant is not None and sub not in ("scheduler", "tokenizer", "tokenizer_2"):
-            kwargs["variant"] = self.variant
-        local = _looks_like_path(src)
-        if local:
-            src = str(Path(src).expanduser())
-            self._check_local(Path(src), sub, sub, variant=self.variant, what="`pretrained`")
-        elif self.local_files_only is not None:
-            kwargs["local_files_only"] = self.local_files_only
-        try:
-            obj = cls.from_pretrained(src, **kwargs)
-        except OSError as err:
-            if local:
-                raise
-            raise self._hub_error(src, part, sub, err, key="pretrained") from err
-        if sub.startswith("tokenizer") and len(obj) < 3:
-            # transformers 5 returns an EMPTY tokenizer instead of failing when no file is found
-            err = OSError(f"no tokenizer files found for {src!r}/{sub}")
-            if local:
-                raise FileNotFoundError(f"backbone preset {self.preset_name!r}: {err}")
-            raise self._hub_error(src, part, sub, err, key="pretrained")
-        return obj
-
-    def _read_single_file(self, todo: list[str]) -> dict[str, dict[str, Tensor]]:
-        """The original-layout tensors of each wanted module, by diffusers subfolder; read once.
-
-        A ``.safetensors`` file is read lazily, so stage 1 reads only the VAE's tensors of a
-        multi-GB file. A missing UNet / VAE is an error; a missing text encoder falls back to the
-        folder's weights with a warning.
-        """
-        assert self.single_file is not None
-        path = Path(self.single_file).expanduser()
-        label = f"backbone preset {self.preset_name!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"{label}: single file '{path}' given as `single_file` not found")
-        wanted: dict[str, tuple[str, ...]] = {}
-        if "unet" in todo:
-            wanted["unet"] = SINGLE_FILE_UNET
-        if "vae" in todo and self.vae_source is None:
-            wanted["vae"] = SINGLE_FILE_VAE
-        if "text" in todo:
-            wanted.update(SINGLE_FILE_PREFIXES[self.preset.family])
-        if not wanted:
-            return {}
-        prefixes = tuple(p for group in wanted.values() for p in group)
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    names = [k for k in f.keys() if k.startswith(prefixes)]  # noqa: SIM118 (not a dict)
-                    tensors = {k: f.get_tensor(k) for k in names}
-            else:  # .ckpt / .pt / .bin: torch.load (weights only), "state_dict" nesting unwrapped
-                from diffusers.loaders.single_file_utils import load_single_file_checkpoint
-
-                every = load_single_file_checkpoint(str(path), local_files_only=True)
-                tensors = {k: v for k, v in every.items() if k.startswith(prefixes)}
-                del every
-        except Exception as err:
-            raise ValueError(
-                f"{label}: cannot read single file '{path}' as a checkpoint: {type(err).__name__}: {err}"
-            ) from err
-        out: dict[str, dict[str, Tensor]] = {}
-        for sub, group in wanted.items():
-            part = {k: v for k, v in tensors.items() if k.startswith(group)}
-            if part:
-                out[sub] = part
-            elif sub in ("unet", "vae"):
-                raise ValueError(
-                    f"{label}: single file '{path}' holds no {sub.upper()} weights (no keys under "
-                    f"{' or '.join(repr(g) for g in group)}); it is not an original-layout Stable Diffusion "
-                    f"checkpoint" + ("; give the VAE separately with `vae`" if sub == "vae" else "")
-                )
-            else:
-                warnings.warn(
-                    f"{label}: single file '{path}' holds no {sub} (no keys under {group[0]!r}); "
-                    f"loading {sub} from '{self.pretrained}/{sub}' instead",
-                    stacklevel=3,
-                )
-        return out
-
-    def _from_single_file(self, sub: str, tensors: dict[str, Tensor]) -> nn.Module:
-        """One module from the single file's original-layout tensors, configured by ``pretrained/sub``."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        assert self.pretrained is not None and self.single_file is not None
-        folder = Path(self.pretrained).expanduser()
-        self._check_local(
-            folder, sub, "config", variant=None, what="`pretrained` (configs for `single_file`)"
-        )
-        kwargs: dict[str, Any] = {"config": str(folder), "subfolder": sub, "local_files_only": True}
-        try:
-            if sub in ("unet", "vae"):
-                cls: Any = UNet2DConditionModel if sub == "unet" else AutoencoderKL
-                module = cls.from_single_file(tensors, **kwargs)
-            else:
-                cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else CLIPTextModel
-                module = create_diffusers_clip_model_from_ldm(cls, tensors, **kwargs)
-        except Exception as err:
-            # diffusers leaves absent tensors on the meta device and then fails to move them
-            missing = self._unconverted_keys(cls, folder, sub, tensors) if sub in ("unet", "vae") else []
-            raise self._single_file_error(sub, folder, missing, err) from err
-        missing = [k for k, v in module.state_dict().items() if v.is_meta]
-        if missing:
-            raise self._single_file_error(sub, folder, missing, None)
-        return module
-
-    @staticmethod
-    def _unconverted_keys(cls: Any, folder: Path, sub: str, tensors: dict[str, Tensor]) -> list[str]:
-        """Tensors of the configured model that diffusers' original->diffusers mapping does not produce."""
-        from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-
-        try:
-            config = cls.load_config(str(folder), subfolder=sub, local_files_only=True)
-            convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
-            converted = convert(checkpoint=tensors, config=config)
-            with torch.device("meta"):
-                expected = cls.from_config(config).state_dict()
-        except Exception:  # only used to explain another error: never hide that one
-            return []
-        return sorted(set(expected) - set(converted))
-
-    def _single_file_error(
-        self, sub: str, folder: Path, missing: list[str], err: Exception | None
-    ) -> ValueError:
-        where = f"single file '{self.single_file}'"
-        if missing:
-            return ValueError(
-                f"backbone preset {self.preset_name!r}: {where} lacks {len(missing)} of {sub}'s tensors "
-                f"(e.g. {missing[:3]}) for the config in '{folder / sub}': a truncated file or another model"
-            )
-        return ValueError(
-            f"backbone preset {self.preset_name!r}: cannot load {sub} from {where} with the config in "
-            f"'{folder / sub}' (a different model or family?): {type(err).__name__}: {err}"
-        )
-
     def _set_schedule(self, scheduler: Any) -> None:
         """Training noise schedule as DDPM (whatever sampler the folder ships); v/eps from its config."""
         from diffusers import DDPMScheduler
@@ -554,54 +319,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.scheduler = sched
         self.prediction_type = str(sched.config.prediction_type)
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        # the base class's non-persistent buffer: follows .to(device), never written into checkpoints
         self.alphas_cumprod = sched.alphas_cumprod.detach().clone().float().to(self._device_anchor.device)
-
-    def _check_local(self, folder: Path, sub: str, kind: str, variant: str | None, what: str) -> None:
-        """Fail before the libraries do, naming exactly the missing file and the folder."""
-        label = f"backbone preset {self.preset_name!r}"
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"{label}: folder '{folder}' given as {what} does not exist; give an existing diffusers "
-                f"folder or a hub id such as {self.preset.hub_id or 'stabilityai/stable-diffusion-2-1-base'!r}"
-            )
-        part = folder / sub if sub else folder
-        rel = f"{sub}/" if sub else ""
-        kind = kind.removesuffix("_2")
-        if kind == "scheduler":
-            required = [("scheduler_config.json",)]
-        elif kind == "config":  # weights come from elsewhere (`single_file`)
-            required = [("config.json",)]
-        elif kind == "tokenizer":
-            required = [("tokenizer.json", "vocab.json")]
-        else:
-            stems = _TRANSFORMERS_WEIGHTS if kind == "text_encoder" else _DIFFUSERS_WEIGHTS
-            weights = tuple(p.name for p in _weight_candidates(part, stems, variant))
-            required = [("config.json",), weights]
-        layout = " and ".join(f"{rel}{alts[0]}" for alts in required)
-        kind_word = "diffusers folder" if sub else "diffusers AutoencoderKL folder (files at its root)"
-        for alts in required:
-            if not any((part / name).is_file() for name in alts):
-                first = part / alts[0]
-                alt = " (or .bin)" if first.suffix == ".safetensors" else ""
-                alt = " (or vocab.json + merges.txt)" if alts[0] == "tokenizer.json" else alt
-                hint = "" if part.is_dir() else f" (the folder '{part}' does not exist)"
-                raise FileNotFoundError(
-                    f"{label}: '{first}'{alt} not found{hint}; expected a {kind_word} with {layout} in '{folder}'"
-                )
-
-    def _hub_error(self, hub_id: str, part: str, sub: str, err: Exception, key: str) -> OSError:
-        from huggingface_hub import constants
-
-        where = f"part {part!r} (subfolder {sub!r})" if sub else f"part {part!r}"
-        rev = f" --revision {self.revision}" if self.revision and key == "pretrained" else ""
-        return OSError(
-            f"backbone preset {self.preset_name!r}: cannot load {where} of hub model {hub_id!r}: no network / "
-            f"Hugging Face Hub is reachable from here (or HF_HUB_OFFLINE / local_files_only is set), or the files are not in the "
-            f"HF cache ({constants.HF_HUB_CACHE}). To fix: on a connected machine run "
-            f"`hf download {hub_id}{rev} --local-dir /path/to/folder`, copy that folder here and set "
-            f"`{key}: /path/to/folder`; or copy the HF cache folder to this machine. "
-            f"Underlying error: {type(err).__name__}: {err}"
-        )
 
     # --- latent space ------------------------------------------------------------------------
     def _require_vae(self) -> nn.Module:
@@ -639,8 +358,6 @@ class StableDiffusionBackbone(DiffusionBackbone):
         """VAEs flagged ``force_upcast`` (SDXL's) overflow in fp16 into NaN / black images: run them
         in their own dtype (fp32) even inside a ``16-mixed`` autocast region. An fp16-fixed VAE
         (``force_upcast: false`` in its config) keeps autocast."""
-        import contextlib
-
-        if self.vae is not None and getattr(self.vae.config, "force_upcast", False):
+        if self.vae is not None and self.vae.config.force_upcast:
             return torch.autocast(device_type=x.device.type, enabled=False)
         return contextlib.nullcontext()

@@ -52,7 +52,7 @@ def downscale_command(argv: Sequence[str]) -> int:
     from tadm.datamodules.image_io import load_image
     from tadm.inference.lr_files import LRMeta, write_lr
 
-    files = collect_inputs(args.inputs)  # a bad input fails before the model loads
+    files = collect_inputs(args.inputs, exclude=args.output)  # a bad input fails before the model loads
     codec = load_from_args(args)
 
     def write(f: InputFile, dest: Path) -> None:
@@ -71,7 +71,7 @@ def upscale_command(argv: Sequence[str]) -> int:
     from tadm.inference.heatmap import timestep_panel
     from tadm.inference.lr_files import read_lr, write_png
 
-    files = collect_inputs(args.inputs)
+    files = collect_inputs(args.inputs, exclude=args.output)
     codec = load_from_args(args)
     model = codec.module
 

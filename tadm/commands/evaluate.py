@@ -43,7 +43,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     from tadm.evaluation.engine import Evaluation, Metrics
     from tadm.inference.pipeline import bicubic_round_trip
 
-    images = iter_hr_images(args.inputs)
+    images = iter_hr_images(args.inputs, exclude=args.output)
     codec = load_from_args(args)
     metrics = Metrics(device=codec.device, perceptual=not args.no_perceptual, fid=not args.no_fid)
     if args.no_perceptual:

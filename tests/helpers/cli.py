@@ -57,3 +57,38 @@ def stage_args(
     if root is not None:
         args += [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"]
     return args + list(extra or [])
+
+
+def fit_and_check(cli: TADMCLI, steps: int = 1) -> dict[str, set[str]]:
+    """Fit, then check what a training run must leave behind: ``steps`` optimiser steps, a finite loss,
+    frozen weights untouched, every trained part moved, and a checkpoint that holds the trained tensors
+    (plus the frozen rescaler of stage 2) but never the frozen backbone.
+
+    Returns the parameter names that ``trainable`` / ``changed`` / ``stored`` (in a checkpoint).
+    """
+    import torch
+
+    m = cli.model
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    cli.trainer.fit(m, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == steps
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    trained_ids = {id(p) for p in m.trainable_parameters()}
+    trainable = {n for n, p in m.named_parameters() if id(p) in trained_ids}
+    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert trainable, "the stage trains nothing"
+    assert not changed - trainable, f"frozen weights changed: {sorted(changed - trainable)[:5]}"
+    parts = {
+        n.split(".")[0] if not n.startswith("backbone.") else ".".join(n.split(".")[:2]) for n in trainable
+    }
+    for part in parts:
+        assert any(n.startswith(part + ".") for n in changed), f"nothing in {part} was trained"
+    checkpoint = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(checkpoint)
+    params = dict(m.named_parameters())
+    stored = {k for k in checkpoint["state_dict"] if k in params}
+    assert trainable <= stored, f"checkpoint lacks trained tensors {sorted(trainable - stored)[:5]}"
+    # besides what this stage trained, only the (frozen, stage-1) rescaler is stored: never the backbone
+    assert all(k.startswith("rescaler.") for k in stored - trainable), sorted(stored - trainable)[:5]
+    assert checkpoint["tadm"]["backbone_id"] == m.backbone.backbone_id
+    return {"trainable": trainable, "changed": changed, "stored": stored}

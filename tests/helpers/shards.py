@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tadm.datamodules.shard_writer import pack_shards
+from tadm.datamodules.shards import new_index, write_index
 
 
 def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
@@ -34,7 +34,7 @@ def write_shards(
     """Shards with the given sample counts (via ``tadm shard``, one source folder per shard)."""
     out = root / "shards"
     out.mkdir(parents=True, exist_ok=True)
-    shards, total = [], 0
+    shards = []
     for s, n in enumerate(counts):
         src = root / f"src{s}"
         write_images(src, [size] * n, seed=seed + s)
@@ -44,10 +44,8 @@ def write_shards(
         (root / f"tmp{s}" / "shard-000000.tar").rename(out / f"shard-{s:06d}.tar")
         entry = {**index["shards"][0], "name": f"shard-{s:06d}.tar"}
         shards.append(entry)
-        total += n
         latents = index["latents"]
-    index = {"format": "tadm-shards", "version": 1, "count": total, "shards": shards, "latents": latents}
-    (out / "index.json").write_text(json.dumps(index))
+    write_index(out, new_index(shards, latents=latents))
     return out
 
 

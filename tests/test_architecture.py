@@ -1,0 +1,170 @@
+"""The layer rules hold and can fail: import-linter's contracts in pyproject.toml are kept and catch an
+upward import and a cycle; no private name crosses a module boundary; no import hides below the code; no
+test module imports another; an installed tadm puts nothing but ``tadm`` at the top level."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+#: every source file of the installed package, read through the repository's real folders
+SOURCES = sorted(
+    p
+    for root in ("tadm", "components", "datamodules")
+    for p in (REPO / root).rglob("*.py")
+    if not p.is_symlink()
+)
+SOURCES = [
+    p for p in SOURCES if "tadm/components" not in p.as_posix() and "tadm/datamodules" not in p.as_posix()
+]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd), "HOME": str(cwd)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", "pyproject.toml", "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sources_are_found_through_the_real_folders() -> None:
+    names = {p.relative_to(REPO).as_posix() for p in SOURCES}
+    assert "components/rescalers/dfrm.py" in names and "datamodules/webdataset.py" in names
+    assert "tadm/model/module.py" in names and len(names) == len(SOURCES)
+    assert (REPO / "tadm" / "components").is_symlink() and (REPO / "tadm" / "datamodules").is_symlink()
+
+
+def test_import_contracts_are_kept() -> None:
+    result = _lint(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package copied with its links resolved, to plant bad imports in."""
+    root = tmp_path_factory.mktemp("tree")
+    shutil.copytree(
+        REPO / "tadm", root / "tadm", symlinks=False, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("planted", "broken"),
+    [
+        ({"tadm/contracts/upward.py": "import tadm.model.module\n"}, "Layers point down BROKEN"),
+        (
+            {"tadm/components/aligners/uses_rescaler.py": "import tadm.components.rescalers.dfrm\n"},
+            "Plug-in kinds are independent of each other BROKEN",
+        ),
+        (
+            {
+                "tadm/ops/cycle_a.py": "import tadm.ops.cycle_b\n",
+                "tadm/ops/cycle_b.py": "import tadm.ops.cycle_a\n",
+            },
+            "No import cycles between sibling packages or modules BROKEN",
+        ),
+    ],
+    ids=["upward", "plugin-to-plugin", "cycle"],
+)
+def test_contracts_catch_a_planted_violation(tree_copy: Path, planted: dict[str, str], broken: str) -> None:
+    try:
+        for rel, text in planted.items():
+            (tree_copy / rel).write_text(text)
+        result = _lint(tree_copy)
+    finally:
+        for rel in planted:
+            (tree_copy / rel).unlink(missing_ok=True)
+    assert result.returncode != 0 and broken in result.stdout, result.stdout + result.stderr
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] != "tadm":
+        parts.insert(0, "tadm")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    crossing = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tadm"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        crossing.append(f"{path.relative_to(REPO)}: from {node.module} import {alias.name}")
+    assert not crossing, "private names crossing modules:\n" + "\n".join(crossing)
+
+
+def _is_type_checking_block(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def test_imports_stand_at_the_top_of_every_module() -> None:
+    late = []
+    for path in SOURCES:
+        body = ast.parse(path.read_text(), str(path)).body
+        code_started = False
+        for i, node in enumerate(body):
+            is_import = isinstance(node, ast.Import | ast.ImportFrom) or _is_type_checking_block(node)
+            is_docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            if is_import and code_started:
+                late.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+            elif not (is_import or is_docstring):
+                code_started = True
+    assert not late, "imports below the code:\n" + "\n".join(late)
+
+
+def test_no_test_module_imports_another() -> None:
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                ("tests.test_", "tests.conftest")
+            ):
+                offenders.append(f"{path.name}: from {node.module} import ...")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_wheel_installs_only_the_tadm_package(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("tadm", "components", "datamodules"):
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path),
+        str(src),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("tadm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"tadm"}, tops
+    assert "tadm/components/rescalers/dfrm.py" in names and "tadm/datamodules/webdataset.py" in names
+    assert "tadm/contracts/rescaler.py" in names

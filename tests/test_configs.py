@@ -1,0 +1,184 @@
+"""Every YAML under configs/ is found and run (shrunk), so the configs users run are tested configs.
+
+Nothing here lists config files: a new file is picked up by its folder's rule. ``experiments/`` and
+``quickstart.yaml`` are complete recipes (each experiment runs once per backbone family, on the family's
+tiny twin); ``backbone/``, ``aligner/``, ``debug/`` and ``data/`` files are composed onto a recipe. A new
+aligner is one module and one YAML, nothing else to edit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tadm.commands.main import main
+from tadm.components.backbones.presets import PRESETS
+from tadm.contracts import ALIGNERS
+from tests.helpers import CONFIGS, TRAIN, VAL
+from tests.helpers.cli import build_cli, data_args, fit_and_check, stage_args
+
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+RULES = ("quickstart.yaml", "experiments", "backbone", "aligner", "debug", "data")
+
+
+def _files(folder: str) -> list[str]:
+    return [f for f in CONFIG_FILES if f.startswith(folder + "/")]
+
+
+def _yaml(rel: str) -> dict:
+    return yaml.safe_load((CONFIGS / rel).read_text()) or {}
+
+
+def _preset(rel: str) -> str | None:
+    return ((_yaml(rel).get("model") or {}).get("backbone") or {}).get("init_args", {}).get("preset")
+
+
+#: one backbone file per family: the experiments run on each family's tiny twin
+FAMILY_FILES = {PRESETS[p].family: f for f in reversed(_files("backbone")) if (p := _preset(f))}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every CLI call from an empty folder: nothing may be written into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_every_config_file_has_a_rule() -> None:
+    assert "quickstart.yaml" in CONFIG_FILES and _files("experiments")
+    for rel in CONFIG_FILES:
+        assert rel.split("/")[0] in RULES, f"configs/{rel}: no rule in tests/test_configs.py for its folder"
+
+
+def test_every_backbone_family_has_a_tiny_twin() -> None:
+    assert set(FAMILY_FILES) == {"sd15", "sd21", "sdxl"}
+    for family in FAMILY_FILES:
+        assert f"tiny-{family}" in PRESETS, (
+            f"family {family} needs a tiny-{family} preset for the config tests"
+        )
+
+
+def test_quickstart_trains_a_step_and_reports_both_round_trips() -> None:
+    cli = build_cli(["--config", QUICKSTART, "--trainer.fast_dev_run=1", *data_args()])
+    done = fit_and_check(cli)
+    assert all(n.startswith("rescaler.") for n in done["trainable"])
+    metrics = cli.trainer.callback_metrics
+    assert 5 < metrics["val/psnr_y"] < 60 and 5 < metrics["val/bicubic_psnr_y"] < 60
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FILES))
+@pytest.mark.parametrize("experiment", _files("experiments"))
+def test_experiment_trains_a_step_on_each_family(experiment: str, family: str) -> None:
+    """The full-size recipe itself, its backbone swapped by the family's YAML and shrunk to the tiny twin,
+    no previous-stage checkpoint; one step trains exactly the stage's parts (see ``fit_and_check``)."""
+    stage = _yaml(experiment)["model"].get("stage", "rescaler")
+    shrink = [] if stage == "rescaler" else ["--model.init_from=null", "--trainer.precision=32-true"]
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / experiment),
+            "--config",
+            str(CONFIGS / FAMILY_FILES[family]),
+            f"--model.backbone.init_args.preset=tiny-{family}",
+            "--trainer.fast_dev_run=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--data.init_args.num_workers=0",
+            *shrink,
+            *data_args(crop=64, batch=1),
+        ]
+    )
+    assert cli.model.stage == stage and cli.model.backbone.preset.family == family
+    done = fit_and_check(cli)
+    parts = {n.split(".")[0] for n in done["changed"]}
+    expected = {
+        "rescaler": {"rescaler"},
+        "enhancer": {"backbone", "enhancer"},
+        "joint": {"rescaler", "backbone"},
+    }
+    assert expected[stage] <= parts, parts
+    assert ("rescaler" in parts) == (stage != "enhancer")
+
+
+@pytest.mark.parametrize("backbone", _files("backbone"))
+def test_backbone_file_parses_without_weights(backbone: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Full-size presets and the VAE swap parse (``--print_config``) without touching weights."""
+    with pytest.raises(SystemExit):  # --print_config prints and exits
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "experiments" / "rescaler_x16.yaml"),
+                "--config",
+                str(CONFIGS / backbone),
+                "--model.backbone.init_args.pretrained=/weights/elsewhere",
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["backbone"]["init_args"]
+    for key, value in _yaml(backbone)["model"]["backbone"].get("init_args", {}).items():
+        assert printed[key] == value
+    assert printed["pretrained"] == "/weights/elsewhere"
+
+
+@pytest.mark.parametrize("aligner", _files("aligner"))
+def test_aligner_file_swaps_the_aligner_and_trains_a_step(aligner: str) -> None:
+    """Composed onto stage 2 (tiny SD 2.1): the YAML's short name picks the class, one step trains it,
+    validation runs (the oracle gets the HR latent there)."""
+    extra = ["--config", str(CONFIGS / aligner), "--trainer.max_steps=1"]
+    extra += ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=1"]
+    cli = build_cli(stage_args(extra=extra))
+    assert type(cli.model.aligner) is ALIGNERS.get(_yaml(aligner)["model"]["aligner"]["class_path"])
+    done = fit_and_check(cli)
+    has_params = any(p.requires_grad for p in cli.model.aligner.parameters())
+    assert any(n.startswith("aligner.") for n in done["changed"]) == has_params
+    assert torch.isfinite(cli.trainer.callback_metrics["val/psnr_y"])
+    assert not cli.model.rescaler.training  # stage 2 keeps the frozen rescaler in eval mode
+
+
+@pytest.mark.parametrize("debug", _files("debug"))
+def test_debug_file_composes_with_quickstart(debug: str) -> None:
+    cli = build_cli(["--config", QUICKSTART, "--config", str(CONFIGS / debug), *data_args()])
+    for key, value in _yaml(debug)["trainer"].items():
+        assert cli.config["trainer"][key] == value, key
+    cli = build_cli(
+        ["--config", QUICKSTART, "--config", str(CONFIGS / debug), "--trainer.fast_dev_run=1", *data_args()]
+    )
+    fit_and_check(cli)
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled photos packed as shard sets (``tadm shard``)."""
+    from tadm.datamodules.shard_writer import pack_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    pack_shards(TRAIN, root / "train")
+    pack_shards(VAL, root / "val")
+    return {"train": root / "train", "val": root / "val"}
+
+
+#: what each data module needs besides its YAML to run on the bundled photos
+DATA_ARGS = {
+    "WebDatasetDataModule": lambda shards: [
+        f"--data.init_args.train_shards={shards['train']}",
+        f"--data.init_args.val_shards={shards['val']}",
+        "--data.init_args.crop_size=64",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+    ],
+}
+
+
+@pytest.mark.parametrize("data", _files("data"))
+def test_data_file_feeds_the_quickstart(data: str, sample_shards: dict[str, Path]) -> None:
+    class_path = _yaml(data)["data"]["class_path"]
+    assert class_path in DATA_ARGS, f"configs/{data}: add how to feed {class_path} to DATA_ARGS"
+    args = ["--config", QUICKSTART, "--config", str(CONFIGS / data), "--trainer.fast_dev_run=1"]
+    cli = build_cli([*args, *DATA_ARGS[class_path](sample_shards)])
+    assert type(cli.datamodule).__name__ == class_path.rsplit(".", 1)[-1]
+    fit_and_check(cli)
+    assert torch.isfinite(cli.trainer.callback_metrics["val/psnr_y"])
