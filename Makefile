@@ -22,15 +22,16 @@ quickstart: setup
 	$(BIN)/tadm downscale --ckpt $(QS_CKPT) assets/samples/val --output runs/quickstart/lr --overwrite --no-progress
 	$(BIN)/tadm upscale --ckpt $(QS_CKPT) runs/quickstart/lr --output runs/quickstart/restored --overwrite --no-progress
 
+# Two workers (one torch thread each) and the slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # Slow tests are skipped when CI=true; run them locally with this target.
 test-slow: setup
-	CI= $(BIN)/python -m pytest -q -m slow
+	CI= $(BIN)/python -m pytest -q -m slow --durations=5
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

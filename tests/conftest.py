@@ -14,6 +14,8 @@ from tests.helpers import REPO, SAMPLES
 from tests.helpers.vgg import write_random_vgg16
 
 load_plugins()
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
