@@ -137,6 +137,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.flip = flip
         self.latents = latents
         self.seed = seed
+        #: set by :meth:`connect`; without it cached latents are served whenever the index has them
+        self.model_backbone_id: str | None = None
+        self.model_latent_rescaler = True
         self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.datasets: dict[SplitName, ShardStream] = {}
         self.skips = SkipCollector()
@@ -233,15 +236,19 @@ class WebDatasetDataModule(L.LightningDataModule):
             on_bad_image=self.on_bad_image,
         )
 
+    def connect(self, backbone_id: str, latent_rescaler: bool) -> None:
+        """The model's facts that decide whether cached latents can be served (:class:`ConnectsToModel`):
+        its backbone id (latents of another backbone are never served) and whether its rescaler works on
+        latents. The tadm CLI calls this; call it yourself when you build the trainer in Python."""
+        self.model_backbone_id = backbone_id
+        self.model_latent_rescaler = latent_rescaler
+
     def _latent_spec(self, index: ShardIndexInfo | None) -> LatentSpec | None:
         """Decide once, at setup, whether training serves cached latents (every batch must agree)."""
         if self.latents is False:
             return None
         meta = index.latents if index is not None else None
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        backbone = getattr(model, "backbone", None)
-        wanted_id = getattr(backbone, "backbone_id", None)
-        rescaler = getattr(model, "rescaler", None)
+        wanted_id = self.model_backbone_id
         problem = None
         if meta is None:
             problem = "the training shards' index.json describes no cached latents (`tadm shard --latents`)"
@@ -253,7 +260,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             problem = (
                 f"the latents come from backbone {meta.get('backbone_id')!r}, the model uses {wanted_id!r}"
             )
-        elif self.latents is None and getattr(rescaler, "space", "latent") != "latent":
+        elif self.latents is None and not self.model_latent_rescaler:
             return None  # a pixel-space rescaler has no use for them
         if problem is not None:
             if self.latents:

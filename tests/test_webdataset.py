@@ -460,7 +460,7 @@ def test_latent_flips_match_the_flipped_crops(latent_shards: tuple[Path, Any]) -
 
 
 def test_latents_are_used_only_when_they_match(latent_shards: tuple[Path, Any], tmp_path: Path) -> None:
-    root, _ = latent_shards
+    root, backbone = latent_shards
     with pytest.raises(ValueError, match="latents: true, but the latents were cached for crops of 64"):
         WebDatasetDataModule(train_shards=str(root), crop_size=32, latents=True).setup("fit")
     plain = write_shards(tmp_path, [2])
@@ -472,6 +472,19 @@ def test_latents_are_used_only_when_they_match(latent_shards: tuple[Path, Any], 
     auto = WebDatasetDataModule(train_shards=str(root), crop_size=64, batch_size=2)
     auto.setup("fit")  # no model to compare with: the index's latents at this crop size are used
     assert "latent" in next(iter(auto.train_dataloader()))
+    other = WebDatasetDataModule(train_shards=str(root), crop_size=64, batch_size=2)
+    other.connect("stable_diffusion:tiny-sd21:random-seed2100", latent_rescaler=True)
+    with pytest.warns(
+        UserWarning, match="the latents come from backbone .*tiny-sd15.*the model uses .*tiny-sd21"
+    ):
+        other.setup("fit")
+    assert "latent" not in next(iter(other.train_dataloader()))
+    pixel = WebDatasetDataModule(train_shards=str(root), crop_size=64, batch_size=2)
+    pixel.connect(
+        backbone.backbone_id, latent_rescaler=False
+    )  # a pixel-space rescaler has no use for latents
+    pixel.setup("fit")
+    assert "latent" not in next(iter(pixel.train_dataloader()))
 
 
 def test_cached_latent_shards_train_through_the_cli_without_encoding(

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
+from tadm.contracts.data import ConnectsToModel
 from tadm.model.module import TADMModule
 
 
@@ -25,6 +26,9 @@ class TADMCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if isinstance(self.datamodule, ConnectsToModel):  # hand the data module the model's facts
+            model = self.model
+            self.datamodule.connect(model.backbone.backbone_id, model.rescaler.space == "latent")
         # Keep the full config with every checkpoint (module-typed args are not rebuilt from hparams).
         cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         try:
