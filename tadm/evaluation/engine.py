@@ -191,21 +191,6 @@ def _fp32(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _as_8bit(x: Tensor) -> Tensor:
-    return quantize_unit_8bit(to_unit(x.float())) * 2.0 - 1.0
-
-
-def _lpips_dists(net: nn.Module, p: Tensor, t: Tensor) -> tuple[float, float]:
-    lpips_value = net.lpips(p, t).flatten()[0]
-    dists_value = net.dists((p + 1) / 2, (t + 1) / 2).flatten()[0]
-    return float(lpips_value), float(dists_value)
-
-
-def _fp32(device: torch.device) -> torch.autocast:
-    """Autocast off, in case the caller runs the model under mixed precision."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 class Evaluation:
     """Scores every method on each image it is given; :meth:`finish` makes the :class:`EvalReport`.
 
