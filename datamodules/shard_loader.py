@@ -79,6 +79,7 @@ class ShardLoader:
             else:  # used outside a Trainer: every iteration is a new epoch
                 stream.set_position(self._manual_epoch, self._manual_epoch * len(self))
                 self._manual_epoch += 1
+            stream.log_placement()  # every rank, every epoch: what it owns and reads
         yield from self.loader
 
     def state_dict(self) -> dict[str, Any]:

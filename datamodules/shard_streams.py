@@ -3,9 +3,10 @@
 Nothing here talks to other ranks: each stream is told its rank and world size and reads only its share.
 Two rules keep DDP from hanging:
 
-- Training is an endless walk over this rank's shards (``split_by_node`` then ``split_by_worker``), reshuffled
-  on every pass and cut into epochs of a fixed number of samples per rank, so every rank runs the same
-  number of steps whatever the shard sizes. Ranks read disjoint samples.
+- Training is an endless walk over this rank's share of the samples, reshuffled on every pass and cut into
+  epochs of a fixed number of samples per rank, so every rank runs the same number of steps whatever the
+  shard sizes. Ranks read disjoint samples; with the shards' counts their shares are equal (within one
+  sample, :mod:`tadm.datamodules.placement`), so every sample is read about as often as any other.
 - Evaluation splits the *samples* into one contiguous range per rank and pads the short ranks by wrapping
   around to the first samples (as ``DistributedSampler`` does), so every rank runs the same number of
   batches; a damaged sample is replaced by a copy of a good one rather than dropped.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,11 +40,13 @@ from tadm.datamodules.bad_input import (
 )
 from tadm.datamodules.image_folder import reflect_pad
 from tadm.datamodules.image_io import ImageReadError, decode_image, decode_uint8, uint8_to_unit
-from tadm.datamodules.placement import Ownership, worker_batches, worker_slot
+from tadm.datamodules.placement import RankPlan, Reader, UnevenPlacementWarning, worker_batches, worker_slot
 from tadm.datamodules.shards import LATENT_FIELD, SampleError, image_field, iter_shard, sample_meta
 
 #: what decoding a damaged sample can raise: such a sample is skipped and counted, never a crash
 _SAMPLE_ERRORS = (ImageReadError, SampleError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError)
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,7 +142,11 @@ class ShardStream(IterableDataset):
 
 
 class TrainShardStream(ShardStream):
-    """Endless, reshuffled random crops from this rank's shards, cut to ``samples_per_epoch`` per epoch.
+    """Endless, reshuffled random crops from this rank's share, cut to ``samples_per_epoch`` per epoch.
+
+    With ``counts`` the ranks own equal shares of the samples and the workers shares in proportion to their
+    batches (:class:`~tadm.datamodules.placement.RankPlan`), so every sample is read about equally often.
+    Without, shards are dealt out whole and the shares are as unequal as the shards (a warning says so).
 
     Args:
         urls: Shard URLs (already expanded).
@@ -154,6 +162,7 @@ class TrainShardStream(ShardStream):
         seed: Base seed; the stream's generators are seeded with (seed, start batch, rank, worker).
         latent: Serve the cached latents of the stored crops instead of random crops.
         on_bad_image: ``"skip"`` (warn and count) or ``"error"`` (:mod:`tadm.datamodules.bad_input`).
+        counts: Samples per shard (from ``index.json``); None: unknown, whole shards per rank (``plan``).
     """
 
     split = "train"
@@ -172,10 +181,14 @@ class TrainShardStream(ShardStream):
         seed: int = 0,
         latent: LatentSpec | None = None,
         on_bad_image: BadInputPolicy = DEFAULT_POLICY,
+        counts: Sequence[int] | None = None,
     ) -> None:
         super().__init__(urls, rank, world_size, on_bad_image)
         if samples_per_epoch < batch_size:
             raise ValueError(f"samples_per_epoch={samples_per_epoch} is less than one batch ({batch_size})")
+        self.plan = RankPlan.make(self.urls, counts, rank, world_size)
+        if self.plan.problem is not None:
+            warnings.warn(self.plan.problem, UnevenPlacementWarning, stacklevel=2)
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.samples_per_epoch = samples_per_epoch
@@ -203,6 +216,15 @@ class TrainShardStream(ShardStream):
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
 
+    def placement(self) -> str:
+        """This rank's share in a line: ``rank 1/2, epoch 0: 9 samples from shard-000002.tar, ...``."""
+        where = f"rank {self.rank}/{self.world_size}, epoch {self.epoch}"
+        return f"{where}: {self.plan.describe()}; {len(self)} per epoch"
+
+    def log_placement(self) -> None:
+        """Log :meth:`placement` at INFO (the loader does, on every rank and epoch)."""
+        log.info(self.placement())
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_slot()
         target = len(worker_batches(self.num_batches, worker, num_workers)) * self.batch_size
@@ -211,14 +233,17 @@ class TrainShardStream(ShardStream):
             return
         seq = np.random.SeedSequence([self.seed, self.start_batch, self.rank, worker])
         order_rng, shuffle_rng, crop_rng = (np.random.default_rng(s) for s in seq.spawn(3))
-        ownership = Ownership.plan(len(self.urls), self.rank, self.world_size, worker, num_workers)
-        stream = self._passes(ownership, order_rng, shuffle_rng, crop_rng)
+        targets = [len(worker_batches(self.num_batches, w, num_workers)) for w in range(num_workers)]
+        reader, fallback = self.plan.readers(worker, targets)
+        stream = self._passes(reader, fallback, worker, order_rng, shuffle_rng, crop_rng)
         for sample in itertools.islice(stream, target):
             yield self._tag(sample)
 
     def _passes(
         self,
-        ownership: Ownership,
+        reader: Reader,
+        fallback: Reader,
+        worker: int,
         order_rng: np.random.Generator,
         shuffle_rng: np.random.Generator,
         crop_rng: np.random.Generator,
@@ -228,11 +253,11 @@ class TrainShardStream(ShardStream):
         The buffers drain at the end of each pass, so an epoch as long as the worker's share of the data sees
         every sample (crop) exactly once.
         """
-        borrow = False
+        borrowing = False
         while True:
             stats = {"read": 0, "owned": 0, "good": 0}
-            order = [ownership.shards[i] for i in order_rng.permutation(len(ownership.shards))]
-            raw = self._owned_samples(order, ownership, borrow, stats)
+            order = [reader.shards[i] for i in order_rng.permutation(len(reader.shards))]
+            raw = self._owned_samples(order, reader, stats)
             decoded = (
                 s
                 for item in _shuffled(raw, self.shuffle_buffer, shuffle_rng)
@@ -245,30 +270,33 @@ class TrainShardStream(ShardStream):
                 yield sample
             if stats["good"]:
                 continue
-            shards = ", ".join(f"'{self.urls[i]}'" for i in ownership.shards[:3])
+            shards = ", ".join(f"'{self.urls[i]}'" for i in reader.shards[:3])
             if stats["owned"]:
                 raise RuntimeError(
                     f"none of the {stats['owned']} samples of shard(s) {shards} ... could be used"
                 )
-            if not stats["read"]:
+            if borrowing or (not stats["read"] and reader.shards):
                 raise RuntimeError(f"no readable sample in shard(s) {shards} ... (see the warnings above)")
             # fewer samples than (rank, worker) slots: better repeat another slot's data than stall DDP
             warnings.warn(
-                f"rank {self.rank} worker {ownership.worker} owns no sample of {len(self.urls)} shard(s); it reads "
+                f"rank {self.rank} worker {worker} owns no sample of {len(self.urls)} shard(s); it reads "
                 "samples of other workers instead. Use more (smaller) shards or fewer num_workers.",
                 InputSkippedWarning,
                 stacklevel=2,
             )
-            borrow = True
+            reader, borrowing = fallback, True
 
     def _owned_samples(
-        self, order: list[int], ownership: Ownership, borrow: bool, stats: dict[str, int]
+        self, order: list[int], reader: Reader, stats: dict[str, int]
     ) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         for shard in order:
             url = self.urls[shard]
+            end = reader.end(shard)
             for pos, key, fields in iter_shard(url, self._shard_problem):
+                if end is not None and pos >= end:
+                    break  # the rest of the shard belongs to others
                 stats["read"] += 1
-                if borrow or ownership.owns(shard, pos):
+                if reader.owns(shard, pos):
                     stats["owned"] += 1
                     yield url, key, fields
 

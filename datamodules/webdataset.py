@@ -46,8 +46,9 @@ _STAGE_SPLITS: dict[str, tuple[tuple[SplitName, ...], tuple[SplitName, ...]]] = 
 class WebDatasetDataModule(L.LightningDataModule):
     """WebDataset tar shards for fit / validate / test, streaming, on one process or many nodes.
 
-    Data placement needs no collective: every rank reads its own shards (training) or its own range of
-    samples (evaluation), and all ranks run the same number of batches. Works unchanged under ``torchrun``
+    Data placement needs no collective: every rank reads its own equal share of the samples (training,
+    balanced by the counts in ``index.json``; logged at INFO every epoch) or its own range of samples
+    (evaluation), and all ranks run the same number of batches. Works unchanged under ``torchrun``
     and SLURM (Lightning's cluster environments give rank and world size). DataLoader workers are started
     per epoch (not persistent), so each epoch's stream is seeded from the trainer's epoch and step.
 
@@ -62,7 +63,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         crop_size: Side of the square training crop; a positive multiple of ``scale`` and of 8.
         batch_size: Training batch size per rank.
         val_batch_size: Batch size for validation and test (images must then share one size).
-        num_workers: DataLoader worker processes per rank; shards are split between them.
+        num_workers: DataLoader worker processes per rank; the rank's samples are split between them.
         scale: Downscaling factor of the model (linked from ``model.scale``); constrains ``crop_size``.
         samples_per_epoch: Training samples (crops) per epoch *per rank*, rounded down to whole batches.
             Default: one pass over the shards, ``images x crops_per_image // world size`` (needs the shards'
@@ -234,6 +235,7 @@ class WebDatasetDataModule(L.LightningDataModule):
             seed=self.seed,
             latent=latent,
             on_bad_image=self.on_bad_image,
+            counts=index.counts if index is not None else None,
         )
 
     def connect(self, backbone_id: str, latent_rescaler: bool) -> None:

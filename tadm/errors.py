@@ -26,3 +26,7 @@ class LRFileError(TadmError, ValueError):
 
 class ShardError(TadmError, ValueError):
     """A problem with a shard set or with ``tadm shard``'s input or output folder."""
+
+
+class ConfigError(TadmError, ValueError):
+    """A configuration whose objects cannot be built; the message names the value and the problem."""

@@ -204,3 +204,20 @@ def test_encode_checks_size_and_is_deterministic(pipelines: dict[str, Path]) -> 
         assert torch.equal(bb.encode(x), bb.encode(x))  # latent mean by default
         bb.sample_latent = True
         assert not torch.equal(bb.encode(x), bb.encode(x))
+
+
+def test_weights_of_another_family_are_refused_naming_the_preset_to_use(
+    pipelines: dict[str, Path], tmp_path: Path
+) -> None:
+    """An SDXL folder under an SD 2.1 preset: caught at load time, not deep inside the UNet's forward."""
+    with pytest.raises(ValueError, match=r"family sd21\) does not match .*StableDiffusionXLPipeline.*'sdxl'"):
+        StableDiffusionBackbone("tiny-sd21", pretrained=str(pipelines["tiny-sdxl"])).load(["vae"])
+    bare = tmp_path / "no-index"
+    shutil.copytree(pipelines["tiny-sdxl"], bare)
+    (bare / "model_index.json").unlink()  # only the UNet itself can tell
+    with pytest.raises(ValueError, match="an SDXL UNet .*Use preset 'sdxl' .*configs/backbone/sdxl.yaml"):
+        StableDiffusionBackbone("tiny-sd21", pretrained=str(bare)).load(["unet"])
+    with pytest.raises(
+        ValueError, match="names a StableDiffusionPipeline. Use preset 'sd15' or 'sd21' or 'sd21-base'"
+    ):
+        StableDiffusionBackbone("tiny-sdxl", pretrained=str(pipelines["tiny-sd15"])).load(["vae"])

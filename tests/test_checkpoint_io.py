@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from tadm.commands.export import export_command
-from tadm.errors import CheckpointError
+from tadm.errors import CheckpointError, TadmError
 from tadm.model.checkpoints import export_checkpoint, read_checkpoint
 from tests.helpers.cli import build_cli, stage_args
 
@@ -166,3 +168,88 @@ def test_export_command(stage2_ckpt: Path, tmp_path: Path, capsys: pytest.Captur
     assert all(v.dtype == torch.float32 for k, v in exported.items() if k.startswith("aligner."))
     assert export_command([str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "m.safetensors")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading never runs code; malformed files are one-line errors
+
+
+def _an_image(root: Path) -> Path:
+    path = root / "photos" / "p.png"
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(np.full((40, 48, 3), 100, np.uint8)).save(path)
+    return path
+
+
+class _Plant:
+    """Unpickling this object creates a file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(
+    stage2_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tadm.commands.main import main
+
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(stage2_ckpt, weights_only=True)
+    ckpt["tadm"]["extra"] = _Plant(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    with pytest.raises(CheckpointError, match="refusing to load .*evil.ckpt.*Unsupported global"):
+        read_checkpoint(evil)
+    photos = _an_image(tmp_path).parent
+    commands = [
+        ["downscale", "--ckpt", evil, photos, "-o", tmp_path / "lr"],
+        ["upscale", "--ckpt", evil, photos, "-o", tmp_path / "hr"],
+        ["evaluate", "--ckpt", evil, photos, "-o", tmp_path / "report"],
+        ["export", evil, "-o", tmp_path / "e.safetensors"],
+    ]
+    for command in commands:
+        assert main([str(c) for c in command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "refusing to load" in err and len(err.splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TadmError, match="refusing to load"):  # model.init_from takes the same path
+        _cli(_args(tmp_path, extra=[f"--model.init_from={evil}"]))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"tadm": "[1, 2]"}, "is a list, not a dict"),
+        ({"tadm": '{"backbone_id": "x", "stage": "enhancer", "config": null}'}, "no valid 'scale'"),
+        ({"tadm": "{not json"}, "not valid JSON"),
+    ],
+)
+def test_malformed_export_metadata_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], metadata: dict[str, str], message: str
+) -> None:
+    from tadm.commands.main import main
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"rescaler.w": torch.zeros(2)}, str(bad), metadata=metadata)
+    code = main(["upscale", "--ckpt", str(bad), str(_an_image(tmp_path)), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_tensors_that_do_not_fit_the_model_are_a_one_line_error(
+    stage2_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tadm.commands.main import main
+
+    state, meta = read_checkpoint(stage2_ckpt)
+    key = next(k for k in state if k.startswith("rescaler."))
+    state[key] = torch.zeros(3, 1, 1, 1)
+    bad = tmp_path / "shapes.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad), metadata={"tadm": json.dumps(meta)})
+    code = main(["upscale", "--ckpt", str(bad), str(_an_image(tmp_path)), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not fit this model" in err and key in err and len(err.splitlines()) == 1

@@ -162,3 +162,51 @@ def test_metrics_command_has_its_own_name(capsys: pytest.CaptureFixture[str]) ->
         main(["test", "--help"])
     out = capsys.readouterr().out
     assert "--ckpt_path" in out and "--no-perceptual" not in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.scale=7", "scale must be a power of two"),
+        ("--data.init_args.crop_size=100", "crop_size=100 must be a positive multiple of 16"),
+        ("--model.rescaler=nosuch", "unknown rescaler 'nosuch'; registered rescalers: bicubic, dfrm"),
+    ],
+)
+def test_bad_configuration_values_are_short_errors_with_exit_2(
+    override: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["fit", "--config", QUICKSTART, *_data(), "--trainer.fast_dev_run=1", override])
+    except SystemExit as exit_:  # jsonargparse's own usage errors exit 2 themselves
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_one_logger_flag_moves_logs_checkpoints_and_config(tmp_path: Path) -> None:
+    """`--trainer.logger.init_args.save_dir` alone moves the TensorBoard run, last.ckpt and config.yaml: the
+    quickstart's checkpoint folder is the logger's `<save_dir>/<name>/checkpoints`."""
+    elsewhere = tmp_path / "elsewhere"
+    code = main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            f"--trainer.logger.init_args.save_dir={elsewhere}",
+            "--trainer.max_steps=4",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.train_repeats=1",
+            "--model.rescaler.init_args.width=32",
+            "--model.rescaler.init_args.num_resblocks=1",
+            "--model.rescaler.init_args.num_couplings=2",
+            *_data(batch=2),
+        ]
+    )
+    assert code == 0
+    run = elsewhere / "quickstart"
+    assert list((run / "version_0").glob("events.out.tfevents.*"))
+    assert (run / "version_0" / "config.yaml").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    beside = (run / "checkpoints" / "config.yaml").read_text()
+    assert "class_path: tadm.components.rescalers.dfrm.DFRM" in beside
+    assert not (tmp_path / "runs").exists()  # nothing in the configured default place

@@ -264,3 +264,126 @@ def test_half_precision_keeps_the_lr_exact_and_the_output_close(
     assert psnr_y(b, a).item() > 30.0
     with pytest.raises(ValueError, match="precision"):
         load_codec(ckpt, precision="fp8")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A command never destroys its inputs, checks its output before the work, refuses what is not an LR file
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_output_folder_that_is_or_holds_the_inputs_is_refused_before_any_work(
+    ckpt: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("astronaut.png", "coffee.jpg"):
+        (src / name).write_bytes((photos / name).read_bytes())
+    before = _tree(src)
+    for verb in ("downscale", "upscale"):
+        for extra in ([], ["--overwrite"]):
+            assert _run(verb, "--ckpt", ckpt, src, "--output", src, *extra, *FAST) == 2
+            assert "the folder inputs are never read from (the output folder)" in capsys.readouterr().err
+    assert _tree(src) == before  # nothing replaced, nothing added
+    # an output folder inside the input folder is never read back as input on the next run
+    out = src / "lr"
+    assert _run("downscale", "--ckpt", ckpt, src, "--output", out, *FAST) == 0
+    assert _run("downscale", "--ckpt", ckpt, src, "--output", out, "--overwrite", *FAST) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "astronaut.png",
+        "coffee.png",
+    ]
+    assert not (out / "lr").exists()
+
+
+def test_an_unusable_output_is_an_error_before_the_model_loads(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tadm.commands.codec as codec_commands
+
+    def no_model(args: object) -> None:
+        raise AssertionError("the model must not load before the output is checked")
+
+    monkeypatch.setattr(codec_commands, "load_from_args", no_model)
+    a_file = tmp_path / "taken.png"
+    a_file.write_bytes(b"x")
+    for output in (a_file, a_file / "sub"):
+        code = _run("downscale", "--ckpt", ckpt, photos / "astronaut.png", "--output", output, *FAST)
+        err = capsys.readouterr().err
+        assert code == 2 and str(output) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_size_photo_given_to_upscale_is_refused_not_attempted(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = tmp_path / "in" / "photo.png"
+    big.parent.mkdir()
+    Image.fromarray(np.full((24, 1100, 3), 90, np.uint8)).save(big)  # x16 would be 17600 px wide
+    out = tmp_path / "out"
+    assert _run("upscale", "--ckpt", ckpt, big.parent, "--output", out, *FAST) == 1
+    assert "looks like a full-size image, not an LR file" in capsys.readouterr().err
+    assert not list(out.rglob("*.png"))
+
+
+def test_backbone_option_on_a_weight_free_backbone_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    from tests.helpers.cli import build_cli, data_args
+
+    quickstart = str(SAMPLES.parents[1] / "configs" / "quickstart.yaml")
+    cli = build_cli(["--config", quickstart, "--trainer.fast_dev_run=1", *data_args()])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = tmp_path / "s2d.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    code = _run(
+        "downscale", "--ckpt", ckpt, photos / "astronaut.png", "-o", tmp_path / "o", "--backbone", tmp_path
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "loads no weights" in err and "--backbone" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_without_vgg_weights_still_reports_psnr_and_names_the_flag(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    out = tmp_path / "report"
+    assert _run("evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", out, "--no-fid", *FAST) == 0
+    captured = capsys.readouterr()
+    assert "--no-perceptual" in captured.err and "vgg16-397923af.pth" in captured.err
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert rows and all(float(r["psnr_y"]) > 5 and r["lpips"] == "" for r in rows)
+    assert "LPIPS/DISTS not computed: VGG16 weights missing" in (out / "summary.md").read_text()
+
+
+def _offline(*args: object, **kwargs: object) -> None:
+    raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+
+def test_evaluate_prints_its_table_when_the_report_cannot_be_written(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tadm.evaluation.report as report
+
+    def disk_full(path: object, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "atomic_write_text", disk_full)
+    code = _run("evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", tmp_path / "r", "--no-fid", *FAST)
+    captured = capsys.readouterr()
+    assert code == 1 and "| bicubic x16 |" in captured.out and "No space left on device" in captured.err

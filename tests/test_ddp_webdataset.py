@@ -1,6 +1,7 @@
 """Training from shards on several processes: 2-process DDP on CPU (gloo), and two `torchrun --nnodes 2`
 launches on localhost (slow). Ranks must read disjoint samples that together cover the shards, run the same
-number of batches, and never hang.
+number of batches, and never hang. The quickstart's own callbacks and TensorBoard logger run under DDP too
+(2 forked ranks, and the torchrun launches): every process exits 0, rank 0 alone reports and writes.
 
 Each run is a child process group with a timeout: a hang fails the test instead of blocking the suite.
 Lightning's DDP launcher starts rank 1 by re-running this file as a script (see ``__main__`` below).
@@ -108,8 +109,10 @@ def _run(cmd: list[str], cwd: Path, timeout: float = DDP_TIMEOUT_S) -> subproces
     )
 
 
-def _wait(procs: list[subprocess.Popen[str]], timeout: float = DDP_TIMEOUT_S) -> None:
-    """Wait for every process; kill all their process groups and fail on a timeout or an error."""
+def _wait(procs: list[subprocess.Popen[str]], timeout: float = DDP_TIMEOUT_S) -> list[str]:
+    """Wait for every process; kill all their process groups and fail on a timeout or an error.
+
+    Returns each process's output (stdout and stderr)."""
     outputs = []
     try:
         for proc in procs:
@@ -120,6 +123,7 @@ def _wait(procs: list[subprocess.Popen[str]], timeout: float = DDP_TIMEOUT_S) ->
         pytest.fail(f"DDP run hung (killed after {timeout} s)")
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-6000:]}"
+    return outputs
 
 
 def _records(out: Path, world: int = 2) -> list[dict[str, Any]]:
@@ -177,7 +181,7 @@ def test_three_shards_on_two_ranks_finish_without_hanging(tmp_path: Path) -> Non
     config = {
         "epochs": 2,
         "out": str(tmp_path / "out"),
-        # rank 0 holds shards 0 and 2 (9 samples), rank 1 shard 1 (3): both run 3 batches of 3 per epoch
+        # 12 samples balanced by the index: 6 per rank (5 + 1 and 4 + 2); both run 3 batches of 3 per epoch
         "data": {"train_shards": str(shards), "val_shards": [urls[0], urls[2]], "crop_size": 32}
         | {"batch_size": 3, "samples_per_epoch": 9, "val_batch_size": 2, "shuffle_buffer": 8},
     }
@@ -185,10 +189,63 @@ def test_three_shards_on_two_ranks_finish_without_hanging(tmp_path: Path) -> Non
     records = _records(tmp_path / "out")
     _check_epochs(records, all_keys(shards), epochs=2, batches=3)
     rank0 = [k for b in records[0]["train"]["0"] for k in b]
-    assert len(set(rank0)) == 9  # the rank with more data covers it once per epoch
+    assert len(set(rank0)) == 6  # the rank's 6 samples, all read within the 9 of an epoch
     # 9 validation images over 2 ranks: 5 each (one repeated), 3 batches (2 + 2 + 1) on both
     val_keys = {k for i in (0, 2) for k in all_keys_of(urls[i])}
     _check_validation(records, val_keys, batches=3)
+
+
+def _tiny_quickstart(save_dir: Path, *configs: Path) -> list[str]:
+    """``tadm fit`` on the quickstart YAML (then ``configs``) with its own callbacks and TensorBoard logger,
+    logging to ``save_dir``, shrunk."""
+    return [
+        "-m",
+        "tadm.commands.main",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "quickstart.yaml"),
+        *(a for c in configs for a in ("--config", str(c))),
+        "--trainer.strategy=ddp",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--model.rescaler.init_args.width=32",
+        "--model.rescaler.init_args.num_resblocks=1",
+        "--model.rescaler.init_args.num_couplings=2",
+        "--data.init_args.crop_size=64",
+        "--data.init_args.batch_size=1",
+        "--data.init_args.num_workers=0",
+    ]
+
+
+def _check_run_folder(run: Path, steps: int, output: str) -> None:
+    """Logs, ``last.ckpt`` of the final step and the config under one run folder; rank 0 reported once."""
+    assert list((run / "version_0").glob("events.out.tfevents.*")), sorted(run.rglob("*"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert (run / "checkpoints" / "config.yaml").is_file()
+    assert output.count("bicubic down + up") == 1, output[-4000:]
+    assert f"Checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in output
+
+
+def test_quickstart_callbacks_and_logger_on_two_ranks(tmp_path: Path) -> None:
+    """The shipped callbacks and logger under DDP: the run exits 0 (no collective is left to rank 0 alone),
+    rank 0 alone reports, and the final step is saved although it is off the validation boundary.
+
+    ``ddp_fork``: the same gloo collectives as ``ddp`` (the slow torchrun test runs that), but the ranks are
+    forked from one process that imported everything once, which keeps this test short."""
+    samples = REPO / "assets" / "samples"
+    fit = _tiny_quickstart(tmp_path / "out") + [
+        "--trainer.strategy=ddp_fork",
+        "--trainer.devices=2",
+        "--trainer.max_steps=3",  # 6 photos, 2 ranks: 3 steps; validation (and a save) after step 2
+        "--trainer.val_check_interval=2",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.limit_val_batches=1",
+        f"--data.init_args.train_dir={samples / 'train'}",
+        f"--data.init_args.val_dir={samples / 'val'}",
+        "--data.init_args.train_repeats=1",
+    ]
+    output = _wait([_run([sys.executable, *fit], tmp_path)])[0]
+    _check_run_folder(tmp_path / "out" / "quickstart", steps=3, output=output)
 
 
 def all_keys_of(url: str) -> set[str]:
@@ -205,7 +262,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
-    """The README recipe: `tadm shard`, then the same YAML under two `torchrun --nnodes 2` launches."""
+    """The README recipe: `tadm shard`, then the same YAML (its callbacks and logger included) under two
+    `torchrun --nnodes 2` launches; both exit 0."""
     from tadm.commands.main import main
     from tests.helpers.shards import all_keys
 
@@ -213,32 +271,16 @@ def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
     assert main(["shard", str(samples / "train"), str(tmp_path / "train"), "--maxcount", "1", "--quiet"]) == 0
     assert main(["shard", str(samples / "val"), str(tmp_path / "val"), "--maxcount", "1", "--quiet"]) == 0
     out = tmp_path / "out"
-    recorder = [{"class_path": "tests.test_ddp_webdataset.KeyRecorder", "init_args": {"out": str(out)}}]
-    fit = [
-        "-m",
-        "tadm.commands.main",
-        "fit",
-        "--config",
-        str(REPO / "configs" / "quickstart.yaml"),
-        "--config",
-        str(REPO / "configs" / "data" / "webdataset.yaml"),
+    webdataset = REPO / "configs" / "data" / "webdataset.yaml"
+    fit = _tiny_quickstart(tmp_path / "runs", webdataset) + [  # its callbacks and logger, plus a recorder
         "--trainer.num_nodes=2",
         "--trainer.devices=1",
-        "--trainer.strategy=ddp",
         "--trainer.max_epochs=2",
         "--trainer.check_val_every_n_epoch=1",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.callbacks={json.dumps(recorder)}",
-        "--model.rescaler.init_args.width=32",
-        "--model.rescaler.init_args.num_resblocks=1",
-        "--model.rescaler.init_args.num_couplings=2",
+        "--trainer.callbacks+=tests.test_ddp_webdataset.KeyRecorder",
+        f"--trainer.callbacks.out={out}",
         f"--data.init_args.train_shards={tmp_path / 'train'}",
         f"--data.init_args.val_shards={tmp_path / 'val'}",
-        "--data.init_args.crop_size=64",
-        "--data.init_args.batch_size=1",
-        "--data.init_args.num_workers=0",
     ]
     port = _free_port()
     nodes = [
@@ -256,7 +298,10 @@ def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
         )
         for n in range(2)
     ]
-    _wait(nodes, timeout=600)
+    outputs = _wait(nodes, timeout=600)
+    # node 0 (rank 0) writes the logs, the checkpoints and the report; node 1 prints no report
+    _check_run_folder(tmp_path / "runs" / "quickstart", steps=6, output=outputs[0])
+    assert "bicubic down + up" not in outputs[1]
     records = _records(out)
     # 6 photos in 6 shards: 3 per node and epoch, disjoint, together all of them
     _check_epochs(records, all_keys(tmp_path / "train"), epochs=2, batches=3)

@@ -10,6 +10,7 @@ libraries' own errors, naming the file, the folder and a way to fix it.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tadm.components.backbones.presets import TEXT_SUBFOLDERS, Preset
+from tadm.components.backbones.presets import PRESETS, TEXT_SUBFOLDERS, Preset
 from tadm.components.backbones.tiny import build_tiny_components
 
 #: weight file stems written by save_pretrained (diffusers models / transformers models)
@@ -110,6 +111,8 @@ class SDWeightLoader:
             need = [p for p in todo if not (p == "vae" and self.vae_source)]
             tiny = build_tiny_components(self.preset, parts=need) if need else {}
 
+        if self.pretrained is not None and looks_like_path(self.pretrained):
+            self.check_pipeline_class(Path(self.pretrained).expanduser())
         single = self.read_single_file(todo) if self.single_file is not None else {}
 
         def get(part: str, sub: str) -> Any:  # the same modules: random-tiny, single file or from_pretrained
@@ -127,10 +130,40 @@ class SDWeightLoader:
                 new["vae"] = self.load_vae()
         if "unet" in todo:
             new["unet"], new["scheduler"] = get("unet", "unet"), get("unet", "scheduler")
+            self.check_unet(dict(new["unet"].config))
         if "text" in todo:
             for enc_name, tok_name in TEXT_SUBFOLDERS[self.preset.family]:
                 new[enc_name], new[tok_name] = get("text", enc_name), get("text", tok_name)
         return new
+
+    # --- weights that do not fit the preset ----------------------------------------------------
+    def check_pipeline_class(self, folder: Path) -> None:
+        """A local pipeline folder of another family (``model_index.json``) is an error before any loading."""
+        index = folder / "model_index.json"
+        if not index.is_file():
+            return
+        try:
+            name = str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
+        except (OSError, ValueError):
+            return  # the loaders report an unreadable folder in their own words
+        if name and ("XL" in name) != (self.preset.family == "sdxl"):
+            raise ValueError(
+                f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
+                f"names a {name}. {_preset_hint('sdxl' if 'XL' in name else None)}"
+            )
+
+    def check_unet(self, config: dict[str, Any]) -> None:
+        """An SDXL UNet (size embeddings, two text encoders) under a non-SDXL preset, or the reverse, is an
+        error naming the preset to use; otherwise the first forward dies deep inside diffusers."""
+        xl = config.get("addition_embed_type") == "text_time"
+        if xl == (self.preset.family == "sdxl"):
+            return
+        where = self.pretrained or self.single_file or "the preset's weights"
+        kind = "an SDXL UNet (text_time size embeddings)" if xl else "a UNet without SDXL's size embeddings"
+        raise ValueError(
+            f"{self.label} (family {self.preset.family}) does not match the weights in '{where}': they hold "
+            f"{kind}. {_preset_hint('sdxl' if xl else None)}"
+        )
 
     # --- diffusers folders and hub ids ---------------------------------------------------------
     def load_vae(self) -> nn.Module:
@@ -358,3 +391,10 @@ def _unconverted_keys(cls: Any, folder: Path, sub: str, tensors: dict[str, Tenso
     except Exception:  # only used to explain another error: never hide that one
         return []
     return sorted(set(expected) - set(converted))
+
+
+def _preset_hint(family: str | None) -> str:
+    """Which shipped presets (and backbone configs) fit weights of ``family`` (None: any non-SDXL one)."""
+    fits = [p.name for p in PRESETS.values() if not p.tiny and (p.family == "sdxl") == (family == "sdxl")]
+    configs = ", ".join(f"configs/backbone/{name}.yaml" for name in fits)
+    return f"Use preset {' or '.join(repr(n) for n in fits)} (compose {configs}) for these weights."

@@ -15,8 +15,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tadm.commands.common import add_model_arguments, command, for_each, load_from_args
+from tadm.commands.common import add_model_arguments, command, for_each, load_from_args, writable_folder
 from tadm.datamodules.inputs import InputFile, collect_inputs
+from tadm.inference.codec import DEFAULT_MAX_HR_SIDE
 
 
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -52,7 +53,10 @@ def downscale_command(argv: Sequence[str]) -> int:
     from tadm.datamodules.image_io import load_image
     from tadm.inference.lr_files import LRMeta, write_lr
 
-    files = collect_inputs(args.inputs, exclude=args.output)  # a bad input fails before the model loads
+    files = collect_inputs(
+        args.inputs, exclude=args.output
+    )  # bad inputs and outputs fail before the model loads
+    writable_folder(args.output)
     codec = load_from_args(args)
 
     def write(f: InputFile, dest: Path) -> None:
@@ -67,17 +71,25 @@ def upscale_command(argv: Sequence[str]) -> int:
     """LR PNGs -> HR images at their original size (read from the PNG metadata)."""
     ap = _parser("tadm upscale", upscale_command.__doc__ or "")
     ap.add_argument("--save-timesteps", action="store_true", help="also write NAME.timesteps.png heat maps")
+    ap.add_argument(
+        "--max-hr-side",
+        type=int,
+        default=DEFAULT_MAX_HR_SIDE,
+        help="refuse an input without tadm metadata whose restored longer side would pass this "
+        f"(it is probably a full-size photo, not an LR file; default {DEFAULT_MAX_HR_SIDE})",
+    )
     args = ap.parse_args(list(argv))
     from tadm.inference.heatmap import timestep_panel
     from tadm.inference.lr_files import read_lr, write_png
 
     files = collect_inputs(args.inputs, exclude=args.output)
+    writable_folder(args.output)
     codec = load_from_args(args)
     model = codec.module
 
     def write(f: InputFile, dest: Path) -> None:
         y, meta = read_lr(f.path)
-        size = codec.target_size(y, meta, str(f.path))
+        size = codec.target_size(y, meta, str(f.path), max_hr_side=args.max_hr_side)
         out = codec.upscale(y, size)
         if args.save_timesteps and out.timesteps is not None and model.aligner is not None:
             factor = model.backbone.downsample_factor

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tadm.errors import TadmError
+from tadm.errors import InputError, TadmError
 
 if TYPE_CHECKING:
     from tadm.inference.codec import Codec
@@ -131,6 +134,24 @@ def for_each(
             advance(1)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def writable_folder(path: Path, option: str = "--output") -> Path:
+    """Prove ``path`` can be created and written, before any model loads, without leaving anything
+    behind: a file in the way, a read-only folder or a full disk is a one-line error now, not a
+    traceback after the work. The folder itself is created by the first output written into it."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} '{path}' exists and is not a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{option} '{path}' cannot be created: '{probe}' is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".tadm-write-check-"))
+    except OSError as err:
+        raise InputError(f"{option} '{path}' cannot be written: {err.strerror or err}") from err
+    return path
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:

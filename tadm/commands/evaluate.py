@@ -11,13 +11,23 @@ for reference, through bicubic down + bicubic up at the same scale. Writes ``per
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from tadm.commands.common import EXIT_FAILED, EXIT_OK, add_model_arguments, command, for_each, load_from_args
+from tadm.commands.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_model_arguments,
+    command,
+    error_line,
+    for_each,
+    load_from_args,
+    writable_folder,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,11 +51,21 @@ def evaluate_command(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     from tadm.datamodules.inputs import iter_hr_images
     from tadm.evaluation.engine import Evaluation, Metrics
+    from tadm.evaluation.perceptual import vgg16_weights_path
     from tadm.inference.pipeline import bicubic_round_trip
 
     images = iter_hr_images(args.inputs, exclude=args.output)
+    writable_folder(args.output)
     codec = load_from_args(args)
-    metrics = Metrics(device=codec.device, perceptual=not args.no_perceptual, fid=not args.no_fid)
+    try:
+        metrics = Metrics(device=codec.device, perceptual=not args.no_perceptual, fid=not args.no_fid)
+    except FileNotFoundError as err:  # no VGG16 weights: PSNR/SSIM (and FID) still mean something
+        print(
+            f"warning: LPIPS/DISTS not computed: {error_line(err)} (--no-perceptual skips them)",
+            file=sys.stderr,
+        )
+        metrics = Metrics(device=codec.device, perceptual=False, fid=not args.no_fid)
+        metrics.not_computed["LPIPS/DISTS"] = f"VGG16 weights missing at {vgg16_weights_path()}"
     if args.no_perceptual:
         metrics.not_computed.update({"LPIPS": "--no-perceptual", "DISTS": "--no-perceptual"})
     if args.no_fid:
@@ -63,7 +83,12 @@ def evaluate_command(argv: Sequence[str]) -> int:
     evaluation = Evaluation(methods, metrics)
     for_each(images, evaluation.add, lambda item: item.path, "evaluate", images.total, not args.no_progress)
     report = evaluation.finish()
-    markdown = report.write(args.output)
+    try:
+        markdown = report.write(args.output)
+    except OSError as err:  # the results are computed: show them even when they cannot be saved
+        print(report.markdown())
+        print(f"error: could not write the report to '{args.output}': {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
     print(markdown)
     print(f"wrote {args.output / 'per_image.csv'} and {args.output / 'summary.md'}")
     return EXIT_FAILED if report.failed else EXIT_OK

@@ -51,10 +51,19 @@ def _model_parser() -> Any:
 
 
 def build_module(config_yaml: str, source: str, backbone_pretrained: str | None = None) -> Any:
-    """Rebuild the TADMModule a run config describes, for inference (no losses, no init_from)."""
+    """Rebuild the TADMModule a run config describes, for inference (no losses, no init_from).
+
+    Every way the stored config can fail to rebuild (unreadable YAML, a class that no longer exists, a
+    backbone that cannot be loaded here) is a :class:`CheckpointError` naming the checkpoint.
+    """
     load_plugins()
-    cfg = yaml.safe_load(config_yaml) or {}
-    model_cfg = dict(cfg.get("model") or {})
+    try:
+        cfg = yaml.safe_load(config_yaml) or {}
+    except yaml.YAMLError as err:
+        raise CheckpointError(
+            f"checkpoint {source}: its stored run config is not valid YAML ({_first_line(err)})"
+        ) from err
+    model_cfg = dict(cfg.get("model") or {}) if isinstance(cfg, dict) else {}
     if not model_cfg:
         raise CheckpointError(f"checkpoint {source} holds no model config; was it written by tadm?")
     model_cfg["init_from"] = None  # its weights are about to be loaded from this very checkpoint
@@ -62,22 +71,54 @@ def build_module(config_yaml: str, source: str, backbone_pretrained: str | None 
     for key in ("optimizer", "lr_scheduler"):
         model_cfg.pop(key, None)
     if backbone_pretrained is not None:
-        model_cfg["backbone"] = _with_pretrained(model_cfg.get("backbone"), backbone_pretrained)
+        model_cfg["backbone"] = _with_pretrained(model_cfg.get("backbone"), backbone_pretrained, source)
     parser = _model_parser()
     try:
         ns = parser.parse_object({"model": model_cfg})
         return parser.instantiate_classes(ns).model
-    except (OSError, FileNotFoundError) as err:
+    except OSError as err:
         backbone = (model_cfg.get("backbone") or {}).get("init_args", {})
         raise CheckpointError(
             f"checkpoint {source} needs backbone {backbone.get('preset')!r} from "
             f"{backbone.get('pretrained') or 'its preset hub id'!r}, which cannot be loaded here: {err}. "
             "Copy the backbone folder to this machine and pass --backbone /path/to/folder."
         ) from err
+    except TadmError:
+        raise
+    except Exception as err:  # jsonargparse / a component refusing the stored values
+        raise CheckpointError(
+            f"checkpoint {source}: its stored run config cannot be rebuilt here "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from err
 
 
-def _with_pretrained(backbone_cfg: Any, pretrained: str) -> dict[str, Any]:
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _with_pretrained(backbone_cfg: Any, pretrained: str, source: str) -> dict[str, Any]:
+    """The stored backbone config with ``pretrained`` replaced; an error when that backbone takes none."""
+    import importlib
+    import inspect
+
+    from tadm.contracts import BACKBONES
+
     cfg = dict(backbone_cfg or {})
+    class_path = str(cfg.get("class_path", ""))
+    try:
+        if class_path in BACKBONES:
+            cls = BACKBONES.get(class_path)
+        else:
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {source}: unknown backbone class {class_path!r} ({err})") from err
+    if "pretrained" not in inspect.signature(cls.__init__).parameters:
+        raise CheckpointError(
+            f"checkpoint {source}: its backbone {class_path!r} loads no weights from a folder or hub id, "
+            f"so --backbone {pretrained} does not apply; drop --backbone"
+        )
     init_args = dict(cfg.get("init_args") or {})
     init_args["pretrained"] = pretrained
     cfg["init_args"] = init_args

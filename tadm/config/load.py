@@ -46,10 +46,7 @@ def load_codec(
         )
     module = build_module(meta["config"], source, backbone_pretrained)
     if backbone_pretrained is None:
-        try:
-            module.check_compatible(meta, source)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
+        module.check_compatible(meta, source)
     else:
         log.warning(
             "backbone replaced by %s: the checkpoint's backbone id is not checked", backbone_pretrained

@@ -73,6 +73,15 @@ def find_short_name(base: Any, name: str) -> str | None:
     return None
 
 
+def _registry_for(base: Any) -> Any:
+    """The registry whose contract is ``base`` (a type hint of a config value), or None."""
+    bases = base if isinstance(base, tuple) else (base,)
+    for registry in ALL_REGISTRIES:
+        if any(b is registry.base for b in bases):
+            return registry
+    return None
+
+
 def _install_short_name_resolver() -> None:
     """Let jsonargparse accept registered short names as ``class_path`` (see the module docstring)."""
     from jsonargparse import _from_config, _typehints
@@ -86,7 +95,15 @@ def _install_short_name_resolver() -> None:
             hit = find_short_name(cls, name)
             if hit is not None:
                 return hit
-        return original(cls, name)
+        resolved = original(cls, name)
+        if isinstance(resolved, str) and "." not in resolved:  # neither a short name nor a class name
+            registry = _registry_for(cls)
+            if registry is not None:
+                raise ValueError(
+                    f"unknown {registry.kind} {name!r}; registered {registry.kind}s: {', '.join(registry)} "
+                    "(`tadm list` shows them; third-party ones need their package installed)"
+                )
+        return resolved
 
     resolve._tadm_wrapped = True  # type: ignore[attr-defined]
     _typehints.resolve_class_path_by_name = resolve

@@ -27,6 +27,9 @@ from tadm.inference.lr_files import LRMeta
 from tadm.inference.tiling import Tiling
 
 Precision = Literal["fp32", "bf16", "fp16"]
+#: an LR file without tadm metadata whose restored longer side would pass this is refused: it is far
+#: more likely a full-size photo given to ``tadm upscale`` by mistake (16K = 16384 px, DIV8K's size x2)
+DEFAULT_MAX_HR_SIDE = 16384
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -143,13 +146,22 @@ class Codec:
             m.backbone, m.rescaler, x.to(self.device), m.enhance_fn, self.tiling, precision=self._autocast
         )
 
-    def target_size(self, y: Tensor, meta: LRMeta | None, name: str) -> tuple[int, int]:
+    def target_size(
+        self, y: Tensor, meta: LRMeta | None, name: str, max_hr_side: int = DEFAULT_MAX_HR_SIDE
+    ) -> tuple[int, int]:
         """The HR size to restore an LR image ``y`` to, after checking the file ``name`` fits this model.
 
-        Without tadm metadata the checkpoint's scale is assumed (with a warning); another scale or
+        Without tadm metadata the checkpoint's scale is assumed (with a warning), unless the result would
+        be longer than ``max_hr_side``: such an input is refused as a full-size image. Another scale or
         rescaler, or an LR size that disagrees with the recorded HR size, is an :class:`LRFileError`.
         """
         scale, h, w = self.scale, y.shape[-2], y.shape[-1]
+        if meta is None and max(h, w) * scale > max_hr_side:
+            raise LRFileError(
+                f"{name}: a {w}x{h} image without tadm metadata would become {w * scale}x{h * scale} px at "
+                f"x{scale}: this looks like a full-size image, not an LR file (`tadm downscale` writes LR "
+                f"files; --max-hr-side {max(h, w) * scale} upscales it anyway)"
+            )
         if meta is None:
             warnings.warn(
                 f"{name}: no tadm metadata; assuming it was made at this checkpoint's scale x{scale} "

@@ -11,6 +11,7 @@ plain safetensors file: no pickle, so loading it runs no code.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,42 +35,88 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+#: what a tadm meta dict must hold, with the types it must have
+META_FIELDS: dict[str, tuple[type, ...]] = {
+    "backbone_id": (str,),
+    "stage": (str,),
+    "scale": (int,),
+    "config": (str, type(None)),
+}
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The stored tensors and the ``tadm`` meta dict of a Lightning ``.ckpt`` or an exported file.
 
-    Tensors come back as stored (an export's are bf16/fp16 except the rescaler's); loading them
-    into a model casts them to its dtype. The format is told by the content, not the suffix.
+    Loading never executes code: a ``.ckpt`` is unpickled with ``weights_only=True`` (tensors, numbers,
+    strings and containers only), and a file that needs more is refused; an exported ``.safetensors``
+    holds no pickle at all. Tensors come back as stored (an export's are bf16/fp16 except the
+    rescaler's); loading them into a model casts them to its dtype. The format is told by the content,
+    not the suffix. Anything malformed is a :class:`CheckpointError` naming the file.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: '{p}'")
-    if _is_safetensors(p):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except Exception as err:
-            raise CheckpointError(f"'{p}' is not a readable safetensors file: {err}") from err
-        if META_KEY not in metadata:
+    state, meta = _read_safetensors(p) if _is_safetensors(p) else _read_lightning(p)
+    bad = sorted(k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor))
+    if bad:
+        raise CheckpointError(f"'{p}': state entries {bad[:5]} are not named tensors")
+    for key, types in META_FIELDS.items():
+        if not isinstance(meta.get(key), types) or isinstance(meta.get(key), bool):
             raise CheckpointError(
-                f"'{p}' is a safetensors file but not a tadm checkpoint (no {META_KEY!r} metadata); "
-                "export one with `tadm export CKPT --output FILE`"
+                f"'{p}': its {META_KEY!r} meta dict has no valid {key!r} "
+                f"(got {meta.get(key)!r}); the file is damaged or was not written by tadm"
             )
-        try:
-            meta = json.loads(metadata[META_KEY])
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"'{p}': its {META_KEY!r} metadata is not valid JSON: {err}") from err
-        return state, meta
+    return state, meta
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
     try:
-        # Lightning checkpoints pickle loop and hyper-parameter objects: a full unpickle is needed.
-        # Only load checkpoints you trust (an exported .safetensors never runs code).
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        with safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as err:
+        raise CheckpointError(f"'{p}' is not a readable safetensors file: {err}") from err
+    if META_KEY not in metadata:
+        raise CheckpointError(
+            f"'{p}' is a safetensors file but not a tadm checkpoint (no {META_KEY!r} metadata); "
+            "export one with `tadm export CKPT --output FILE`"
+        )
+    try:
+        meta = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"'{p}': its {META_KEY!r} metadata is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{p}': its {META_KEY!r} metadata is a {type(meta).__name__}, not a dict")
+    return state, meta
+
+
+def _unsafe_reason(err: Exception) -> str:
+    """The line of torch's weights-only refusal that names the offending global."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    hit = next((line for line in lines if "Unsupported global" in line), "")
+    return (hit.split(": ", 1)[-1] if hit else lines[0] if lines else "unsafe pickle")[:200]
+
+
+def _read_lightning(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not an unsafe pickle: not a pickle we can read at all
+            raise CheckpointError(
+                f"'{p}' is not a checkpoint (neither a Lightning .ckpt nor a safetensors file): "
+                "an unreadable pickle"
+            ) from err
+        raise CheckpointError(
+            f"refusing to load '{p}': it holds Python objects that loading would have to run code for "
+            f"({_unsafe_reason(err)}); tadm checkpoints never do. If it is a tadm checkpoint you "
+            "trust, re-save it with plain types, or share models as `tadm export` .safetensors files"
+        ) from err
     except Exception as err:
         raise CheckpointError(
             f"'{p}' is not a checkpoint (neither a Lightning .ckpt nor a safetensors file): "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         ) from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"'{p}' is a torch file but not a Lightning checkpoint (no 'state_dict')")

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
+from tadm.errors import CheckpointError
 from tadm.evaluation.metrics import psnr_rgb, psnr_y, ssim_y
 from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
@@ -346,12 +347,12 @@ class TADMModule(L.LightningModule):
         if not meta:
             return
         if meta.get("backbone_id") != self.backbone.backbone_id:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
                 f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
             )
         if meta.get("scale") not in (None, self.scale):
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {source} is for scale x{meta['scale']}, this model is x{self.scale}"
             )
 
@@ -370,15 +371,23 @@ class TADMModule(L.LightningModule):
         self.load_trained_state(state, path, require_all=False)
 
     def load_trained_state(self, state: dict[str, Tensor], source: str, require_all: bool = True) -> None:
-        """Load stored (trained) tensors over the frozen backbone; unknown keys are an error, and so
-        are missing trained tensors when ``require_all`` (inference) -- a warning otherwise."""
-        result = self.load_state_dict(state, strict=False)
+        """Load stored (trained) tensors over the frozen backbone; unknown keys and shape mismatches are a
+        :class:`CheckpointError`, and so are missing trained tensors when ``require_all`` (inference) -- a
+        warning otherwise."""
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # size mismatches: one line per tensor from torch
+            lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+            raise CheckpointError(
+                f"{source} does not fit this model: {'; '.join(lines[:3]) or str(err).splitlines()[0]}"
+                + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
+            ) from err
         unexpected = list(result.unexpected_keys)
         if unexpected:
-            raise KeyError(f"{source} has weights this model does not: {unexpected[:8]}")
+            raise CheckpointError(f"{source} has weights this model does not: {unexpected[:8]}")
         missing = sorted(set(result.missing_keys) - self._frozen_keys())
         if missing and require_all:
-            raise KeyError(
+            raise CheckpointError(
                 f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
             )
         if missing:
