@@ -387,3 +387,22 @@ def test_evaluate_prints_its_table_when_the_report_cannot_be_written(
     code = _run("evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", tmp_path / "r", "--no-fid", *FAST)
     captured = capsys.readouterr()
     assert code == 1 and "| bicubic x16 |" in captured.out and "No space left on device" in captured.err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read-only folder (root can write anywhere, so the refusal is simulated where tadm probes)."""
+    import tempfile
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    code = _run("downscale", "--ckpt", ckpt, photos / "astronaut.png", "-o", tmp_path / "ro", *FAST)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot be written: Permission denied" in err and len(err.splitlines()) == 1
