@@ -80,6 +80,9 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             tens of milliseconds, which dominates small-model steps on a CPU; only for folders that fit
             in RAM (each DataLoader worker holds its own cache).
         name: Names this dataset's skip counters (the split), so one collector can tell them apart.
+        color_augment: In training, also shuffle each crop's RGB channels at random (one of the 6 orders):
+            a few photos then cover every hue family, so a model does not learn colours it never saw
+            as something to distort (see :func:`shuffle_channels`).
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
     crops and flips reproducible. ``num_skipped`` counts per process (DataLoader workers count their own);
@@ -95,6 +98,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         repeats: int = 1,
         cache_images: bool = False,
         name: str = "images",
+        color_augment: bool = False,
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
@@ -114,6 +118,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self._bad: set[int] = set()
         self.cache_images = cache_images
         self._cache: dict[int, torch.Tensor] = {}
+        self.color_augment = color_augment
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -169,7 +174,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
     def _transform(self, image: torch.Tensor) -> torch.Tensor:
         if self.mode == "eval":
             return image
-        return random_crop_flip(image, self.crop_size)
+        crop = random_crop_flip(image, self.crop_size)
+        return shuffle_channels(crop) if self.color_augment else crop
 
 
 def random_crop_flip(image: torch.Tensor, crop_size: int) -> torch.Tensor:
@@ -182,6 +188,12 @@ def random_crop_flip(image: torch.Tensor, crop_size: int) -> torch.Tensor:
     if bool(torch.rand(()) < 0.5):
         crop = crop.flip(-1)
     return crop.contiguous()
+
+
+def shuffle_channels(image: torch.Tensor) -> torch.Tensor:
+    """The RGB channels in a random order (uniform over the 6): hues move to other hue families while
+    brightness structure, texture and saturation stay those of a real photo."""
+    return image[torch.randperm(3)].contiguous()
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -214,6 +226,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             about, left out and counted in ``num_skipped``. ``"error"``: the first one raises
             ``ImageReadError`` naming it.
         cache_images: Keep decoded training images in memory (small folders only; see ImageFolderDataset).
+        color_augment: Shuffle the RGB channels of each training crop at random (see ImageFolderDataset):
+            for small or colour-narrow training sets.
     """
 
     def __init__(
@@ -230,6 +244,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_repeats: int = 1,
         on_bad_image: BadInputPolicy = DEFAULT_POLICY,
         cache_images: bool = False,
+        color_augment: bool = False,
     ) -> None:
         super().__init__()
         check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
@@ -252,6 +267,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.train_repeats = train_repeats
         self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.cache_images = cache_images
+        self.color_augment = color_augment
         self.datasets: dict[Split, ImageFolderDataset] = {}
         self.skips = SkipCollector()
         """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
@@ -277,6 +293,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 on_bad_image=self.on_bad_image,
                 repeats=self.train_repeats if split == "train" else 1,
                 cache_images=self.cache_images and split == "train",
+                color_augment=self.color_augment,
                 name=split,
             )
             self._sizes[split] = sizes

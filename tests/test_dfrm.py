@@ -11,6 +11,7 @@ from tadm.contracts import quantize_8bit
 from tadm.inference import pipeline
 from tadm.model.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 from tadm.ops.blocks import AffineCoupling, InvertibleNet
+from tadm.ops.images import bicubic_down
 
 TINY = dict(width=16, num_resblocks=1, pixel_width=4, num_couplings=2, coupling_growth=8)
 
@@ -138,3 +139,26 @@ def test_stage1_loss_decreases_on_fixed_batch(samples) -> None:
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_bicubic_skip_starts_exactly_at_bicubic_down_and_up() -> None:
+    """With the residual heads at zero, the LR file is the 8-bit bicubic LR image and the reconstruction
+    is its bicubic upscale: training can only add to the bicubic baseline, never start below it."""
+    from tadm.inference.pipeline import bicubic_round_trip
+
+    backbone = SpaceToDepthBackbone()
+    m = DFRM(scale=16, latent_channels=192, bicubic_skip=True, **TINY).eval()
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    y = m.downscale(x, backbone.encode(x))
+    torch.testing.assert_close(y, quantize_8bit(bicubic_down(x, 16), training=False), rtol=0, atol=1e-6)
+    rebuilt = backbone.decode(m.upscale(y))
+    torch.testing.assert_close(rebuilt, bicubic_round_trip(x, 16), rtol=0, atol=1e-5)
+    # and it learns: the residual heads get gradients
+    terms = m.train().training_losses(x, backbone.encode(x), get_distance("mse"))
+    weighted_sum(terms, DEFAULT_STAGE1_WEIGHTS).backward()
+    assert m.decoder[-1].weight.grad.abs().sum() > 0 and m.fusion[-1].weight.grad.abs().sum() > 0
+
+
+def test_bicubic_skip_needs_a_pixel_layout_latent() -> None:
+    with pytest.raises(ValueError, match="pixel-layout latent .*192 channels.*has 4"):
+        DFRM(scale=16, latent_channels=4, bicubic_skip=True, **TINY)

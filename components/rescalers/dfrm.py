@@ -12,11 +12,12 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tadm.contracts import RESCALERS, Distance, Rescaler, quantize_8bit
 from tadm.ops.blocks import ConvBlock, InvertibleNet, ResBlock
-from tadm.ops.images import bicubic_down
+from tadm.ops.images import bicubic_down, bicubic_resize
 
 
 def _log2_int(value: int, what: str) -> int:
@@ -24,6 +25,14 @@ def _log2_int(value: int, what: str) -> int:
     if n < 0 or 2**n != value:
         raise ValueError(f"{what} must be a power of two, got {value}")
     return n
+
+
+def _zero_conv(cin: int, cout: int) -> nn.Conv2d:
+    """A 3x3 conv that outputs exactly 0 at initialisation (a residual branch that starts switched off)."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 @RESCALERS.register("dfrm")
@@ -44,6 +53,8 @@ class DFRM(Rescaler):
         coupling_growth: int = 32,
         final_activation: bool = False,
         quantization: Literal["noise", "ste"] = "noise",
+        bicubic_skip: bool = False,
+        latent_scaling: float = 1.0,
     ) -> None:
         """
         Args:
@@ -59,6 +70,13 @@ class DFRM(Rescaler):
                 a latent is signed and unbounded, so a plain final conv is the sensible output layer.
             quantization: training-time 8-bit proxy: ``noise`` (uniform noise, the paper) or ``ste``
                 (straight-through rounding). Evaluation always rounds.
+            bicubic_skip: learn residuals over bicubic, both ways (beyond the paper; for latents that
+                are a pixel layout, such as the embedded ``space_to_depth`` backbone's): z_lr is the
+                bicubic LR image plus a zero-initialised residual, and G_d adds its zero-initialised
+                output to the latent of the bicubic upscale of its input. Training thus starts exactly
+                at bicubic down + up, and what is learned is detail on top of it, which generalises to
+                photos unlike the training ones far better than rebuilding every pixel.
+            latent_scaling: the backbone's latent multiplier (linked from it); used by ``bicubic_skip``.
         """
         super().__init__(scale)
         steps = _log2_int(scale, "scale")
@@ -67,9 +85,20 @@ class DFRM(Rescaler):
             raise ValueError(
                 f"DFRM needs scale > latent_factor; got scale {scale}, latent_factor {latent_factor}"
             )
+        if bicubic_skip and latent_channels != 3 * latent_factor**2:
+            raise ValueError(
+                f"bicubic_skip needs a pixel-layout latent (3 x {latent_factor}^2 = {3 * latent_factor**2} "
+                f"channels, as space_to_depth gives); this backbone's latent has {latent_channels}"
+            )
+        if bicubic_skip and final_activation:
+            raise ValueError(
+                "bicubic_skip adds G_d's output to a base latent: it needs final_activation: false"
+            )
         self.latent_channels = latent_channels
         self.latent_factor = latent_factor
         self.quantization = quantization
+        self.bicubic_skip = bicubic_skip
+        self.latent_scaling = latent_scaling
 
         # G_e pixel branch: ConvBlock 3->16, log2(s) x [PixelUnshuffle(2), 1x1 conv 4C->2C, ResBlock], ConvBlock ->16
         layers: list[nn.Module] = [ConvBlock(3, pixel_width)]
@@ -88,7 +117,8 @@ class DFRM(Rescaler):
 
         # Fusion -> z_lr (3 channels at H/s)
         fused = width + pixel_width
-        self.fusion = nn.Sequential(*(ResBlock(fused) for _ in range(num_resblocks)), ConvBlock(fused, 3))
+        head = _zero_conv(fused, 3) if bicubic_skip else ConvBlock(fused, 3)  # skip: a residual, 0 at start
+        self.fusion = nn.Sequential(*(ResBlock(fused) for _ in range(num_resblocks)), head)
 
         # G_d: ConvBlock 3->128, 8 ResBlocks, then PixelShuffle steps back to H/f and a final conv -> C
         layers = [ConvBlock(3, width), *(ResBlock(width) for _ in range(num_resblocks))]
@@ -98,9 +128,14 @@ class DFRM(Rescaler):
             c //= 4
             if i < lat_steps - 1:
                 layers.append(ConvBlock(c, c))
-        layers.append(
-            ConvBlock(c, latent_channels) if final_activation else nn.Conv2d(c, latent_channels, 3, padding=1)
-        )
+        if bicubic_skip:
+            layers.append(_zero_conv(c, latent_channels))
+        else:
+            layers.append(
+                ConvBlock(c, latent_channels)
+                if final_activation
+                else nn.Conv2d(c, latent_channels, 3, padding=1)
+            )
         self.decoder = nn.Sequential(*layers)
 
         self.invertible = InvertibleNet(num_couplings, channels=3, split=1, growth=coupling_growth)
@@ -119,15 +154,27 @@ class DFRM(Rescaler):
         return z
 
     def encode_lr(self, x: Tensor, z: Tensor | None) -> Tensor:
-        """G_e: the continuous 3-channel z_lr before the invertible net."""
+        """G_e: the continuous 3-channel z_lr before the invertible net (with ``bicubic_skip``: the
+        bicubic LR image plus the learned residual)."""
         z = self._check(x, z)
-        return self.fusion(torch.cat([self.pixel_branch(x), self.latent_branch(z)], dim=1))
+        z_lr = self.fusion(torch.cat([self.pixel_branch(x), self.latent_branch(z)], dim=1))
+        return z_lr + bicubic_down(x, self.scale) if self.bicubic_skip else z_lr
+
+    def decode(self, u: Tensor) -> Tensor:
+        """G_d: an LR-sized 3-channel code -> latent (with ``bicubic_skip``: plus the latent of the
+        bicubic upscale of ``u``, the pixel layout ``space_to_depth`` uses)."""
+        out = self.decoder(u)
+        if not self.bicubic_skip:
+            return out
+        h, w = u.shape[-2:]
+        up = bicubic_resize(u, (h * self.scale, w * self.scale))
+        return out + F.pixel_unshuffle(up, self.latent_factor) * self.latent_scaling
 
     def downscale(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         return quantize_8bit(self.invertible(self.encode_lr(x, z)), self.training, self.quantization)
 
     def upscale(self, y: Tensor) -> Tensor:
-        return self.decoder(self.invertible.inverse(y))
+        return self.decode(self.invertible.inverse(y))
 
     def training_losses(
         self, x: Tensor, z: Tensor | None, distance: Distance, outputs: dict[str, Tensor] | None = None
@@ -141,6 +188,6 @@ class DFRM(Rescaler):
             outputs["z_hat"] = z_hat
         return {
             "lr": distance(y, bicubic_down(x, self.scale)),
-            "latent_forward": distance(self.decoder(z_lr), z),
+            "latent_forward": distance(self.decode(z_lr), z),
             "latent_backward": distance(z_hat, z),
         }

@@ -36,6 +36,12 @@ def link_model_arguments(parser: Any, with_data: bool = True) -> None:
         compute_fn=lambda backbone: backbone.downsample_factor,
         apply_on="instantiate",
     )
+    parser.link_arguments(
+        "model.backbone",
+        "model.rescaler.init_args.latent_scaling",
+        compute_fn=lambda backbone: backbone.scaling_factor,
+        apply_on="instantiate",
+    )
 
 
 def _model_parser() -> Any:
