@@ -587,3 +587,22 @@ def test_cache_images_decodes_each_file_once(tmp_path, monkeypatch) -> None:
     b = [plain[i]["image"] for i in range(len(plain))]
     assert len(calls) == 2 + 10
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_color_augment_permutes_the_channels_of_the_same_crop(tmp_path: Path) -> None:
+    """Same seed, same crop: the augmented crop's channels are the plain crop's in some order, and over
+    a few draws more than one order appears (every hue family is seen by a colour-narrow training set)."""
+    (path,) = _folder(tmp_path, n=1, size=(64, 80))
+    plain = ImageFolderDataset([path], mode="train", crop_size=32)
+    mixed = ImageFolderDataset([path], mode="train", crop_size=32, color_augment=True)
+    orders = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = plain[0]["image"]
+        torch.manual_seed(seed)
+        b = mixed[0]["image"]
+        order = tuple(next(j for j in range(3) if torch.equal(b[i], a[j])) for i in range(3))
+        assert sorted(order) == [0, 1, 2]
+        orders.add(order)
+    assert len(orders) > 1
+    assert torch.equal(ImageFolderDataset([path], mode="eval", color_augment=True)[0]["image"], load_image(path))
