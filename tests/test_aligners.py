@@ -125,3 +125,21 @@ def test_third_party_aligner_resolves_by_short_name() -> None:
     finally:
         ALIGNERS.unregister("test_const_aligner")
     assert "test_const_aligner" not in ALIGNERS
+
+
+def test_tpm_release_variant_keeps_names_and_changes_the_arithmetic() -> None:
+    """ReLU residual blocks, torch.std (unbiased, no eps), no ReLU before the last linear."""
+    from tadm.components.aligners.tpm import channel_stats
+
+    ours = TimestepPredictionModule()
+    release = TimestepPredictionModule(activation="relu", unbiased_std=True, relu_before_output=False)
+    assert ours.state_dict().keys() == release.state_dict().keys()
+    assert isinstance(release.head[9], torch.nn.Identity) and isinstance(
+        release.trunk[1].body[1], torch.nn.ReLU
+    )
+    release.load_state_dict(ours.state_dict())
+    z = torch.randn(2, 4, 8, 8) * 5
+    assert not torch.allclose(ours(z), release(z))
+    feat = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(channel_stats(feat, unbiased=True)[:, 3:], torch.std(feat, dim=[-1, -2]))
+    torch.testing.assert_close(channel_stats(feat)[:, 3:], (feat.var(dim=(2, 3), correction=0) + 1e-6).sqrt())

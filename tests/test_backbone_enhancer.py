@@ -72,3 +72,20 @@ def test_sdxl_vae_stays_fp32_under_autocast(enhancer_backbones) -> None:
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     with torch.no_grad():
         torch.testing.assert_close(x, b.decode(z))
+
+
+def test_lora_alpha_sets_the_peft_scale(enhancer_backbones) -> None:
+    """Default alpha = rank (scale 1); the release's peft default alpha 8 at ranks 48 / 16: 1/6 and 1/2."""
+    from tadm.components.backbones.stable_diffusion import UNET_ADAPTER, VAE_ADAPTER
+
+    def scales(b: StableDiffusionBackbone) -> tuple[float, float]:
+        unet = b.unet.get_submodule("down_blocks.1.attentions.0.proj_in").scaling[UNET_ADAPTER]
+        vae = b.vae.get_submodule("decoder.conv_in").scaling[VAE_ADAPTER]
+        return unet, vae
+
+    assert scales(enhancer_backbones["tiny-sd21"]) == (1.0, 1.0)
+    release = StableDiffusionBackbone(
+        preset="tiny-sd21", unet_lora_rank=48, vae_lora_rank=16, unet_lora_alpha=8, vae_lora_alpha=8
+    )
+    release.load_for_stage("enhancer")
+    assert scales(release) == pytest.approx((8 / 48, 8 / 16))

@@ -162,3 +162,32 @@ def test_bicubic_skip_starts_exactly_at_bicubic_down_and_up() -> None:
 def test_bicubic_skip_needs_a_pixel_layout_latent() -> None:
     with pytest.raises(ValueError, match="pixel-layout latent .*192 channels.*has 4"):
         DFRM(scale=16, latent_channels=4, bicubic_skip=True, **TINY)
+
+
+def test_plain_lr_guidance_is_the_releases_non_antialiased_bicubic() -> None:
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    plain = DFRM(16, lr_guidance="plain", **TINY).lr_target(x)
+    ref = torch.nn.functional.interpolate(x, size=(4, 4), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.equal(plain, ref)
+    assert torch.equal(DFRM(16, **TINY).lr_target(x), bicubic_down(x, 16))  # the default is unchanged
+    assert not torch.allclose(plain, bicubic_down(x, 16), atol=1e-3)  # aliasing: another target
+    with pytest.raises(ValueError, match="lr_guidance"):
+        DFRM(16, lr_guidance="area", **TINY)  # type: ignore[arg-type]
+
+
+def test_unscaled_latents_feed_the_raw_latent_and_scale_the_output() -> None:
+    """The release's stage-2/inference convention: latent branch on z / s, G_d's output x s."""
+    s = 0.18215
+    scaled, raw = (
+        DFRM(16, latent_scaling=s, **TINY),
+        DFRM(16, latent_scaling=s, unscaled_latents=True, **TINY),
+    )
+    _randomise(scaled)
+    raw.load_state_dict(scaled.state_dict())
+    x, z = torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(raw.encode_lr(x, z), scaled.encode_lr(x, z / s))
+        u = torch.rand(1, 3, 2, 2)
+        torch.testing.assert_close(raw.decode(u), scaled.decode(u) * s)
+    with pytest.raises(ValueError, match="exclude each other"):
+        DFRM(16, latent_channels=192, bicubic_skip=True, unscaled_latents=True, **TINY)

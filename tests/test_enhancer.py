@@ -122,3 +122,36 @@ def test_unet_timestep() -> None:
 def test_bad_mode_rejected() -> None:
     with pytest.raises(ValueError, match="unknown HybridScheduler mode 'both'"):
         HybridScheduler(mode="both")  # type: ignore[arg-type]
+
+
+def test_refiner_release_variant_keeps_names_and_follows_the_release() -> None:
+    """ReLU blocks, sin-first features with frequency shift 1, LeakyReLU(0.1) after the zero conv."""
+    ours = Refiner()
+    release = Refiner(activation="relu", flip_sin_to_cos=False, freq_shift=1.0, tail_activation=True)
+    assert ours.state_dict().keys() == release.state_dict().keys()
+    z, out = _inputs()
+    t = torch.tensor([10.0, 150.0])
+    assert torch.equal(release(z, out, t), torch.zeros_like(z))  # still zero at init
+    assert (
+        isinstance(release.blocks[0].body[1], torch.nn.ReLU)
+        and release.blocks[0].body[0].bias.abs().max() == 0
+    )
+    half = 32
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / (half - 1))
+    torch.testing.assert_close(
+        release.time_proj(t), torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], 1)
+    )
+    _perturb(release)
+    plain = Refiner(activation="relu", flip_sin_to_cos=False, freq_shift=1.0)
+    plain.load_state_dict(release.state_dict())
+    with torch.no_grad():
+        a, b = release(z, out, t), plain(z, out, t)
+    assert (b < 0).any()
+    torch.testing.assert_close(a, torch.where(b < 0, 0.1 * b, b))
+    scheduler = HybridScheduler(
+        refiner_activation="relu",
+        refiner_flip_sin_to_cos=False,
+        refiner_freq_shift=1.0,
+        refiner_tail_activation=True,
+    )
+    assert scheduler.refiner.tail_activation and not scheduler.refiner.time_proj.flip_sin_to_cos

@@ -605,4 +605,6 @@ def test_color_augment_permutes_the_channels_of_the_same_crop(tmp_path: Path) ->
         assert sorted(order) == [0, 1, 2]
         orders.add(order)
     assert len(orders) > 1
-    assert torch.equal(ImageFolderDataset([path], mode="eval", color_augment=True)[0]["image"], load_image(path))
+    assert torch.equal(
+        ImageFolderDataset([path], mode="eval", color_augment=True)[0]["image"], load_image(path)
+    )

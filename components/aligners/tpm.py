@@ -6,23 +6,34 @@ import torch
 from torch import Tensor, nn
 
 from tadm.contracts import ALIGNERS, TimestepAligner
-from tadm.ops.blocks import ConvBlock, ResBlock
+from tadm.ops.blocks import Activation, ConvBlock, ResBlock
 
 
 class LatentTrunk(nn.Sequential):
     """ConvBlock(C->width) + ``num_blocks`` ResBlocks(width): the TPM's conv feature extractor."""
 
-    def __init__(self, latent_channels: int = 4, width: int = 32, num_blocks: int = 6) -> None:
-        super().__init__(ConvBlock(latent_channels, width), *(ResBlock(width) for _ in range(num_blocks)))
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        width: int = 32,
+        num_blocks: int = 6,
+        activation: Activation = "leaky_relu",
+    ) -> None:
+        super().__init__(
+            ConvBlock(latent_channels, width), *(ResBlock(width, activation) for _ in range(num_blocks))
+        )
 
 
-def channel_stats(feat: Tensor, eps: float = 1e-6) -> Tensor:
+def channel_stats(feat: Tensor, eps: float = 1e-6, unbiased: bool = False) -> Tensor:
     """Per-channel spatial mean and std, (B,C,h,w) -> (B,2C).
 
-    std = sqrt(var + eps) with the population variance: defined (and with a finite gradient)
-    even for a 1x1 latent or a constant channel.
+    Default: std = sqrt(var + eps) with the population variance, defined (and with a finite gradient)
+    even for a 1x1 latent or a constant channel. ``unbiased``: ``torch.std`` as the authors' release
+    computes it (Bessel-corrected, no eps; NaN for a 1x1 latent, which tiled inference never makes).
     """
     mean = feat.mean(dim=(2, 3))
+    if unbiased:
+        return torch.cat([mean, feat.std(dim=(2, 3), correction=1)], dim=1)
     var = feat.var(dim=(2, 3), correction=0)
     return torch.cat([mean, (var + eps).sqrt()], dim=1)
 
@@ -44,6 +55,7 @@ class TimestepPredictionModule(TimestepAligner):
     ConvBlock(C->32), 6 ResBlocks(32), per-channel global mean and std (64 values), MLP
     64->512, 4 x [ReLU, 512->512], ReLU, 512->1, sigmoid scaled to [t_min, t_max]. It has no loss
     of its own: it learns through the time embeddings of the UNet and the Refiner that consume t.
+    The three release options keep the parameter names, so the authors' weights load either way.
     """
 
     def __init__(
@@ -53,6 +65,9 @@ class TimestepPredictionModule(TimestepAligner):
         t_max: float = 200.0,
         hidden: int = 512,
         width: int = 32,
+        activation: Activation = "leaky_relu",
+        unbiased_std: bool = False,
+        relu_before_output: bool = True,
     ) -> None:
         """
         Args:
@@ -61,21 +76,29 @@ class TimestepPredictionModule(TimestepAligner):
             t_max: largest timestep it can output (the paper: 200).
             hidden: width of the MLP head.
             width: channels of the conv trunk.
+            activation: of the trunk's residual blocks: ``leaky_relu`` (tadm) or ``relu`` (the release's
+                BasicSR ``ResidualBlockNoBN``: ReLU, kaiming x 0.1 init).
+            unbiased_std: the statistics' std as the release computes it (``torch.std``: Bessel-corrected,
+                no eps) instead of sqrt(population variance + 1e-6).
+            relu_before_output: a ReLU between the last two linears (tadm: it keeps them from collapsing
+                into one); the release has none (``false``).
         """
         super().__init__()
         check_range(t_min, t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.latent_channels = latent_channels
-        self.trunk = LatentTrunk(latent_channels, width)
+        self.unbiased_std = unbiased_std
+        self.trunk = LatentTrunk(latent_channels, width, activation=activation)
         layers: list[nn.Module] = [nn.Linear(2 * width, hidden)]
         for _ in range(4):
             layers += [nn.ReLU(), nn.Linear(hidden, hidden)]
-        layers += [nn.ReLU(), nn.Linear(hidden, 1)]  # the ReLU keeps the last two linears from collapsing
+        # an Identity in the release's variant keeps the last linear at index 10 (same state-dict keys)
+        layers += [nn.ReLU() if relu_before_output else nn.Identity(), nn.Linear(hidden, 1)]
         self.head = nn.Sequential(*layers)
 
     def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor:
-        logit = self.head(channel_stats(self.trunk(z_hat))).squeeze(1)
-        return scale_to_range(logit, self.t_min, self.t_max)
+        stats = channel_stats(self.trunk(z_hat), unbiased=self.unbiased_std)
+        return scale_to_range(self.head(stats).squeeze(1), self.t_min, self.t_max)
 
     def extra_repr(self) -> str:
         return f"t_min={self.t_min}, t_max={self.t_max}"

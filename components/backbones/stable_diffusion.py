@@ -30,6 +30,9 @@ UNET_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
     "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
 )  # fmt: skip
+#: peft adapter names of the UNet and VAE-decoder LoRA (they appear in checkpoint keys)
+UNET_ADAPTER = "tadm_unet"
+VAE_ADAPTER = "tadm_vae"
 #: LoRA targets on the VAE decoder only (a full-match regex, so encoder modules never match)
 VAE_DECODER_LORA_REGEX = (
     r"decoder\.(.*\.)?(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_q|to_k|to_v|to_out\.0)"
@@ -73,6 +76,10 @@ class StableDiffusionBackbone(DiffusionBackbone):
         unet_lora_rank: LoRA rank on the UNet for stages ``enhancer``/``joint`` (TADM: 32; the
             release's script uses 48). ``conv_in`` is trained fully besides.
         vae_lora_rank: LoRA rank on the VAE decoder (TADM: 16); the encoder always stays frozen.
+        unet_lora_alpha: peft's ``lora_alpha`` of the UNet LoRA; the update is scaled by alpha / rank.
+            Default (None): alpha = rank, scale 1. The release leaves peft's default, 8 (rank 48:
+            scale 1/6), so its weights only reproduce its outputs with ``unet_lora_alpha: 8``.
+        vae_lora_alpha: the same for the VAE-decoder LoRA (release: 8 at rank 16, scale 1/2).
         unet_lora_targets: UNet module names (suffixes) that get LoRA; default: TADM's list
             (attention projections, ResNet convs, proj_in/out, feed-forward, conv_out).
         gradient_checkpointing: Recompute UNet / VAE-decoder activations in the backward pass:
@@ -91,6 +98,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
         local_files_only: bool | None = None,
         unet_lora_rank: int = 32,
         vae_lora_rank: int = 16,
+        unet_lora_alpha: float | None = None,
+        vae_lora_alpha: float | None = None,
         unet_lora_targets: list[str] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -115,6 +124,8 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.num_train_timesteps: int | None = None
         self.unet_lora_rank = unet_lora_rank
         self.vae_lora_rank = vae_lora_rank
+        self.unet_lora_alpha = unet_lora_alpha
+        self.vae_lora_alpha = vae_lora_alpha
         self.unet_lora_targets = list(unet_lora_targets or UNET_LORA_TARGETS)
         self.gradient_checkpointing = gradient_checkpointing
         self._lora_stage: str | None = None
@@ -263,16 +274,18 @@ class StableDiffusionBackbone(DiffusionBackbone):
         from peft import LoraConfig, inject_adapter_in_model
 
         assert self.unet is not None and self.vae is not None
+        unet_alpha = self.unet_lora_rank if self.unet_lora_alpha is None else self.unet_lora_alpha
+        vae_alpha = self.vae_lora_rank if self.vae_lora_alpha is None else self.vae_lora_alpha
         unet_cfg = LoraConfig(
-            r=self.unet_lora_rank, lora_alpha=self.unet_lora_rank, init_lora_weights="gaussian",
+            r=self.unet_lora_rank, lora_alpha=unet_alpha, init_lora_weights="gaussian",
             target_modules=self.unet_lora_targets,
         )  # fmt: skip
-        inject_adapter_in_model(unet_cfg, self.unet, adapter_name="tadm_unet")
+        inject_adapter_in_model(unet_cfg, self.unet, adapter_name=UNET_ADAPTER)
         vae_cfg = LoraConfig(
-            r=self.vae_lora_rank, lora_alpha=self.vae_lora_rank, init_lora_weights="gaussian",
+            r=self.vae_lora_rank, lora_alpha=vae_alpha, init_lora_weights="gaussian",
             target_modules=VAE_DECODER_LORA_REGEX,
         )  # fmt: skip
-        inject_adapter_in_model(vae_cfg, self.vae, adapter_name="tadm_vae")
+        inject_adapter_in_model(vae_cfg, self.vae, adapter_name=VAE_ADAPTER)
         for module in (self.unet, self.vae):
             for name, p in module.named_parameters():
                 p.requires_grad_("lora_" in name)

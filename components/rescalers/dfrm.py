@@ -55,6 +55,8 @@ class DFRM(Rescaler):
         quantization: Literal["noise", "ste"] = "noise",
         bicubic_skip: bool = False,
         latent_scaling: float = 1.0,
+        lr_guidance: Literal["antialias", "plain"] = "antialias",
+        unscaled_latents: bool = False,
     ) -> None:
         """
         Args:
@@ -76,7 +78,19 @@ class DFRM(Rescaler):
                 output to the latent of the bicubic upscale of its input. Training thus starts exactly
                 at bicubic down + up, and what is learned is detail on top of it, which generalises to
                 photos unlike the training ones far better than rebuilding every pixel.
-            latent_scaling: the backbone's latent multiplier (linked from it); used by ``bicubic_skip``.
+            latent_scaling: the backbone's latent multiplier (linked from it); used by ``bicubic_skip`` and
+                ``unscaled_latents``.
+            lr_guidance: the LR image's target in the ``lr`` loss term: ``antialias`` (tadm: antialiased
+                bicubic, a proper small version of the photo) or ``plain`` (the release:
+                ``F.interpolate(mode="bicubic")`` without antialiasing, clamped to [-1, 1]; it aliases at
+                x16/x32). Metrics and the bicubic baseline always use the antialiased one.
+            unscaled_latents: the release's convention after stage 1: its DFRM reads the RAW VAE latent
+                (``DFRM.inference`` divides the scaled latent by 0.18215) and the latent it rebuilds is
+                taken as raw too (``tadm.py`` multiplies it by the scaling factor before the UNet). On, the
+                latent branch gets z / latent_scaling and G_d's output is multiplied by latent_scaling, so
+                everything outside the DFRM stays scaled. The release trains stage 1 on scaled latents
+                (off) and runs stages 2/3 and inference this way (on); ``configs/experiments/release/``
+                does the same.
         """
         super().__init__(scale)
         steps = _log2_int(scale, "scale")
@@ -94,11 +108,17 @@ class DFRM(Rescaler):
             raise ValueError(
                 "bicubic_skip adds G_d's output to a base latent: it needs final_activation: false"
             )
+        if bicubic_skip and unscaled_latents:
+            raise ValueError("bicubic_skip and unscaled_latents exclude each other (choose one convention)")
+        if lr_guidance not in ("antialias", "plain"):
+            raise ValueError(f"unknown lr_guidance {lr_guidance!r}; choose 'antialias' or 'plain'")
         self.latent_channels = latent_channels
         self.latent_factor = latent_factor
         self.quantization = quantization
         self.bicubic_skip = bicubic_skip
         self.latent_scaling = latent_scaling
+        self.lr_guidance = lr_guidance
+        self.unscaled_latents = unscaled_latents
 
         # G_e pixel branch: ConvBlock 3->16, log2(s) x [PixelUnshuffle(2), 1x1 conv 4C->2C, ResBlock], ConvBlock ->16
         layers: list[nn.Module] = [ConvBlock(3, pixel_width)]
@@ -157,6 +177,8 @@ class DFRM(Rescaler):
         """G_e: the continuous 3-channel z_lr before the invertible net (with ``bicubic_skip``: the
         bicubic LR image plus the learned residual)."""
         z = self._check(x, z)
+        if self.unscaled_latents:
+            z = z / self.latent_scaling
         z_lr = self.fusion(torch.cat([self.pixel_branch(x), self.latent_branch(z)], dim=1))
         return z_lr + bicubic_down(x, self.scale) if self.bicubic_skip else z_lr
 
@@ -164,11 +186,21 @@ class DFRM(Rescaler):
         """G_d: an LR-sized 3-channel code -> latent (with ``bicubic_skip``: plus the latent of the
         bicubic upscale of ``u``, the pixel layout ``space_to_depth`` uses)."""
         out = self.decoder(u)
+        if self.unscaled_latents:
+            return out * self.latent_scaling
         if not self.bicubic_skip:
             return out
         h, w = u.shape[-2:]
         up = bicubic_resize(u, (h * self.scale, w * self.scale))
         return out + F.pixel_unshuffle(up, self.latent_factor) * self.latent_scaling
+
+    def lr_target(self, x: Tensor) -> Tensor:
+        """The bicubic LR image the ``lr`` term pulls y towards (``lr_guidance``)."""
+        if self.lr_guidance == "antialias":
+            return bicubic_down(x, self.scale)
+        h, w = x.shape[-2:]
+        size = (h // self.scale, w // self.scale)
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
     def downscale(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         return quantize_8bit(self.invertible(self.encode_lr(x, z)), self.training, self.quantization)
@@ -187,7 +219,7 @@ class DFRM(Rescaler):
         if outputs is not None:
             outputs["z_hat"] = z_hat
         return {
-            "lr": distance(y, bicubic_down(x, self.scale)),
+            "lr": distance(y, self.lr_target(x)),
             "latent_forward": distance(self.decode(z_lr), z),
             "latent_backward": distance(z_hat, z),
         }

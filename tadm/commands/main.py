@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "upscale": "tadm.commands.codec:upscale_command",
     "evaluate": "tadm.commands.evaluate:evaluate_command",
     "export": "tadm.commands.export:export_command",
+    "import-release": "tadm.commands.import_release:import_release_command",
 }
 
 

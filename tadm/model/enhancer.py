@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
-from tadm.ops.blocks import ConvBlock, ResBlock
+from tadm.ops.blocks import Activation, ConvBlock, ResBlock
 from tadm.ops.diffusion import abar_at, x0_from_output
 
 Mode = Literal["hybrid", "fixed_only", "learned_t"]
@@ -41,10 +42,19 @@ class Refiner(nn.Module):
     embedding]; zero-initialised 3x3 conv -> C, so it outputs exactly 0 at init. One
     Timesteps + TimestepEmbedding (diffusers) is shared by all blocks (the release's 0.46 M
     count). A (B,1,h,w) timestep map is embedded per pixel, so a spatial aligner really steers it.
+    The release options change arithmetic only: the parameter names stay, so its weights load.
     """
 
     def __init__(
-        self, latent_channels: int = 4, width: int = 64, num_blocks: int = 6, time_dim: int = 64
+        self,
+        latent_channels: int = 4,
+        width: int = 64,
+        num_blocks: int = 6,
+        time_dim: int = 64,
+        activation: Activation = "leaky_relu",
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0.0,
+        tail_activation: bool = False,
     ) -> None:
         """
         Args:
@@ -52,13 +62,21 @@ class Refiner(nn.Module):
             width: feature channels.
             num_blocks: ResBlocks, each followed by adding the time embedding.
             time_dim: size of the sinusoidal timestep features.
+            activation: of the residual blocks: ``leaky_relu`` (tadm) or ``relu`` (the release's BasicSR
+                ``ResidualBlockNoBN``: ReLU, kaiming x 0.1 init).
+            flip_sin_to_cos: order of the sinusoidal features, cos first (tadm, as SD's UNet); the
+                release builds ``Timesteps(64, False, 1)``: sin first.
+            freq_shift: diffusers' ``downscale_freq_shift`` of the sinusoidal features (release: 1).
+            tail_activation: a LeakyReLU(0.1) after the zero-initialised output conv, as the release's
+                ``zero_conv_out`` (a ConvBlock) has; it damps negative corrections tenfold.
         """
         super().__init__()
         self.head = ConvBlock(2 * latent_channels, width)
-        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(num_blocks))
-        self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.blocks = nn.ModuleList(ResBlock(width, activation) for _ in range(num_blocks))
+        self.time_proj = Timesteps(time_dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift)
         self.time_embedding = TimestepEmbedding(time_dim, width)
         self.tail = nn.Conv2d(width, latent_channels, 3, padding=1)
+        self.tail_activation = tail_activation
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
@@ -89,7 +107,8 @@ class Refiner(nn.Module):
         x = self.head(torch.cat([z_hat, model_output], dim=1))
         for block in self.blocks:
             x = block(x) + emb
-        return self.tail(x)
+        out = self.tail(x)
+        return F.leaky_relu(out, 0.1) if self.tail_activation else out
 
 
 class HybridScheduler(nn.Module):
@@ -115,6 +134,10 @@ class HybridScheduler(nn.Module):
         width: int = 64,
         num_blocks: int = 6,
         time_dim: int = 64,
+        refiner_activation: Activation = "leaky_relu",
+        refiner_flip_sin_to_cos: bool = True,
+        refiner_freq_shift: float = 0.0,
+        refiner_tail_activation: bool = False,
     ) -> None:
         """
         Args:
@@ -124,6 +147,10 @@ class HybridScheduler(nn.Module):
             width: Refiner feature channels.
             num_blocks: Refiner ResBlocks.
             time_dim: size of the Refiner's sinusoidal timestep features.
+            refiner_activation: the Refiner's residual-block activation (release: ``relu``).
+            refiner_flip_sin_to_cos: the Refiner's sinusoid order (release: ``false``, sin first).
+            refiner_freq_shift: the Refiner's ``downscale_freq_shift`` (release: 1).
+            refiner_tail_activation: LeakyReLU(0.1) after the Refiner's output conv (release: ``true``).
         """
         super().__init__()
         if mode not in MODES:
@@ -133,7 +160,16 @@ class HybridScheduler(nn.Module):
         self.t0 = float(t0)
         self.mode = mode
         self.latent_channels = latent_channels
-        self.refiner = Refiner(latent_channels, width, num_blocks, time_dim)
+        self.refiner = Refiner(
+            latent_channels,
+            width,
+            num_blocks,
+            time_dim,
+            activation=refiner_activation,
+            flip_sin_to_cos=refiner_flip_sin_to_cos,
+            freq_shift=refiner_freq_shift,
+            tail_activation=refiner_tail_activation,
+        )
         if mode == "fixed_only":
             # unused: keep it out of optimisers and out of DDP's unused-parameter check
             self.refiner.requires_grad_(False)

@@ -33,6 +33,9 @@ from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
 log = logging.getLogger(__name__)
 
 Stage = Literal["rescaler", "enhancer", "joint"]
+#: which latent the aligner reads (see ``TADMModule``'s ``aligner_latents``)
+AlignerLatents = Literal["scaled", "unscaled", "release"]
+ALIGNER_LATENTS: tuple[str, ...] = ("scaled", "unscaled", "release")
 
 
 class TADMModule(L.LightningModule):
@@ -59,6 +62,7 @@ class TADMModule(L.LightningModule):
         init_from: str | None = None,
         num_log_images: int = 4,
         eval_tiling: Tiling | None = None,
+        aligner_latents: AlignerLatents = "scaled",
     ) -> None:
         """
         Args:
@@ -82,12 +86,21 @@ class TADMModule(L.LightningModule):
                 (| timestep heat map in stages 2/3, on the aligner's t range).
             eval_tiling: tile validation/test/predict images as inference does (default: whole images;
                 set it to see per-tile timesteps in the heat maps of large validation images).
+            aligner_latents: the z_hat the aligner reads. ``scaled`` (tadm: the latent every other part
+                sees); ``unscaled``: z_hat / the backbone's scaling factor, as the release's training code
+                feeds its TPM (``src/tadm.py``); ``release``: unscaled in training mode, scaled in eval mode,
+                as the release's training and its inference script (``src/tadm_tile.py``, what
+                ``run_inference.sh`` runs) do. The UNet, the Refiner and the x0 formula always get it scaled.
         """
         super().__init__()
         if stage not in ("rescaler", "enhancer", "joint"):
             raise ValueError(f"unknown stage {stage!r}; choose rescaler, enhancer or joint")
         if rescaler.scale != scale:
             raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
+        if aligner_latents not in ALIGNER_LATENTS:
+            raise ValueError(
+                f"unknown aligner_latents {aligner_latents!r}; choose one of {list(ALIGNER_LATENTS)}"
+            )
         self.save_hyperparameters(
             ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
         )
@@ -108,6 +121,7 @@ class TADMModule(L.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.num_log_images = num_log_images
         self.eval_tiling = eval_tiling
+        self.aligner_latents = aligner_latents
         #: the run's full config (YAML), set by the CLI and stored in every checkpoint
         self.run_config: str | None = None
         self.strict_loading = False  # frozen backbone weights are not stored; checked in on_load_checkpoint
@@ -176,11 +190,16 @@ class TADMModule(L.LightningModule):
     def enhance(self, z_hat: Tensor, z_true: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One-step diffusion on the reconstructed latent: (z0_hat, the aligner's t)."""
         assert self.aligner is not None and self.enhancer is not None
-        t = self.aligner(z_hat, z_true)
+        t = self.aligner(self.aligner_input(z_hat), z_true)
         out = self.backbone.predict(z_hat, unet_timestep(t))
         b = self.backbone
         assert b.alphas_cumprod is not None and b.prediction_type is not None
         return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
+
+    def aligner_input(self, z_hat: Tensor) -> Tensor:
+        """z_hat as the aligner reads it (``aligner_latents``): scaled, or divided by the scaling factor."""
+        raw = self.aligner_latents == "unscaled" or (self.aligner_latents == "release" and self.training)
+        return z_hat / self.backbone.scaling_factor if raw else z_hat
 
     @property
     def enhance_fn(self) -> pipeline.Enhance | None:

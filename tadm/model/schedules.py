@@ -35,3 +35,39 @@ class WarmupCosineLR(LambdaLR):
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PiecewiseConstantLR(LambdaLR):
+    """The base LR times ``multipliers[i]`` until optimiser step ``boundaries[i]``, then ``final``.
+
+    The authors' release uses diffusers' ``piecewise_constant`` schedule; e.g. its stage 1
+    (``"1:100000,0.5:100000,0.5:100000,1"``: repeated boundaries collapse, so 0.5x until 100k scheduler
+    steps, then 1x) is ``boundaries: [100000], multipliers: [0.5]``. Boundaries count the optimiser
+    steps Lightning takes; accelerate advanced the release's scheduler once per GPU per optimiser step,
+    so its steps on 2 GPUs are half as many of ours (``configs/experiments/release/`` converts them).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        boundaries: list[int] | None = None,
+        multipliers: list[float] | None = None,
+        final: float = 1.0,
+    ) -> None:
+        self.boundaries = list(boundaries or [])
+        self.multipliers = list(multipliers or [])
+        if len(self.boundaries) != len(self.multipliers):
+            raise ValueError(
+                f"PiecewiseConstantLR needs one multiplier per boundary, got {len(self.boundaries)} "
+                f"boundaries and {len(self.multipliers)} multipliers"
+            )
+        if self.boundaries != sorted(self.boundaries):
+            raise ValueError(f"PiecewiseConstantLR boundaries must increase, got {self.boundaries}")
+        self.final = final
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        for boundary, multiplier in zip(self.boundaries, self.multipliers, strict=True):
+            if step < boundary:
+                return multiplier
+        return self.final

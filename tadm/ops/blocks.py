@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -13,16 +15,33 @@ class ConvBlock(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1))
 
 
-class ResBlock(nn.Module):
-    """conv - LeakyReLU(0.1) - conv + identity."""
+Activation = Literal["leaky_relu", "relu"]
+ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu")
 
-    def __init__(self, channels: int) -> None:
+
+class ResBlock(nn.Module):
+    """conv - activation - conv + identity.
+
+    ``leaky_relu`` (LeakyReLU(0.1), PyTorch's default init) is tadm's; ``relu`` is the authors'
+    release's TPM / Refiner block (BasicSR's ``ResidualBlockNoBN``: ReLU, kaiming-normal init x 0.1,
+    zero biases). Both have the same parameters (``body.0`` / ``body.2``), so a checkpoint loads into
+    either; only the arithmetic differs.
+    """
+
+    def __init__(self, channels: int, activation: Activation = "leaky_relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown block activation {activation!r}; choose one of {list(ACTIVATIONS)}")
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.LeakyReLU(0.1),
+            nn.LeakyReLU(0.1) if activation == "leaky_relu" else nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
+        if activation == "relu":
+            for conv in (self.body[0], self.body[2]):
+                nn.init.kaiming_normal_(conv.weight)
+                conv.weight.data.mul_(0.1)
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
