@@ -2,7 +2,9 @@
 # GPU inference benchmark, prepared to run in one go (< 5 min on one H100, no download):
 # full-size SD 2.1-base and SDXL architectures with random weights, x16 upscales to 512x512 and
 # 2048x2048 outputs through the same tiled Codec as `tadm upscale`; prints images/s and peak GPU
-# memory per case (bf16 autocast, channels_last, SDPA attention, 4 latent tiles per UNet call).
+# memory per case (bf16 autocast, channels_last, SDPA attention, 4 latent tiles per UNet call);
+# then the full-size SD VAE's tiled encode / decode at 2048x2048 with per-tile vs synchronised
+# GroupNorm statistics (benchmarks/vae_tiling.py --full-size).
 #
 #   bash benchmarks/gpu_inference.sh                 # uses .venv/bin/python if present, else python
 #   PYTHON=python3 bash benchmarks/gpu_inference.sh --compile
@@ -22,3 +24,4 @@ print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, cuda {torc
 PY
 timeout 290 "$PY" benchmarks/upscale.py --device cuda --precision bf16 --presets sd21-base sdxl \
   --sizes 512x512 2048x2048 --repeats 3 --tile-batch 4 --channels-last --json "$OUT/gpu_inference.json" "$@"
+timeout 120 "$PY" benchmarks/vae_tiling.py --full-size 2048 --tile 768 --overlap 128 --device cuda

@@ -174,6 +174,13 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tile-batch", type=int, default=1, help="enhancer tiles per UNet call (raise on GPUs)")
     ap.add_argument("--vae-tile", type=int, default=768, help="VAE tile in image pixels (0: whole image)")
     ap.add_argument("--vae-overlap", type=int, default=128, help="VAE tile overlap in image pixels")
+    ap.add_argument(
+        "--vae-norm",
+        default="synced",
+        choices=("synced", "per_tile"),
+        help="GroupNorm statistics of VAE tiles: shared by all tiles (default, TADM's release; one extra "
+        "pass over the tiles) or each tile's own (faster; small tiles shift colours)",
+    )
     ap.add_argument("--lr-tile", type=int, default=128, help="rescaler tile in LR pixels (0: whole image)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPUs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -191,6 +198,7 @@ def load_from_args(args: argparse.Namespace) -> Codec:
         tile_batch=args.tile_batch,
         vae_tile=args.vae_tile,
         vae_overlap=args.vae_overlap if args.vae_tile > 0 else 0,
+        vae_norm=args.vae_norm,
         lr_tile=args.lr_tile,
     )
     return load_codec(

@@ -1,7 +1,7 @@
 """The HR -> LR -> HR round trip shared by validation, ``tadm test`` and the codec, tiled or whole.
 
 Every step can run on tiles (see :mod:`tadm.inference.tiling`): VAE encode/decode on pixel/latent tiles
-blended with ramps, the rescaler on stitched tiles of the LR grid, the one-step enhancer on latent
+blended with ramps (GroupNorm statistics shared by all tiles: :mod:`tadm.inference.groupnorm_sync`), the rescaler on stitched tiles of the LR grid, the one-step enhancer on latent
 tiles blended with Gaussian weights, each tile with its own timestep. ``NO_TILING`` processes
 whole images (what training-time validation does on crops).
 """
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, quantize_8bit
+from tadm.inference.groupnorm_sync import blend_tiles_synced
 from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
 from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, lcm, pad_to_multiple
 
@@ -54,17 +55,37 @@ def pad_multiple(backbone: DiffusionBackbone, rescaler: Rescaler) -> int:
 
 
 def encode(backbone: DiffusionBackbone, x: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
-    """VAE encode, on ``tiling.vae_tile`` pixel tiles blended over the overlap when the image is larger."""
+    """VAE encode, on ``tiling.vae_tile`` pixel tiles blended over the overlap when the image is larger
+    (GroupNorm statistics per ``tiling.vae_norm``)."""
     f = backbone.downsample_factor
     tile, overlap = _vae_geometry(tiling, f)
-    return blend_tiles(backbone.encode, x, tile=tile, overlap=overlap, scale=1 / f, weight="ramp", align=f)[0]
+    return _blend_vae(backbone.encode, x, tiling, tile=tile, overlap=overlap, scale=1 / f, align=f)
 
 
 def decode(backbone: DiffusionBackbone, z: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
-    """VAE decode, on latent tiles of ``tiling.vae_tile`` pixels blended over the overlap."""
+    """VAE decode, on latent tiles of ``tiling.vae_tile`` pixels blended over the overlap (GroupNorm
+    statistics per ``tiling.vae_norm``)."""
     f = backbone.downsample_factor
     tile, overlap = _vae_geometry(tiling, f)
-    return blend_tiles(backbone.decode, z, tile=tile // f, overlap=overlap // f, scale=f, weight="ramp")[0]
+    return _blend_vae(backbone.decode, z, tiling, tile=tile // f, overlap=overlap // f, scale=f, align=1)
+
+
+def _blend_vae(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tiling: Tiling,
+    *,
+    tile: int,
+    overlap: int,
+    scale: float,
+    align: int,
+) -> Tensor:
+    """Ramp-blended VAE tiles, their GroupNorms synchronised over all tiles unless ``per_tile``."""
+    if tiling.vae_norm == "synced":
+        return blend_tiles_synced(
+            fn, x, tile=tile, overlap=overlap, scale=scale, align=align, passes=tiling.vae_norm_passes
+        )
+    return blend_tiles(fn, x, tile=tile, overlap=overlap, scale=scale, weight="ramp", align=align)[0]
 
 
 def _vae_geometry(tiling: Tiling, f: int) -> tuple[int, int]:

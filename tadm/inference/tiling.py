@@ -6,7 +6,9 @@ Three kinds of tiling, each where it serves:
   enhancer runs on latent tiles (default 96, overlap 32) blended with TADM's Gaussian weights
   (sigma^2 = 0.01 on tile-normalised coordinates); each tile gets its OWN timestep, so a scalar
   aligner yields a piecewise map that the blending makes continuous. The VAE encoder and decoder run
-  on pixel / latent tiles blended with linear ramps over the overlap.
+  on pixel / latent tiles blended with linear ramps over the overlap; by default their GroupNorm
+  layers use statistics of the whole image gathered over all tiles first (``Tiling.vae_norm``,
+  :mod:`tadm.inference.groupnorm_sync`), as TADM's release does with multidiffusion's VAEHook.
 - :func:`stitch_tiles` -- overlapping tiles cut at the middle of each overlap, no blending: for the
   rescaler, whose quantised 8-bit LR image must stay exactly 8-bit.
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 Weight = Literal["gaussian", "ramp"]
+VaeNorm = Literal["synced", "per_tile"]
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Tiling:
         gaussian_var: variance of the Gaussian blending weights on tile-normalised coordinates.
         vae_tile: VAE decoder / encoder tile in image pixels (a multiple of the VAE downsampling).
         vae_overlap: overlap of VAE tiles in image pixels.
+        vae_norm: GroupNorm statistics of VAE tiles: ``synced`` (image-wide, gathered over all tiles
+            in ``vae_norm_passes`` extra passes; TADM's release) or ``per_tile`` (each tile its own:
+            faster, but small tiles shift colours).
+        vae_norm_passes: statistics passes over the tiles before the output pass in ``synced`` mode;
+            pass k makes the first k GroupNorm layers' statistics exact (see groupnorm_sync).
         lr_tile: rescaler tile in LR pixels (128 LR pixels = 2048 HR pixels at x16).
         lr_overlap: context on each side of a rescaler tile, in LR pixels, discarded when stitching.
     """
@@ -49,6 +57,8 @@ class Tiling:
     gaussian_var: float = 0.01
     vae_tile: int = 768
     vae_overlap: int = 128
+    vae_norm: VaeNorm = "synced"
+    vae_norm_passes: int = 1
     lr_tile: int = 128
     lr_overlap: int = 16
 
@@ -62,6 +72,10 @@ class Tiling:
                 raise ValueError(f"{name}_overlap must be in [0, {name}_tile={tile}), got {overlap}")
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {self.tile_batch}")
+        if self.vae_norm not in ("synced", "per_tile"):
+            raise ValueError(f"vae_norm must be 'synced' or 'per_tile', got {self.vae_norm!r}")
+        if self.vae_norm_passes < 1:
+            raise ValueError(f"vae_norm_passes must be >= 1, got {self.vae_norm_passes}")
         if self.gaussian_var <= 0:
             raise ValueError(f"gaussian_var must be > 0, got {self.gaussian_var}")
 
@@ -194,7 +208,7 @@ def stitch_tiles(
         return fn(*inputs)
     th, tw = min(tile, gh), min(tile, gw)
     ys, xs = tile_starts(gh, th, 2 * overlap), tile_starts(gw, tw, 2 * overlap)
-    ycuts, xcuts = _cuts(ys, th, gh), _cuts(xs, tw, gw)
+    ycuts, xcuts = tile_cuts(ys, th, gh), tile_cuts(xs, tw, gw)
     out: Tensor | None = None
     for iy, y in enumerate(ys):
         for ix, x0 in enumerate(xs):
@@ -214,9 +228,10 @@ def stitch_tiles(
     return out
 
 
-def _cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
-    """The part of each tile kept: from the middle of the overlap with the previous tile to the middle
-    of the overlap with the next."""
+def tile_cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
+    """The part of each tile kept (stitching) or owned (GroupNorm statistics): from the middle of the
+    overlap with the previous tile to the middle of the overlap with the next; the parts partition
+    ``[0, size)``."""
     bounds = [0] + [(starts[i] + starts[i - 1] + tile) // 2 for i in range(1, len(starts))] + [size]
     return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
 
@@ -244,6 +259,7 @@ __all__ = [
     "Tiling",
     "blend_tiles",
     "stitch_tiles",
+    "tile_cuts",
     "tile_starts",
     "tile_weight",
     "timestep_map",
