@@ -11,7 +11,7 @@ from tadm.contracts import quantize_8bit
 from tadm.inference import pipeline
 from tadm.model.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 from tadm.ops.blocks import AffineCoupling, InvertibleNet
-from tadm.ops.images import bicubic_down
+from tadm.ops.images import bicubic_down, bicubic_resize
 
 TINY = dict(width=16, num_resblocks=1, pixel_width=4, num_couplings=2, coupling_growth=8)
 
@@ -191,3 +191,33 @@ def test_unscaled_latents_feed_the_raw_latent_and_scale_the_output() -> None:
         torch.testing.assert_close(raw.decode(u), scaled.decode(u) * s)
     with pytest.raises(ValueError, match="exclude each other"):
         DFRM(16, latent_channels=192, bicubic_skip=True, unscaled_latents=True, **TINY)
+
+
+def test_detail_residual_keeps_flat_colours_and_the_low_frequencies() -> None:
+    """Whatever G_d learned, its filtered residual adds nothing that bicubic downscaling keeps: a flat
+    LR code decodes to exactly its flat colour, and a photo's reconstruction downscales back to the
+    bicubic round trip's downscale."""
+    torch.manual_seed(0)
+    m = DFRM(scale=16, latent_channels=192, bicubic_skip=True, detail_residual=True, **TINY).eval()
+    for p in m.decoder.parameters():  # a trained, non-zero residual head
+        torch.nn.init.normal_(p, std=0.5)
+    flat = torch.tensor([0.8, -0.6, 0.1]).view(1, 3, 1, 1).expand(1, 3, 6, 8)
+    u = m.invertible.inverse(flat)
+    raw = DFRM(scale=16, latent_channels=192, bicubic_skip=True, **TINY).eval()
+    raw.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        image = lambda latent: torch.nn.functional.pixel_shuffle(latent, 8)  # noqa: E731  (unclamped)
+        residual = image(m.decode(u)) - bicubic_resize(u, (96, 128))
+        unfiltered = image(raw.decode(u)) - bicubic_resize(u, (96, 128))
+        shift, kept = unfiltered.mean(dim=(2, 3)), residual.mean(dim=(2, 3))
+        assert shift.abs().max() > 0.1  # the raw head shifts flat colours ...
+        assert kept.abs().max() < 0.02 * shift.abs().max()  # ... the filtered one keeps them
+        # on a photo's LR code: detail is added, with block means far below the raw head's
+        lr = bicubic_down(torch.rand(1, 3, 64, 96) * 2 - 1, 16)
+        base = bicubic_resize(lr, (64, 96))
+        added, raw_added = image(m.decode(lr)) - base, image(raw.decode(lr)) - base
+        blocks = lambda t: torch.nn.functional.avg_pool2d(t, 16).abs().mean()  # noqa: E731
+        assert added.abs().mean() > 0.5 * raw_added.abs().mean()
+        assert blocks(added) < 0.1 * blocks(raw_added), (blocks(added), blocks(raw_added))
+    with pytest.raises(ValueError, match="needs bicubic_skip"):
+        DFRM(scale=16, latent_channels=192, detail_residual=True, **TINY)

@@ -54,6 +54,7 @@ class DFRM(Rescaler):
         final_activation: bool = False,
         quantization: Literal["noise", "ste"] = "noise",
         bicubic_skip: bool = False,
+        detail_residual: bool = False,
         latent_scaling: float = 1.0,
         lr_guidance: Literal["antialias", "plain"] = "antialias",
         unscaled_latents: bool = False,
@@ -78,6 +79,12 @@ class DFRM(Rescaler):
                 output to the latent of the bicubic upscale of its input. Training thus starts exactly
                 at bicubic down + up, and what is learned is detail on top of it, which generalises to
                 photos unlike the training ones far better than rebuilding every pixel.
+            detail_residual: with ``bicubic_skip``, take from G_d's residual r (in image space) the
+                bicubic upscale of its means over scale x scale blocks: what is left is detail, with
+                no colour or brightness of its own (a flat or block-periodic r is removed exactly, a
+                smooth one nearly). Flat colours and smooth gradients then come back as the bicubic
+                upscale of the LR code has them, whatever colours the training photos had, and the
+                network spends itself on detail.
             latent_scaling: the backbone's latent multiplier (linked from it); used by ``bicubic_skip`` and
                 ``unscaled_latents``.
             lr_guidance: the LR image's target in the ``lr`` loss term: ``antialias`` (tadm: antialiased
@@ -108,6 +115,8 @@ class DFRM(Rescaler):
             raise ValueError(
                 "bicubic_skip adds G_d's output to a base latent: it needs final_activation: false"
             )
+        if detail_residual and not bicubic_skip:
+            raise ValueError("detail_residual filters bicubic_skip's residual: it needs bicubic_skip: true")
         if bicubic_skip and unscaled_latents:
             raise ValueError("bicubic_skip and unscaled_latents exclude each other (choose one convention)")
         if lr_guidance not in ("antialias", "plain"):
@@ -116,6 +125,7 @@ class DFRM(Rescaler):
         self.latent_factor = latent_factor
         self.quantization = quantization
         self.bicubic_skip = bicubic_skip
+        self.detail_residual = detail_residual
         self.latent_scaling = latent_scaling
         self.lr_guidance = lr_guidance
         self.unscaled_latents = unscaled_latents
@@ -191,7 +201,12 @@ class DFRM(Rescaler):
         if not self.bicubic_skip:
             return out
         h, w = u.shape[-2:]
-        up = bicubic_resize(u, (h * self.scale, w * self.scale))
+        size = (h * self.scale, w * self.scale)
+        up = bicubic_resize(u, size)
+        if self.detail_residual:  # r minus the bicubic upscale of its block means: no colour shift
+            r = F.pixel_shuffle(out, self.latent_factor)
+            r = r - F.interpolate(F.avg_pool2d(r, self.scale), size=size, mode="bicubic", align_corners=False)
+            out = F.pixel_unshuffle(r, self.latent_factor)
         return out + F.pixel_unshuffle(up, self.latent_factor) * self.latent_scaling
 
     def lr_target(self, x: Tensor) -> Tensor:
