@@ -83,6 +83,9 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         color_augment: In training, also shuffle each crop's RGB channels at random (one of the 6 orders):
             a few photos then cover every hue family, so a model does not learn colours it never saw
             as something to distort (see :func:`shuffle_channels`).
+        smooth_fraction: In training, this share of the crops is replaced by a smooth synthetic image
+            (:func:`smooth_field`: flat colours and gradients over the whole RGB cube, saturated ones
+            included), so a model learns to leave flat and slowly varying areas alone.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
     crops and flips reproducible. ``num_skipped`` counts per process (DataLoader workers count their own);
@@ -99,6 +102,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         cache_images: bool = False,
         name: str = "images",
         color_augment: bool = False,
+        smooth_fraction: float = 0.0,
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
@@ -108,6 +112,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if not 0.0 <= smooth_fraction <= 1.0:
+            raise ValueError(f"smooth_fraction must be in [0, 1], got {smooth_fraction}")
         self.files = [Path(f) for f in files]
         self.mode = mode
         self.crop_size = crop_size
@@ -119,6 +125,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self.cache_images = cache_images
         self._cache: dict[int, torch.Tensor] = {}
         self.color_augment = color_augment
+        self.smooth_fraction = smooth_fraction
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -175,6 +182,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         if self.mode == "eval":
             return image
         crop = random_crop_flip(image, self.crop_size)
+        if self.smooth_fraction and bool(torch.rand(()) < self.smooth_fraction):
+            return smooth_field(self.crop_size)
         return shuffle_channels(crop) if self.color_augment else crop
 
 
@@ -194,6 +203,20 @@ def shuffle_channels(image: torch.Tensor) -> torch.Tensor:
     """The RGB channels in a random order (uniform over the 6): hues move to other hue families while
     brightness structure, texture and saturation stay those of a real photo."""
     return image[torch.randperm(3)].contiguous()
+
+
+def smooth_field(size: int) -> torch.Tensor:
+    """A ``size`` square in [-1, 1] that is flat (half the time) or a bilinear gradient between four
+    corner colours, each channel drawn uniformly and, with probability 1/2, pushed to the nearest end
+    of its range: saturated primaries and secondaries, black and white are as likely as mid tones."""
+    n = 1 if bool(torch.rand(()) < 0.5) else 2
+    corners = torch.rand(3, n, n) * 2 - 1
+    saturate = torch.rand(3, n, n) < 0.5
+    corners = torch.where(saturate, corners.sign(), corners)
+    field = torch.nn.functional.interpolate(
+        corners[None], size=(size, size), mode="bilinear", align_corners=True
+    )
+    return field[0].clamp(-1.0, 1.0).contiguous()
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -228,6 +251,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images: Keep decoded training images in memory (small folders only; see ImageFolderDataset).
         color_augment: Shuffle the RGB channels of each training crop at random (see ImageFolderDataset):
             for small or colour-narrow training sets.
+        smooth_fraction: Share of training crops replaced by smooth synthetic colour fields (see
+            ImageFolderDataset).
     """
 
     def __init__(
@@ -245,6 +270,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_bad_image: BadInputPolicy = DEFAULT_POLICY,
         cache_images: bool = False,
         color_augment: bool = False,
+        smooth_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
@@ -268,6 +294,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.cache_images = cache_images
         self.color_augment = color_augment
+        self.smooth_fraction = smooth_fraction
         self.datasets: dict[Split, ImageFolderDataset] = {}
         self.skips = SkipCollector()
         """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
@@ -294,6 +321,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 repeats=self.train_repeats if split == "train" else 1,
                 cache_images=self.cache_images and split == "train",
                 color_augment=self.color_augment,
+                smooth_fraction=self.smooth_fraction,
                 name=split,
             )
             self._sizes[split] = sizes

@@ -608,3 +608,32 @@ def test_color_augment_permutes_the_channels_of_the_same_crop(tmp_path: Path) ->
     assert torch.equal(
         ImageFolderDataset([path], mode="eval", color_augment=True)[0]["image"], load_image(path)
     )
+
+
+def test_smooth_fraction_mixes_in_flat_and_gradient_fields_over_the_whole_gamut(tmp_path: Path) -> None:
+    """smooth_fraction=1: every training crop is a flat colour or a bilinear gradient in [-1, 1], and
+    saturated channel values (exactly -1 or 1) are common; 0 keeps the photo crops; eval is untouched."""
+    (path,) = _folder(tmp_path, n=1, size=(64, 80))
+    smooth = ImageFolderDataset([path], mode="train", crop_size=32, smooth_fraction=1.0)
+    torch.manual_seed(0)
+    fields = [smooth[0]["image"] for _ in range(40)]
+    flat = 0
+    for f in fields:
+        assert f.shape == (3, 32, 32) and f.min() >= -1 and f.max() <= 1
+        # bilinear: second differences vanish along both axes
+        assert f.diff(n=2, dim=-1).abs().max() < 1e-5 and f.diff(n=2, dim=-2).abs().max() < 1e-5
+        flat += int(f.amax(dim=(1, 2)).sub(f.amin(dim=(1, 2))).max() < 1e-6)
+    assert 5 < flat < 35  # both flat colours and gradients
+    corners = torch.stack([f[:, 0, 0] for f in fields])
+    assert (corners.abs() == 1).float().mean() > 0.3  # saturated channels are frequent
+    plain = ImageFolderDataset([path], mode="train", crop_size=32, smooth_fraction=0.0)
+    torch.manual_seed(0)
+    a = plain[0]["image"]
+    torch.manual_seed(0)
+    b = ImageFolderDataset([path], mode="train", crop_size=32)[0]["image"]
+    assert torch.equal(a, b)
+    assert torch.equal(
+        ImageFolderDataset([path], mode="eval", smooth_fraction=1.0)[0]["image"], load_image(path)
+    )
+    with pytest.raises(ValueError, match="smooth_fraction"):
+        ImageFolderDataset([path], mode="train", smooth_fraction=1.5)
