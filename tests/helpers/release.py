@@ -264,9 +264,18 @@ def release_tadm_file(preset: str = "tiny-sd21", rank_unet: int = 48, rank_vae: 
     """``TADM.save_model``'s dict for the tiny twin of ``preset`` (UNet / VAE as diffusers builds them);
     a new dict of new tensors on every call."""
     parts = _tiny_parts(preset)
-    unet_sd = lora_state(parts["unet"], UNET_TARGETS, rank_unet, "default", seed=3)
+    return release_tadm_state(parts["unet"], parts["vae"], rank_unet, rank_vae)
+
+
+def release_tadm_state(
+    unet: nn.Module, vae: nn.Module, rank_unet: int = 48, rank_vae: int = 16
+) -> dict[str, Any]:
+    """``TADM.save_model``'s dict for any diffusers UNet / VAE (the tiny twins here, the full-size SD 2.1
+    architecture in ``benchmarks/import_release.py``): peft LoRA on the release's targets, a perturbed
+    copy of ``unet.conv_in``, the TPM and the Refiner at the release's sizes."""
+    unet_sd = lora_state(unet, UNET_TARGETS, rank_unet, "default", seed=3)
     fill = _Filler(4)
-    conv_in = parts["unet"].conv_in
+    conv_in = unet.conv_in
     unet_sd["conv_in.weight"] = conv_in.weight.detach().clone() + fill(tuple(conv_in.weight.shape), 0.02)
     unet_sd["conv_in.bias"] = conv_in.bias.detach() + fill(tuple(conv_in.bias.shape), 0.02)
     return {
@@ -274,7 +283,7 @@ def release_tadm_file(preset: str = "tiny-sd21", rank_unet: int = 48, rank_vae: 
         "vae_lora_target_modules": VAE_TARGETS,
         "rank_vae": rank_vae,
         "rank_unet": rank_unet,
-        "state_dict_vae": lora_state(parts["vae"], VAE_TARGETS, rank_vae, "vae_skip", seed=5),
+        "state_dict_vae": lora_state(vae, VAE_TARGETS, rank_vae, "vae_skip", seed=5),
         "state_dict_unet": unet_sd,
         "state_dict_timemapping": release_tpm_state(),
         "state_dict_refiner": release_refiner_state(),
