@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,19 @@ def test_tadm_evaluate_writes_csv_and_summary_with_bicubic_row(
     summary = (out / "summary.md").read_text()
     assert "bicubic x16" in summary and "FID" in summary and "--no-fid" in summary
     assert summary.strip() in capsys.readouterr().out
+    assert summary.startswith("Protocol: `tadm`") and {r["protocol"] for r in rows} == {"tadm"}
+
+    # --protocol basicsr: the scale (16) is its border crop; the report says so in all three files
+    out = tmp_path / "basicsr"
+    args = ["evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", out, "--no-fid", "--no-perceptual"]
+    assert _run(*args, "--protocol", "basicsr", *FAST) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["name"] == "basicsr" and summary["protocol"]["crop_border"] == 16
+    assert (out / "summary.md").read_text().startswith("Protocol: `basicsr`")
+    cropped = list(csv.DictReader((out / "per_image.csv").open()))
+    assert {r["protocol"] for r in cropped} == {"basicsr"} and len(cropped) == 2
+    full = {r["method"]: float(r["psnr_y"]) for r in rows if r["path"].endswith("astronaut.png")}
+    assert all(abs(float(r["psnr_y"]) - full[r["method"]]) > 1e-3 for r in cropped)  # the crop matters
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

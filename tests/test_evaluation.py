@@ -1,10 +1,12 @@
-"""``tadm test`` engine: input iteration (files, folders, globs, shards, bad files), metric values against
-independent references, report files parsed back, and FID reported n/a (with the reason) when unavailable."""
+"""``tadm evaluate`` engine: input iteration (files, folders, globs, shards, bad files), metric values against
+independent references, the protocol in every report file, report files parsed back, and FID / KID equal to
+torchmetrics' or reported n/a (with the reason) when unavailable."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 import urllib.error
@@ -26,6 +28,7 @@ from tadm.errors import InputError
 from tadm.evaluation import engine, fid
 from tadm.evaluation.engine import Metrics, MetricUnavailableWarning, evaluate
 from tadm.evaluation.fid import FID_WEIGHTS_FILE
+from tadm.evaluation.protocols import get_protocol
 from tadm.evaluation.report import CSV_COLUMNS, EvalReport
 
 
@@ -138,7 +141,7 @@ def test_identity_beats_noise_on_every_metric(scored: EvalReport) -> None:
 def _table(markdown: str) -> dict[str, list[str]]:
     rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
     header = [c.strip() for c in rows[0]]
-    assert header == ["method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "s/image"]
+    assert header == ["method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "KID", "s/image"]
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}
 
 
@@ -147,7 +150,7 @@ def test_csv_and_markdown_parse_back_to_the_numbers(scored: EvalReport, tmp_path
     assert (tmp_path / "out" / "summary.md").read_text() == text
     with open(tmp_path / "out" / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9 and list(rows[0]) == list(CSV_COLUMNS)
+    assert len(rows) == 9 and list(rows[0]) == list(CSV_COLUMNS) and {r["protocol"] for r in rows} == {"tadm"}
     for row, ref in zip(rows, scored.rows, strict=True):
         assert (row["path"], int(row["height"]), int(row["width"]), row["method"]) == (
             ref.path,
@@ -171,18 +174,36 @@ def test_csv_and_markdown_parse_back_to_the_numbers(scored: EvalReport, tmp_path
             assert float(cells[1]) == pytest.approx(means[0], abs=0.006)
         for cell, mean in zip(cells[2:5], means[1:], strict=True):
             assert float(cell) == pytest.approx(mean, abs=6e-5)
-        assert cells[5] == "n/a"  # FID off
-        assert float(cells[6]) == pytest.approx(statistics.mean(float(r["seconds"]) for r in mine), abs=6e-4)
+        assert cells[5] == cells[6] == "n/a"  # FID, KID off
+        assert float(cells[7]) == pytest.approx(statistics.mean(float(r["seconds"]) for r in mine), abs=6e-4)
     assert "PSNR-Y of `identity` is inf on 3 image(s)" in text
-    assert "FID not computed: turned off" in text
+    assert "FID/KID not computed: turned off" in text
+    assert (
+        text.startswith("Protocol: `tadm` (`tadm evaluate --protocol tadm`)\n") and "Protocol `tadm`:" in text
+    )
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["protocol"] == {
+        "name": "tadm",
+        "crop_border": 0,
+        "description": get_protocol("tadm").describe(),
+    }
+    by_method = {m["method"]: m for m in summary["methods"]}
+    assert list(by_method) == ["identity", "light", "heavy"] and by_method["identity"]["psnr_y"] == "inf"
+    for method, mine in ((m, [r for r in rows if r["method"] == m]) for m in ("light", "heavy")):
+        assert by_method[method]["psnr_y"] == pytest.approx(statistics.mean(float(r["psnr_y"]) for r in mine))
+        assert (
+            by_method[method]["images"] == 3 and by_method[method]["fid"] is by_method[method]["kid"] is None
+        )
+    assert "FID/KID not computed: turned off." in summary["notes"] and summary["failed"] == []
 
 
 def test_write_is_atomic_and_replaces(scored: EvalReport, tmp_path: Path) -> None:
     (tmp_path / "summary.md").write_text("old")
     scored.write(tmp_path)
     scored.write(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_image.csv", "summary.md"]
-    assert (tmp_path / "summary.md").read_text().startswith("| method |")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_image.csv", "summary.json", "summary.md"]
+    assert (tmp_path / "summary.md").read_text().startswith("Protocol: `tadm`")
 
 
 def test_perceptual_off_leaves_columns_empty_and_says_so(tmp_path: Path) -> None:
@@ -317,8 +338,8 @@ def test_fid_without_torch_fidelity_is_na_with_one_warning(monkeypatch: pytest.M
     images = [EvalImage(f"{i}.png", _image(i)) for i in range(3)]
     report = evaluate(images, {"identity": _identity}, metrics)
     text = report.markdown()
-    assert report.fid == {"identity": None} and _table(text)["identity"][5] == "n/a"
-    assert "FID not computed: the package torch-fidelity is not installed" in text and "tadm[fid]" in text
+    assert report.fid == report.kid == {"identity": None} and _table(text)["identity"][5:7] == ["n/a", "n/a"]
+    assert "FID/KID not computed: the package torch-fidelity is not installed" in text and "tadm[fid]" in text
 
 
 def test_fid_without_weights_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,7 +358,7 @@ def test_fid_without_weights_names_the_file(tmp_path: Path, monkeypatch: pytest.
         metrics = Metrics(perceptual=False)
     message = str(caught[0].message)
     assert str(tmp_path / "hub" / "checkpoints" / FID_WEIGHTS_FILE) in message and "URLError" in message
-    assert not metrics.fid and "FID" in metrics.not_computed
+    assert not metrics.fid and "FID/KID" in metrics.not_computed
 
 
 class _TinyFeatures(nn.Module):
@@ -347,8 +368,9 @@ class _TinyFeatures(nn.Module):
         return F.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
 
 
-def test_fid_equals_torchmetrics_and_needs_two_images() -> None:
+def test_fid_and_kid_equal_torchmetrics_and_need_two_images() -> None:
     from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
     metrics = Metrics(perceptual=False, fid_feature=_TinyFeatures())
     images = [EvalImage(f"{i}.png", _image(i)) for i in range(4)]
@@ -361,16 +383,85 @@ def test_fid_equals_torchmetrics_and_needs_two_images() -> None:
 
     report = evaluate(images, {"identity": _identity, "heavy": heavy}, metrics)
     ref = FrechetInceptionDistance(feature=_TinyFeatures())
+    ref_kid = KernelInceptionDistance(feature=_TinyFeatures(), subset_size=4, subsets=3)
     for image, pred in zip(images, recorded, strict=True):
-        ref.update(_u8(image.image[None]), real=True)
-        ref.update(_u8(pred), real=False)
+        for r in (ref, ref_kid):
+            r.update(_u8(image.image[None]), real=True)
+            r.update(_u8(pred), real=False)
     assert report.fid["heavy"] == pytest.approx(float(ref.compute()), rel=1e-4)
     assert abs(report.fid["identity"]) < 1e-6 < report.fid["heavy"]  # type: ignore[arg-type, operator]
-    assert float(_table(report.markdown())["heavy"][5]) == pytest.approx(report.fid["heavy"], abs=0.006)
+    kid_mean, kid_std = ref_kid.compute()  # every subset is the whole set: the same value each time
+    assert report.kid["heavy"] == pytest.approx(float(kid_mean), rel=1e-5) and float(kid_std) < 1e-6
+    assert report.kid_std["heavy"] == 0.0
+    table = _table(report.markdown())["heavy"]
+    assert float(table[5]) == pytest.approx(report.fid["heavy"], abs=0.006)
+    assert float(table[6]) == pytest.approx(report.kid["heavy"], abs=6e-5)
+    assert (
+        "KID of `identity`, `heavy`: subsets of 4 images (all of them, once) instead of the usual 1000"
+        in (report.markdown())
+    )
 
     single = evaluate(images[:1], {"identity": _identity}, metrics)
-    assert single.fid == {"identity": None}
-    assert "FID of `identity` is n/a: FID needs at least 2 images, got 1" in single.markdown()
+    assert single.fid == single.kid == {"identity": None}
+    assert "FID and KID of `identity` are n/a: they need at least 2 images, got 1" in single.markdown()
+
+
+def test_kid_draws_seeded_subsets_when_the_sets_differ_and_never_fails_the_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A method that failed on one image leaves sets of 5 and 4: KID over 100 random subsets of 4, the same
+    every run; a KID that raises leaves FID and the rest of the report alone."""
+    metrics = Metrics(perceptual=False, fid_feature=_TinyFeatures())
+    images = [EvalImage(f"{i}.png", _image(i)) for i in range(5)]
+
+    def flaky(x: Tensor) -> Tensor:
+        if float(x.mean()) == float(images[2].image.mean()):
+            raise RuntimeError("out of luck")
+        return _noise(0.3)(x)
+
+    first, second = (evaluate(images, {"flaky": flaky}, metrics) for _ in range(2))
+    assert first.kid == second.kid and first.kid_std == second.kid_std and first.kid_std["flaky"] > 0  # type: ignore[operator]
+    assert "KID of `flaky`: subsets of 4 images (100 random subsets)" in first.markdown() and first.failed
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("singular kernel")
+
+    monkeypatch.setattr(engine, "kernel_inception_distance", broken)
+    report = evaluate(images, {"identity": _identity}, metrics)
+    assert report.fid["identity"] is not None and report.kid == {"identity": None}
+    assert "KID of `identity` is n/a: RuntimeError: singular kernel." in report.markdown()
+
+
+def test_the_protocol_scores_the_images_and_is_in_every_report_file(tmp_path: Path) -> None:
+    """`basicsr` at x4: its values (border crop 4) in the rows, its name in the CSV, its facts in the JSON; an
+    image too small for its crop and SSIM window is a failure of that image, not of the run."""
+    protocol = get_protocol("basicsr", 4)
+    metrics = Metrics(perceptual=False, fid=False, protocol=protocol)
+    images = [EvalImage(f"{i}.png", _image(i, 40, 48)) for i in range(2)] + [
+        EvalImage("tiny.png", _image(9, 16, 16))
+    ]
+    noisy = _noise(0.1, seed=3)
+    report = evaluate(images, {"noisy": noisy}, metrics)
+    text = report.write(tmp_path)
+    noisy = _noise(0.1, seed=3)  # the same draws again, for the expected values
+    for image, row in zip(images[:2], report.rows, strict=True):
+        pred = noisy(image.image[None])
+        assert row.psnr_y == float(protocol.psnr_y(pred, image.image[None])[0])
+        assert row.ssim_y == float(protocol.ssim_y(pred, image.image[None])[0])
+        assert row.psnr_y != pytest.approx(
+            float(get_protocol("basicsr", 0).psnr_y(pred, image.image[None])[0])
+        )
+    assert [(e.path, e.method) for e in report.errors] == [("tiny.png", "noisy")]
+    assert "11x11 px (after cutting 4 px per side, the image is 8x8)" in text
+    assert (
+        text.startswith("Protocol: `basicsr` (`tadm evaluate --protocol basicsr`)")
+        and "`crop_border=4`" in text
+    )
+    with open(tmp_path / "per_image.csv", newline="") as f:
+        assert {r["protocol"] for r in csv.DictReader(f)} == {"basicsr"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["protocol"]["name"] == "basicsr" and summary["protocol"]["crop_border"] == 4
+    assert summary["failed"] == [{"path": "tiny.png", "method": "noisy", "reason": report.errors[0].reason}]
 
 
 def _u8(x: Tensor) -> Tensor:

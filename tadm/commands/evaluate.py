@@ -3,9 +3,11 @@
     tadm evaluate --ckpt C data/DIV2K_valid_HR --output reports/div2k_x16
 
 Each HR image goes HR -> 8-bit LR -> HR through the checkpoint (tiled like ``tadm upscale``) and,
-for reference, through bicubic down + bicubic up at the same scale. Writes ``per_image.csv`` and
-``summary.md`` (printed too). A bad file is reported, the rest evaluated, and the exit status is 1.
-(``tadm test --config ...`` is LightningCLI's test loop on a data module.)
+for reference, through bicubic down + bicubic up at the same scale. Writes ``per_image.csv``, ``summary.md``
+(printed too) and ``summary.json``. ``--protocol`` picks how PSNR-Y / SSIM-Y are computed
+(:mod:`tadm.evaluation.protocols`): ``pyiqa`` as in the TADM paper, ``basicsr`` as in IRN. A bad file is
+reported, the rest evaluated, and the exit status is 1. (``tadm test --config ...`` is LightningCLI's test
+loop on a data module.)
 """
 
 from __future__ import annotations
@@ -31,16 +33,30 @@ from tadm.commands.common import (
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tadm.evaluation.protocols import PROTOCOLS
+
     ap = argparse.ArgumentParser(prog="tadm evaluate", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="HR image files, folders, glob patterns or .tar shards")
     add_model_arguments(ap)
     ap.add_argument(
-        "--output", "-o", required=True, type=Path, help="folder for per_image.csv and summary.md"
+        "--output",
+        "-o",
+        required=True,
+        type=Path,
+        help="folder for per_image.csv, summary.md and summary.json",
+    )
+    ap.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="tadm",
+        help="how PSNR-Y/SSIM-Y are computed: tadm (default: torchmetrics, full image), pyiqa (pyiqa's psnr/ssim "
+        "on YCbCr's Y, no border crop: the TADM paper's table), basicsr (BasicSR's, border crop = scale, "
+        "MATLAB-style SSIM: IRN's tables); recorded in the report",
     )
     ap.add_argument(
         "--no-perceptual", action="store_true", help="skip LPIPS and DISTS (no VGG weights needed)"
     )
-    ap.add_argument("--no-fid", action="store_true", help="skip FID")
+    ap.add_argument("--no-fid", action="store_true", help="skip FID and KID")
     ap.add_argument("--no-bicubic", action="store_true", help="omit the bicubic reference row")
     return ap
 
@@ -52,24 +68,27 @@ def evaluate_command(argv: Sequence[str]) -> int:
     from tadm.datamodules.inputs import iter_hr_images
     from tadm.evaluation.engine import Evaluation, Metrics
     from tadm.evaluation.perceptual import vgg16_weights_path
+    from tadm.evaluation.protocols import get_protocol
     from tadm.inference.pipeline import bicubic_round_trip
 
     images = iter_hr_images(args.inputs, exclude=args.output)
     writable_folder(args.output)
     codec = load_from_args(args)
+    protocol = get_protocol(args.protocol, codec.scale)
+    fid = not args.no_fid
     try:
-        metrics = Metrics(device=codec.device, perceptual=not args.no_perceptual, fid=not args.no_fid)
+        metrics = Metrics(codec.device, perceptual=not args.no_perceptual, fid=fid, protocol=protocol)
     except FileNotFoundError as err:  # no VGG16 weights: PSNR/SSIM (and FID) still mean something
         print(
             f"warning: LPIPS/DISTS not computed: {error_line(err)} (--no-perceptual skips them)",
             file=sys.stderr,
         )
-        metrics = Metrics(device=codec.device, perceptual=False, fid=not args.no_fid)
+        metrics = Metrics(codec.device, perceptual=False, fid=fid, protocol=protocol)
         metrics.not_computed["LPIPS/DISTS"] = f"VGG16 weights missing at {vgg16_weights_path()}"
     if args.no_perceptual:
         metrics.not_computed.update({"LPIPS": "--no-perceptual", "DISTS": "--no-perceptual"})
     if args.no_fid:
-        metrics.not_computed["FID"] = "--no-fid"
+        metrics.not_computed["FID/KID"] = "--no-fid"
 
     def model(x: Tensor) -> Tensor:
         return codec.round_trip(x).reconstruction
@@ -90,7 +109,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
         print(f"error: could not write the report to '{args.output}': {error_line(err)}", file=sys.stderr)
         return EXIT_FAILED
     print(markdown)
-    print(f"wrote {args.output / 'per_image.csv'} and {args.output / 'summary.md'}")
+    print(f"wrote per_image.csv, summary.md and summary.json to {args.output}")
     return EXIT_FAILED if report.failed else EXIT_OK
 
 

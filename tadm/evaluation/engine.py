@@ -4,9 +4,10 @@ Decoupled from the model: a *method* is any function that takes an HR image (1, 
 returns its reconstruction of the same size (the TADM round trip, bicubic down + up, ...), so the same
 engine scores checkpoints and baselines on identical inputs.
 
-- :class:`Metrics` builds the metric networks once: PSNR-Y / SSIM-Y (:mod:`tadm.evaluation.metrics`), LPIPS
-  (VGG) and DISTS (:mod:`tadm.evaluation.perceptual`), and FID's Inception (:mod:`tadm.evaluation.fid`) when
-  ``torch-fidelity`` and its weights are present (otherwise FID is reported as ``n/a`` with the reason).
+- :class:`Metrics` builds the metric networks once: PSNR-Y / SSIM-Y under a protocol
+  (:mod:`tadm.evaluation.protocols`: ``tadm``, ``pyiqa`` or ``basicsr``), LPIPS (VGG) and DISTS
+  (:mod:`tadm.evaluation.perceptual`), and the Inception of FID and KID (:mod:`tadm.evaluation.fid`) when
+  ``torch-fidelity`` and its weights are present (otherwise both are reported as ``n/a`` with the reason).
 - :class:`Evaluation` times each method per image and collects an :class:`~tadm.evaluation.report.EvalReport`.
 
 Every metric sees both images rounded to 8 bits, i.e. what a saved PNG would hold.
@@ -29,11 +30,13 @@ from tadm.evaluation import fid
 from tadm.evaluation.fid import (
     FID_WEIGHTS_FILE,
     FID_WEIGHTS_URL,
+    KID_SUBSET_SIZE,
     FeatureStats,
     fid_weights_path,
     frechet_distance,
+    kernel_inception_distance,
 )
-from tadm.evaluation.metrics import psnr_y, ssim_y
+from tadm.evaluation.protocols import Protocol, TadmProtocol
 from tadm.evaluation.report import EvalError, EvalReport, ImageRow
 from tadm.ops.images import quantize_unit_8bit, to_unit
 
@@ -53,12 +56,14 @@ class Metrics:
             model's device).
         perceptual: Compute LPIPS (VGG) and DISTS. Offline they need torchvision's VGG16 ImageNet weights
             in ``$TORCH_HOME/hub/checkpoints/``; missing weights raise an error naming the file.
-        fid: Compute FID when possible (package ``torch-fidelity`` and its Inception weights); otherwise
-            warn once with the reason and report it as n/a.
+        fid: Compute FID and KID when possible (package ``torch-fidelity`` and its Inception weights);
+            otherwise warn once with the reason and report both as n/a.
         fid_weights: Explicit path of the FID Inception weights (default: the torch hub cache).
         fid_feature: A feature network used instead of FID's Inception (uint8 (B,3,H,W) -> (B,D)), e.g. a
             DINOv2 or CLIP encoder for a Frechet distance in its feature space; the summary then says that
-            the value is not comparable with Inception FIDs.
+            the value is not comparable with Inception FIDs (KID uses the same features).
+        protocol: How PSNR-Y / SSIM-Y are computed (:func:`tadm.evaluation.protocols.get_protocol`); default
+            ``tadm``'s own.
     """
 
     def __init__(
@@ -68,10 +73,12 @@ class Metrics:
         fid: bool = True,
         fid_weights: str | os.PathLike[str] | None = None,
         fid_feature: nn.Module | None = None,
+        protocol: Protocol | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.protocol = protocol or TadmProtocol()
         self.not_computed: dict[str, str] = {}
-        """Metric group ("LPIPS/DISTS", "FID") -> why it is not computed; the summary prints these."""
+        """Metric group ("LPIPS/DISTS", "FID/KID") -> why it is not computed; the summary prints these."""
         self.caveats: list[str] = []
         self._perceptual: nn.Module | None = None
         self._perceptual_cpu: nn.Module | None = None
@@ -89,13 +96,13 @@ class Metrics:
         if fid_feature is not None:
             self._fid = fid_feature.to(self.device).eval()
             self.caveats.append(
-                f"FID uses the feature network {type(fid_feature).__name__} instead of Inception: "
-                "not comparable with published FIDs."
+                f"FID and KID use the feature network {type(fid_feature).__name__} instead of Inception: "
+                "not comparable with published FIDs and KIDs."
             )
         elif fid:
             self._fid = self._build_fid(None if fid_weights is None else str(fid_weights))
         else:
-            self.not_computed["FID"] = "turned off"
+            self.not_computed["FID/KID"] = "turned off"
 
     @property
     def perceptual(self) -> bool:
@@ -122,18 +129,19 @@ class Metrics:
             )
         else:
             return net.to(self.device).eval()
-        self.not_computed["FID"] = reason
-        warnings.warn(f"FID is not computed: {reason}", MetricUnavailableWarning, stacklevel=3)
+        self.not_computed["FID/KID"] = reason
+        warnings.warn(f"FID and KID are not computed: {reason}", MetricUnavailableWarning, stacklevel=3)
         return None
 
     @torch.no_grad()
     def image(self, pred: Tensor, target: Tensor) -> dict[str, float | None]:
-        """PSNR-Y, SSIM-Y, LPIPS and DISTS (None when off) of one (1,3,H,W) pair in [-1, 1]."""
+        """PSNR-Y and SSIM-Y (under the protocol), LPIPS and DISTS (None when off) of one (1,3,H,W) pair in
+        [-1, 1]."""
         p, t = _as_8bit(pred.to(self.device)), _as_8bit(target.to(self.device))
         with _fp32(self.device):
             values: dict[str, float | None] = {
-                "psnr_y": float(psnr_y(p, t)[0]),
-                "ssim_y": float(ssim_y(p, t)[0]),
+                "psnr_y": float(self.protocol.psnr_y(p, t)[0]),
+                "ssim_y": float(self.protocol.ssim_y(p, t)[0]),
                 "lpips": None,
                 "dists": None,
             }
@@ -206,7 +214,7 @@ class Evaluation:
             raise ValueError("no methods to evaluate")
         self.methods = dict(methods)
         self.metrics = metrics
-        self.report = EvalReport(methods=list(methods))
+        self.report = EvalReport(methods=list(methods), protocol=metrics.protocol)
         self._real = FeatureStats()
         self._fake = {name: FeatureStats() for name in methods}
 
@@ -218,19 +226,34 @@ class Evaluation:
             _evaluate_one(item, self.methods, self.metrics, self.report, self._real, self._fake)
 
     def finish(self) -> EvalReport:
-        """FID per method and the notes on what was not computed; returns the report."""
+        """FID and KID per method and the notes on what was not computed; returns the report."""
         report, metrics, real = self.report, self.metrics, self._real
+        small_kid: dict[tuple[int, int], list[str]] = {}
         for name in self.methods:
             fake = self._fake[name]
+            report.fid[name] = report.kid[name] = report.kid_std[name] = None
             if not metrics.fid:
-                report.fid[name] = None
-            elif min(real.count, fake.count) < 2:
-                report.fid[name] = None
-                report.notes.append(
-                    f"FID of `{name}` is n/a: FID needs at least 2 images, got {min(real.count, fake.count)}."
-                )
-            else:
-                report.fid[name] = frechet_distance(real, fake)
+                continue
+            n = min(real.count, fake.count)
+            if n < 2:
+                report.notes.append(f"FID and KID of `{name}` are n/a: they need at least 2 images, got {n}.")
+                continue
+            report.fid[name] = frechet_distance(real, fake)
+            try:
+                kid = kernel_inception_distance(real, fake)
+            except Exception as exc:  # KID is a second opinion: never lose the report over it
+                report.notes.append(f"KID of `{name}` is n/a: {type(exc).__name__}: {exc}.")
+                continue
+            report.kid[name], report.kid_std[name] = kid.mean, kid.std
+            if kid.subset_size < KID_SUBSET_SIZE:
+                small_kid.setdefault((kid.subset_size, kid.subsets), []).append(f"`{name}`")
+        for (size, subsets), names in small_kid.items():
+            how = "all of them, once" if subsets == 1 else f"{subsets} random subsets"
+            report.notes.append(
+                f"KID of {', '.join(names)}: subsets of {size} images ({how}) instead of the usual "
+                f"{KID_SUBSET_SIZE}, as the set is smaller: still unbiased, but noisier; compare KIDs "
+                "over the same images only."
+            )
         report.notes += [f"{what} not computed: {why}." for what, why in metrics.not_computed.items()]
         report.notes += metrics.caveats
         return report

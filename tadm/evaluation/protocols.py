@@ -61,6 +61,10 @@ class Protocol:
         """One Markdown sentence for ``summary.md``."""
         raise NotImplementedError
 
+    def caveats(self) -> list[str]:
+        """Where the rest of the report (LPIPS, DISTS, FID, KID) is not the protocol's own library's."""
+        return []
+
     def as_dict(self) -> dict[str, object]:
         """The facts ``summary.json`` records, so runs of different protocols can be told apart."""
         return {"name": self.name, "crop_border": self.crop_border, "description": self.describe()}
@@ -108,6 +112,15 @@ class PyiqaProtocol(Protocol):
             "levels, Gaussian 11 / sigma 1.5 over the valid region, contrast term clipped at 0; the full "
             "image, no border crop."
         )
+
+    def caveats(self) -> list[str]:
+        return [
+            "Under `pyiqa`, LPIPS (the `lpips` package, VGG, v0.1) and DISTS (torchmetrics) follow the same "
+            "definitions as pyiqa's `lpips-vgg` and `dists` but are not pyiqa's code (not compared numerically: "
+            "no weights offline); FID uses the same Inception weights as pyiqa's `fid` but torch-fidelity's "
+            "resize to 299 px, where pyiqa's (clean-fid's 'clean' mode) resizes with PIL bicubic first, so "
+            "FIDs differ a little; pyiqa (0.1.16) offers no KID metric.",
+        ]
 
 
 class BasicsrProtocol(Protocol):
@@ -186,16 +199,28 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tenso
     return g / g.sum()
 
 
-def ssim_valid(x: Tensor, y: Tensor, data_range: float, clip_contrast: bool) -> Tensor:
+def ssim_valid(x: Tensor, y: Tensor, data_range: float, clip_contrast: bool, band: int = 512) -> Tensor:
     """SSIM of (B,1,H,W) images in [0, data_range] (float64), mean over the 'valid' region of the window.
 
     Wang et al.'s formula with K1 = 0.01, K2 = 0.03 and the 11x11 Gaussian (sigma 1.5) applied as two 1D
-    passes (the window is separable). ``clip_contrast``: clip the contrast-structure term at 0 (pyiqa).
+    passes (the window is separable). ``clip_contrast``: clip the contrast-structure term at 0 (pyiqa). Rows
+    go in bands of ``band`` output rows, so the float64 maps stay small (a 7680x4320 pair: PSNR and SSIM
+    took 1.9 GB above the inputs on a CPU).
     """
+    k = SSIM_WINDOW
+    rows, cols = x.shape[-2] - k + 1, x.shape[-1] - k + 1
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for r in range(0, rows, band):
+        end = min(rows, r + band) + k - 1
+        total += _ssim_map(x[..., r:end, :], y[..., r:end, :], data_range, clip_contrast).sum(dim=(1, 2))
+    return total / (rows * cols)
+
+
+def _ssim_map(x: Tensor, y: Tensor, data_range: float, clip_contrast: bool) -> Tensor:
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     g = gaussian_window().to(x.device)
     k = g.numel()
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, h, W)
     out = F.conv2d(stack, g.view(1, 1, k, 1).expand(5, 1, k, 1), groups=5)
     out = F.conv2d(out, g.view(1, 1, 1, k).expand(5, 1, 1, k), groups=5)
     mu1, mu2, e11, e22, e12 = out.unbind(dim=1)
@@ -203,8 +228,7 @@ def ssim_valid(x: Tensor, y: Tensor, data_range: float, clip_contrast: bool) -> 
     cs = (2 * (e12 - mu12) + c2) / ((e11 - mu11) + (e22 - mu22) + c2)
     if clip_contrast:
         cs = cs.clamp(min=0)
-    ssim_map = (2 * mu12 + c1) / (mu11 + mu22 + c1) * cs
-    return ssim_map.mean(dim=(1, 2))
+    return (2 * mu12 + c1) / (mu11 + mu22 + c1) * cs
 
 
 def _check_window_fits(y: Tensor, name: str, crop: int) -> None:

@@ -1,20 +1,24 @@
-"""What ``tadm evaluate`` reports: per-image rows, failures, FID per method and notes, written as
-``per_image.csv`` and ``summary.md`` (each atomically)."""
+"""What ``tadm evaluate`` reports: per-image rows, failures, FID and KID per method, the protocol and notes,
+written as ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomically)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tadm.evaluation.protocols import Protocol, TadmProtocol
 from tadm.ops.files import atomic_write_text
 
 CSV_COLUMNS = ("path", "height", "width", "method", "psnr_y", "ssim_y", "lpips", "dists", "seconds")
-TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "s/image")
+CSV_COLUMNS += ("protocol",)  # last, so the columns before it keep their places
+TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "KID", "s/image")
+REPORT_FILES = ("per_image.csv", "summary.md", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,24 @@ class MethodSummary:
     lpips: float | None
     dists: float | None
     fid: float | None
+    kid: float | None
+    kid_std: float | None
     seconds: float | None
 
 
 @dataclass
 class EvalReport:
-    """Everything ``tadm test`` reports: per-image rows, failures, FID per method and notes."""
+    """Everything ``tadm evaluate`` reports: per-image rows, failures, FID and KID per method, the protocol
+    PSNR-Y / SSIM-Y were computed with, and notes."""
 
     methods: list[str]
     rows: list[ImageRow] = field(default_factory=list)
     errors: list[EvalError] = field(default_factory=list)
     fid: dict[str, float | None] = field(default_factory=dict)
+    kid: dict[str, float | None] = field(default_factory=dict)
+    kid_std: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    protocol: Protocol = field(default_factory=TadmProtocol)
 
     @property
     def failed(self) -> bool:
@@ -83,14 +93,18 @@ class EvalReport:
                     _mean([r.lpips for r in rows]),
                     _mean([r.dists for r in rows]),
                     self.fid.get(method),
+                    self.kid.get(method),
+                    self.kid_std.get(method),
                     _mean([r.seconds for r in rows]),
                 )
             )
         return out
 
     def markdown(self) -> str:
-        """The summary table (means over images) and a line per failure or metric not computed."""
+        """The protocol, the summary table (means over images) and a line per failure or metric not computed."""
         lines = [
+            f"Protocol: `{self.protocol.name}` (`tadm evaluate --protocol {self.protocol.name}`)",
+            "",
             "| " + " | ".join(TABLE_HEADER) + " |",
             "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
         ]
@@ -103,22 +117,11 @@ class EvalReport:
                 _fmt(s.lpips, 4),
                 _fmt(s.dists, 4),
                 _fmt(s.fid, 2),
+                _fmt(s.kid, 4),
                 _fmt(s.seconds, 3),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "Means over images. PSNR-Y/SSIM-Y: Y channel (BT.601), 8-bit, full image, no border crop; "
-            "LPIPS: VGG; s/image: wall clock of the method's round trip.",
-        ]
-        for method in self.methods:
-            n_inf = sum(1 for r in self.rows if r.method == method and math.isinf(r.psnr_y))
-            if n_inf:
-                lines.append(
-                    f"PSNR-Y of `{method}` is inf on {n_inf} image(s) (identical to the HR image after 8-bit "
-                    "rounding), so its mean is inf; per-image values are in per_image.csv."
-                )
-        lines += self.notes
+        lines += ["", *self.note_lines()]
         unreadable = [e for e in self.errors if e.method is None]
         failed = [e for e in self.errors if e.method is not None]
         if unreadable:
@@ -129,8 +132,37 @@ class EvalReport:
             lines += [f"- `{e.path}` with `{e.method}`: {e.reason}" for e in failed]
         return "\n".join(lines) + "\n"
 
+    def note_lines(self) -> list[str]:
+        """The lines under the table: what the numbers are (the protocol first), caveats, metrics not computed."""
+        lines = [
+            "Means over images. " + self.protocol.describe(),
+            "LPIPS: VGG; FID and KID: Inception features (torchmetrics / torch-fidelity) of the sets of full HR "
+            "and reconstructed images; s/image: wall clock of the method's round trip.",
+            *self.protocol.caveats(),
+        ]
+        for method in self.methods:
+            n_inf = sum(1 for r in self.rows if r.method == method and math.isinf(r.psnr_y))
+            if n_inf:
+                lines.append(
+                    f"PSNR-Y of `{method}` is inf on {n_inf} image(s) (identical to the HR image after 8-bit "
+                    "rounding), so its mean is inf; per-image values are in per_image.csv."
+                )
+        return lines + self.notes
+
+    def as_json(self) -> str:
+        """``summary.json``: the protocol, the means per method (inf / nan as the strings "inf" / "nan"), the
+        notes and the failures (``method`` null: the input could not be read)."""
+        doc = {
+            "protocol": self.protocol.as_dict(),
+            "methods": [{k: _json_value(v) for k, v in asdict(s).items()} for s in self.summary()],
+            "notes": self.note_lines(),
+            "failed": [asdict(e) for e in self.errors],
+        }
+        return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
     def write(self, output_dir: str | os.PathLike[str]) -> str:
-        """Write ``per_image.csv`` and ``summary.md`` (each atomically) to ``output_dir``; return the Markdown."""
+        """Write ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomically) to ``output_dir``;
+        return the Markdown."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         buf = io.StringIO()
@@ -140,10 +172,12 @@ class EvalReport:
             writer.writerow(
                 [r.path, r.height, r.width, r.method]
                 + [_csv_float(v) for v in (r.psnr_y, r.ssim_y, r.lpips, r.dists, r.seconds)]
+                + [self.protocol.name]
             )
         text = self.markdown()
         atomic_write_text(out / "per_image.csv", buf.getvalue())
         atomic_write_text(out / "summary.md", text)
+        atomic_write_text(out / "summary.json", self.as_json())
         return text
 
 
@@ -159,6 +193,12 @@ def _fmt(value: float | None, digits: int) -> str:
         return "inf" if value > 0 else "-inf"
     text = f"{value:.{digits}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan": JSON has no such numbers
+    return value
 
 
 def _csv_float(value: float | None) -> str:
