@@ -1,0 +1,115 @@
+"""The shipped quickstart model (assets/models/quickstart_x16.safetensors, what `make quickstart` trains):
+it is what configs/quickstart.yaml builds, and flat colours across the RGB gamut and smooth gradients
+survive its x16 round trip (LR image and reconstruction) within a few levels, as bicubic's do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import Tensor
+
+from tadm.config.load import load_codec
+from tadm.evaluation.metrics import psnr_y
+from tadm.inference.codec import Codec
+from tadm.inference.pipeline import bicubic_round_trip
+from tadm.model.checkpoints import read_checkpoint
+from tadm.ops.images import bicubic_down
+from tests.helpers import CONFIGS, REPO
+from tests.helpers.cli import build_cli
+
+MODEL = REPO / "assets" / "models" / "quickstart_x16.safetensors"
+
+#: the corners of the RGB cube (saturated primaries and secondaries, black, white), the colours of
+#: the issue that found the green -> brown shift, grey, a dark tone, and a few mid tones
+COLOURS = [
+    (0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 0, 255),
+    (255, 255, 0), (120, 230, 30), (30, 60, 200), (128, 128, 128), (20, 25, 30), (200, 120, 60),
+    (60, 160, 150), (240, 200, 220),
+]  # fmt: skip
+
+
+def levels(x: Tensor) -> Tensor:
+    """[-1, 1] -> 8-bit levels, as a PNG stores them."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round()
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    torch.set_num_threads(1)
+    return load_codec(MODEL)
+
+
+def test_the_shipped_model_is_what_the_quickstart_config_trains() -> None:
+    """Guard: change configs/quickstart.yaml and this fails until the model is retrained and re-exported
+    (`make quickstart-model`)."""
+    _, meta = read_checkpoint(MODEL)
+    shipped = yaml.safe_load(meta["config"])
+    cli = build_cli(["--config", str(CONFIGS / "quickstart.yaml")])
+    current = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    assert shipped["model"] == current["model"]
+    assert shipped["seed_everything"] == current["seed_everything"]
+    for key in ("max_epochs", "max_steps", "gradient_clip_val", "accumulate_grad_batches"):
+        assert shipped["trainer"][key] == current["trainer"][key], key
+    skip = {"train_dir", "val_dir", "test_dir", "predict_dir"}
+    data = {k: v for k, v in current["data"]["init_args"].items() if k not in skip}
+    assert {k: shipped["data"]["init_args"][k] for k in data} == data
+    assert meta["scale"] == 16 and meta["backbone_id"].startswith("space_to_depth")
+
+
+def flat(colour: tuple[int, int, int], size: int = 256) -> Tensor:
+    return (torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1).expand(1, 3, size, size)
+
+
+@pytest.mark.parametrize("colour", COLOURS, ids=lambda c: "-".join(map(str, c)))
+def test_flat_colours_come_back_within_a_few_levels(codec: Codec, colour: tuple[int, int, int]) -> None:
+    x = flat(colour)
+    rt = codec.round_trip(x.clone())
+    target = torch.tensor(colour, dtype=torch.float32)
+    lr, rec = levels(rt.lr)[0], levels(rt.reconstruction)[0]
+    base = levels(bicubic_round_trip(x, 16))[0]
+    assert torch.equal(levels(bicubic_down(x, 16))[0].mean(dim=(1, 2)), target)  # bicubic is exact here
+    # the LR file is a proper small version of the flat image
+    assert (lr.mean(dim=(1, 2)) - target).abs().max() <= LR_MEAN_LEVELS, lr.mean(dim=(1, 2))
+    # the reconstruction keeps the colour, and adds little texture where there is none
+    assert (rec.mean(dim=(1, 2)) - target).abs().max() <= REC_MEAN_LEVELS, rec.mean(dim=(1, 2))
+    err, base_err = (rec - target.view(3, 1, 1)).abs().mean(), (base - target.view(3, 1, 1)).abs().mean()
+    assert err <= base_err + REC_ABS_LEVELS, (err, base_err)
+
+
+def ramps() -> dict[str, Tensor]:
+    """Smooth gradients: grey and colour ramps across the gamut, horizontal, vertical and diagonal."""
+    h, w = 256, 384
+    u = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(1, 1, h, w)
+    v = torch.linspace(0, 1, h).view(1, 1, h, 1).expand(1, 1, h, w)
+
+    def between(a: tuple[int, ...], b: tuple[int, ...], t: Tensor) -> Tensor:
+        a_, b_ = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1 for c in (a, b))
+        return a_ + (b_ - a_) * t
+
+    return {
+        "black-white": between((0, 0, 0), (255, 255, 255), u),
+        "red-blue": between((255, 0, 0), (0, 0, 255), v),
+        "green-magenta": between((0, 255, 0), (255, 0, 255), (u + v) / 2),
+        "dusk": between((20, 30, 80), (250, 150, 60), v),
+        "sky": between((90, 150, 230), (200, 225, 250), v),
+    }
+
+
+@pytest.mark.parametrize("name", list(ramps()))
+def test_smooth_gradients_come_back_within_a_few_levels(codec: Codec, name: str) -> None:
+    x = ramps()[name]
+    rt = codec.round_trip(x.clone())
+    lr_err = (levels(rt.lr) - levels(bicubic_down(x, 16))).abs()
+    assert lr_err.mean() <= LR_MEAN_LEVELS, lr_err.mean()
+    err = (levels(rt.reconstruction) - levels(x)).abs().mean()
+    base_err = (levels(bicubic_round_trip(x, 16)) - levels(x)).abs().mean()
+    assert err <= base_err + REC_ABS_LEVELS, (err, base_err)
+    assert psnr_y(rt.reconstruction, x) >= RAMP_PSNR, psnr_y(rt.reconstruction, x)
+
+
+# tolerances in 8-bit levels (see the module docstring and README's quickstart section)
+LR_MEAN_LEVELS = 2.0
+REC_MEAN_LEVELS = 2.0
+REC_ABS_LEVELS = 2.0
+RAMP_PSNR = 45.0
