@@ -17,7 +17,9 @@ from tadm.config.load import load_codec
 from tadm.datamodules.image_io import load_image
 from tadm.errors import CheckpointError
 from tadm.inference.lr_files import read_lr
+from tadm.inference.pipeline import color_reference
 from tadm.model.checkpoints import export_checkpoint
+from tadm.ops.color_fix import apply_color_fix
 from tests.helpers import SAMPLES
 
 FAST = [
@@ -98,6 +100,12 @@ def test_upscale_matches_the_in_memory_round_trip(ckpt: Path, photos: Path, tmp_
     up = codec.upscale(y, size)
     torch.testing.assert_close(up.image, rt.reconstruction)
     assert up.timesteps is not None and 10 <= up.timesteps.min() <= up.timesteps.max() <= 200
+    # --color-fix: the same reconstruction, corrected towards the bicubic upscale of its LR image
+    fixed = load_codec(ckpt, color_fix="wavelet")
+    reference = color_reference(y, codec.scale, size)
+    torch.testing.assert_close(fixed.upscale(y, size).image, apply_color_fix(up.image, reference, "wavelet"))
+    torch.testing.assert_close(fixed.round_trip(x).reconstruction, fixed.upscale(y, size).image)
+    assert (fixed.upscale(y, size).image - up.image).abs().mean() > 1e-3
 
 
 def test_reruns_skip_existing_and_interrupted_writes_leave_nothing(
@@ -260,6 +268,22 @@ def test_tadm_evaluate_writes_csv_and_summary_with_bicubic_row(
     assert {r["protocol"] for r in cropped} == {"basicsr"} and len(cropped) == 2
     full = {r["method"]: float(r["psnr_y"]) for r in rows if r["path"].endswith("astronaut.png")}
     assert all(abs(float(r["psnr_y"]) - full[r["method"]]) > 1e-3 for r in cropped)  # the crop matters
+    assert {r["color_fix"] for r in rows} == {"none"}
+
+    # --color-fix: recorded in all three files; the bicubic row is its own reference (unchanged)
+    out = tmp_path / "wavelet"
+    args = ["evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", out, "--no-fid", "--no-perceptual"]
+    assert _run(*args, "--color-fix", "wavelet", *FAST) == 0
+    assert json.loads((out / "summary.json").read_text())["color_fix"] == "wavelet"
+    assert (
+        "Colour correction: `wavelet` (`tadm evaluate --color-fix wavelet`)"
+        in (out / "summary.md").read_text()
+    )
+    fixed = {r["method"]: r for r in csv.DictReader((out / "per_image.csv").open())}
+    assert {r["color_fix"] for r in fixed.values()} == {"wavelet"}
+    assert float(fixed["bicubic x16"]["psnr_y"]) == pytest.approx(full["bicubic x16"], abs=1e-3)
+    model = next(m for m in fixed if m.startswith("tadm"))
+    assert abs(float(fixed[model]["psnr_y"]) - full[model]) > 1e-3
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

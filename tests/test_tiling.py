@@ -305,6 +305,37 @@ def test_tiled_and_whole_round_trips_agree_above_35_db(photo: Tensor, one_thread
     assert ((tiled.lr - whole.lr).abs().max() * 127.5).round() <= 3
 
 
+@pytest.mark.parametrize("color_fix", ["wavelet", "adain"])
+def test_colour_fix_is_tile_safe(photo: Tensor, color_fix: str, one_thread: None) -> None:
+    """The fix runs once on the blended image: tiled vs whole stays within the pipeline's bound, with no
+    seams, and the module's ``color_fix`` option is what validation reconstructs with."""
+    from tadm.ops.color_fix import apply_color_fix
+
+    m = _tiny_enhancer(FixedTimestep(200.0))
+    m.color_fix = color_fix
+    tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=10, lr_overlap=3)
+    whole = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, NO_TILING, color_fix=color_fix)
+    tiled = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling, color_fix=color_fix)
+    assert tiled.reconstruction.shape == photo.shape and tiled.reconstruction.abs().max() <= 1
+    agreement = psnr_y(tiled.reconstruction, whole.reconstruction).item()
+    assert agreement >= 35.0, agreement
+    err = (tiled.reconstruction - whole.reconstruction).abs().mean(dim=(0, 1))
+    cols = [s * 8 + 64 for s in tile_starts(304 // 8, 16, 8)[1:]]
+    border = err[:, [c for c in cols if c < err.shape[1]]].mean()
+    assert border <= 3 * err.mean() + 1e-4, (border.item(), err.mean().item())
+    # it is the fix of the uncorrected reconstruction against the bicubic upscale of the same LR image
+    plain = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling)
+    reference = pipeline.color_reference(tiled.lr, 16, (200, 296))
+    expected = apply_color_fix(plain.reconstruction, reference, color_fix)
+    torch.testing.assert_close(tiled.reconstruction, expected, atol=1e-5, rtol=0)
+    assert (tiled.reconstruction - plain.reconstruction).abs().mean() > 1e-3  # it did something
+    # validation / test use the module option
+    m.eval_tiling = tiling
+    torch.testing.assert_close(m.evaluate_batch(photo)["_reconstruction"], tiled.reconstruction)
+    with pytest.raises(ValueError, match="unknown colour fix"):
+        TADMModule(backbone=LocalToyBackbone(), rescaler=m.rescaler, color_fix="histogram")  # type: ignore[arg-type]
+
+
 class ContentAligner(TimestepAligner):
     """t from the tile's content (its mean brightness in latent space), clearly different per tile."""
 

@@ -15,7 +15,14 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tadm.commands.common import add_model_arguments, command, for_each, load_from_args, writable_folder
+from tadm.commands.common import (
+    add_color_fix_argument,
+    add_model_arguments,
+    command,
+    for_each,
+    load_from_args,
+    writable_folder,
+)
 from tadm.datamodules.inputs import InputFile, collect_inputs
 from tadm.inference.codec import DEFAULT_MAX_HR_SIDE
 
@@ -71,6 +78,7 @@ def upscale_command(argv: Sequence[str]) -> int:
     """LR PNGs -> HR images at their original size (read from the PNG metadata)."""
     ap = _parser("tadm upscale", upscale_command.__doc__ or "")
     ap.add_argument("--save-timesteps", action="store_true", help="also write NAME.timesteps.png heat maps")
+    add_color_fix_argument(ap)
     ap.add_argument(
         "--max-hr-side",
         type=int,

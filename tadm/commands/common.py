@@ -187,6 +187,20 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_color_fix_argument(ap: argparse.ArgumentParser) -> None:
+    """``--color-fix none|wavelet|adain`` of the commands that reconstruct HR images (upscale, evaluate)."""
+    from tadm.ops.color_fix import COLOR_FIXES
+
+    ap.add_argument(
+        "--color-fix",
+        default="none",
+        choices=COLOR_FIXES,
+        help="colour correction of each reconstruction towards the bicubic upscale of its LR image, once on "
+        "the whole image: none (default, as the paper), wavelet (keep the output's high frequencies, take "
+        "the bicubic's low ones, as StableSR) or adain (match per-channel mean and std)",
+    )
+
+
 def load_from_args(args: argparse.Namespace) -> Codec:
     """The codec the command-line options describe."""
     from tadm.config.load import load_codec
@@ -209,4 +223,5 @@ def load_from_args(args: argparse.Namespace) -> Codec:
         backbone_pretrained=args.backbone,
         channels_last=args.channels_last,
         compile_unet=args.compile,
+        color_fix=getattr(args, "color_fix", "none"),
     )

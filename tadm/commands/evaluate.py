@@ -5,7 +5,8 @@
 Each HR image goes HR -> 8-bit LR -> HR through the checkpoint (tiled like ``tadm upscale``) and,
 for reference, through bicubic down + bicubic up at the same scale. Writes ``per_image.csv``, ``summary.md``
 (printed too) and ``summary.json``. ``--protocol`` picks how PSNR-Y / SSIM-Y are computed
-(:mod:`tadm.evaluation.protocols`): ``pyiqa`` as in the TADM paper, ``basicsr`` as in IRN. A bad file is
+(:mod:`tadm.evaluation.protocols`): ``pyiqa`` as in the TADM paper, ``basicsr`` as in IRN; ``--color-fix``
+corrects the checkpoint's reconstructions (the bicubic row is its own reference), and the report records it. A bad file is
 reported, the rest evaluated, and the exit status is 1. (``tadm test --config ...`` is LightningCLI's test
 loop on a data module.)
 """
@@ -23,6 +24,7 @@ from torch import Tensor
 from tadm.commands.common import (
     EXIT_FAILED,
     EXIT_OK,
+    add_color_fix_argument,
     add_model_arguments,
     command,
     error_line,
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "on YCbCr's Y, no border crop: the TADM paper's table), basicsr (BasicSR's, border crop = scale, "
         "MATLAB-style SSIM: IRN's tables); recorded in the report",
     )
+    add_color_fix_argument(ap)
     ap.add_argument(
         "--no-perceptual", action="store_true", help="skip LPIPS and DISTS (no VGG weights needed)"
     )
@@ -99,7 +102,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     name = f"tadm {Path(args.ckpt).name} [{codec.model_id[:8]}]"
     methods = {name: model} if args.no_bicubic else {name: model, f"bicubic x{codec.scale}": bicubic}
     _warm_up(codec)
-    evaluation = Evaluation(methods, metrics)
+    evaluation = Evaluation(methods, metrics, color_fix=codec.color_fix)
     for_each(images, evaluation.add, lambda item: item.path, "evaluate", images.total, not args.no_progress)
     report = evaluation.finish()
     try:

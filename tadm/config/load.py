@@ -13,6 +13,7 @@ from tadm.errors import CheckpointError
 from tadm.inference.codec import Codec, Precision, tensor_hash
 from tadm.inference.tiling import Tiling
 from tadm.model.checkpoints import read_checkpoint
+from tadm.ops.color_fix import ColorFix, check_color_fix
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def load_codec(
     backbone_pretrained: str | None = None,
     channels_last: bool = False,
     compile_unet: bool = False,
+    color_fix: ColorFix = "none",
 ) -> Codec:
     """Load a checkpoint for inference.
 
@@ -37,7 +39,10 @@ def load_codec(
             checkpoint was trained with (same weights, another place). Recorded ids are not checked then.
         channels_last: NHWC memory format for the backbone's networks (faster convolutions on GPUs).
         compile_unet: ``torch.compile`` the diffusion model (pays off for many tiles of one size).
+        color_fix: colour correction of every reconstruction (``none``, ``wavelet``, ``adain``; see
+            :mod:`tadm.ops.color_fix`).
     """
+    check_color_fix(color_fix)  # before the (slow) loading
     source = str(ckpt)
     state, meta = read_checkpoint(ckpt)
     if not meta.get("config"):
@@ -55,4 +60,4 @@ def load_codec(
     module.to(torch.device(device)).eval()
     module.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
     model_id = str(meta.get("model_id") or tensor_hash(state))
-    return Codec(module, tiling or Tiling(), precision, model_id=model_id, source=source)
+    return Codec(module, tiling or Tiling(), precision, model_id=model_id, source=source, color_fix=color_fix)

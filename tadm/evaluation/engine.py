@@ -38,6 +38,7 @@ from tadm.evaluation.fid import (
 )
 from tadm.evaluation.protocols import Protocol, TadmProtocol
 from tadm.evaluation.report import EvalError, EvalReport, ImageRow
+from tadm.ops.color_fix import check_color_fix
 from tadm.ops.images import quantize_unit_8bit, to_unit
 
 #: LPIPS / DISTS pool VGG features 4-5 times: smaller images have no score
@@ -206,15 +207,23 @@ class Evaluation:
     reconstruction of the same shape; its call is timed (wall clock, CUDA synchronised; the first image
     includes any warm-up). Unreadable inputs and a method or metric failing on one image are recorded as
     errors and the run goes on, so one bad file does not cost the whole test set. The caller owns the
-    loop (``tadm evaluate`` runs it under the commands' progress bar).
+    loop (``tadm evaluate`` runs it under the commands' progress bar). ``color_fix`` names the colour
+    correction the methods apply (:mod:`tadm.ops.color_fix`; the methods apply it, the report records it).
     """
 
-    def __init__(self, methods: Mapping[str, Callable[[Tensor], Tensor]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, Callable[[Tensor], Tensor]],
+        metrics: Metrics,
+        color_fix: str = "none",
+    ) -> None:
         if not methods:
             raise ValueError("no methods to evaluate")
         self.methods = dict(methods)
         self.metrics = metrics
-        self.report = EvalReport(methods=list(methods), protocol=metrics.protocol)
+        self.report = EvalReport(
+            methods=list(methods), protocol=metrics.protocol, color_fix=check_color_fix(color_fix)
+        )
         self._real = FeatureStats()
         self._fake = {name: FeatureStats() for name in methods}
 
@@ -263,9 +272,10 @@ def evaluate(
     images: Iterable[EvalImage | BadImage],
     methods: Mapping[str, Callable[[Tensor], Tensor]],
     metrics: Metrics,
+    color_fix: str = "none",
 ) -> EvalReport:
     """Score every method on every image (see :class:`Evaluation`) and return the report."""
-    evaluation = Evaluation(methods, metrics)
+    evaluation = Evaluation(methods, metrics, color_fix)
     for item in images:
         evaluation.add(item)
     return evaluation.finish()

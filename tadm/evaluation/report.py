@@ -16,7 +16,7 @@ from tadm.evaluation.protocols import Protocol, TadmProtocol
 from tadm.ops.files import atomic_write_text
 
 CSV_COLUMNS = ("path", "height", "width", "method", "psnr_y", "ssim_y", "lpips", "dists", "seconds")
-CSV_COLUMNS += ("protocol",)  # last, so the columns before it keep their places
+CSV_COLUMNS += ("protocol", "color_fix")  # last, so the columns before them keep their places
 TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "KID", "s/image")
 REPORT_FILES = ("per_image.csv", "summary.md", "summary.json")
 
@@ -64,7 +64,7 @@ class MethodSummary:
 @dataclass
 class EvalReport:
     """Everything ``tadm evaluate`` reports: per-image rows, failures, FID and KID per method, the protocol
-    PSNR-Y / SSIM-Y were computed with, and notes."""
+    PSNR-Y / SSIM-Y were computed with, the colour correction of the reconstructions, and notes."""
 
     methods: list[str]
     rows: list[ImageRow] = field(default_factory=list)
@@ -74,6 +74,8 @@ class EvalReport:
     kid_std: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     protocol: Protocol = field(default_factory=TadmProtocol)
+    color_fix: str = "none"
+    """The colour correction of the reconstructions (``tadm evaluate --color-fix``)."""
 
     @property
     def failed(self) -> bool:
@@ -104,6 +106,7 @@ class EvalReport:
         """The protocol, the summary table (means over images) and a line per failure or metric not computed."""
         lines = [
             f"Protocol: `{self.protocol.name}` (`tadm evaluate --protocol {self.protocol.name}`)",
+            f"Colour correction: `{self.color_fix}` (`tadm evaluate --color-fix {self.color_fix}`)",
             "",
             "| " + " | ".join(TABLE_HEADER) + " |",
             "|---|" + "---:|" * (len(TABLE_HEADER) - 1),
@@ -140,6 +143,15 @@ class EvalReport:
             "and reconstructed images; s/image: wall clock of the method's round trip.",
             *self.protocol.caveats(),
         ]
+        if self.color_fix != "none":
+            how = {
+                "wavelet": "its low frequencies (5 dilated 3x3 blurs) replaced by those of",
+                "adain": "its per-channel mean and std matched to those of",
+            }[self.color_fix]
+            lines.append(
+                f"Colour correction `{self.color_fix}`: each reconstruction has {how} the bicubic upscale of "
+                "its LR image, once on the whole image (the bicubic row is its own reference: unchanged)."
+            )
         for method in self.methods:
             n_inf = sum(1 for r in self.rows if r.method == method and math.isinf(r.psnr_y))
             if n_inf:
@@ -154,6 +166,7 @@ class EvalReport:
         notes and the failures (``method`` null: the input could not be read)."""
         doc = {
             "protocol": self.protocol.as_dict(),
+            "color_fix": self.color_fix,
             "methods": [{k: _json_value(v) for k, v in asdict(s).items()} for s in self.summary()],
             "notes": self.note_lines(),
             "failed": [asdict(e) for e in self.errors],
@@ -172,7 +185,7 @@ class EvalReport:
             writer.writerow(
                 [r.path, r.height, r.width, r.method]
                 + [_csv_float(v) for v in (r.psnr_y, r.ssim_y, r.lpips, r.dists, r.seconds)]
-                + [self.protocol.name]
+                + [self.protocol.name, self.color_fix]
             )
         text = self.markdown()
         atomic_write_text(out / "per_image.csv", buf.getvalue())

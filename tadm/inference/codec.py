@@ -25,6 +25,7 @@ from tadm.errors import CheckpointError, LRFileError
 from tadm.inference import pipeline
 from tadm.inference.lr_files import LRMeta
 from tadm.inference.tiling import Tiling
+from tadm.ops.color_fix import ColorFix, check_color_fix
 
 Precision = Literal["fp32", "bf16", "fp16"]
 #: an LR file without tadm metadata whose restored longer side would pass this is refused: it is far
@@ -75,6 +76,8 @@ class Codec:
     ``precision`` runs the UNet, Refiner and VAE decoder under autocast (bf16 / fp16); the rescaler
     always runs in fp32 so the LR image is the same 8-bit image on every device and precision. VAEs
     flagged ``force_upcast`` (SDXL's) stay fp32 inside autocast (the backbone sees to that).
+    ``color_fix`` (``none``, ``wavelet``, ``adain``: :mod:`tadm.ops.color_fix`) corrects every
+    reconstruction towards the bicubic upscale of its LR image, in fp32, once on the whole image.
     """
 
     module: Model
@@ -83,10 +86,12 @@ class Codec:
     model_id: str = ""
     rescaler_id: str = ""
     source: str = ""
+    color_fix: ColorFix = "none"
 
     def __post_init__(self) -> None:
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {list(DTYPES)}, got {self.precision!r}")
+        check_color_fix(self.color_fix)
         self.module.eval()
         if not self.rescaler_id:
             self.rescaler_id = rescaler_identity(self.module.rescaler)
@@ -136,6 +141,7 @@ class Codec:
             m.enhance_fn,
             self.tiling,
             precision=self._autocast,
+            color_fix=self.color_fix,
         )
 
     @torch.no_grad()
@@ -143,7 +149,13 @@ class Codec:
         """Downscale then upscale (analysis aligners get the HR latent)."""
         m = self.module
         return pipeline.round_trip(
-            m.backbone, m.rescaler, x.to(self.device), m.enhance_fn, self.tiling, precision=self._autocast
+            m.backbone,
+            m.rescaler,
+            x.to(self.device),
+            m.enhance_fn,
+            self.tiling,
+            precision=self._autocast,
+            color_fix=self.color_fix,
         )
 
     def target_size(

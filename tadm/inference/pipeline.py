@@ -3,7 +3,8 @@
 Every step can run on tiles (see :mod:`tadm.inference.tiling`): VAE encode/decode on pixel/latent tiles
 blended with ramps (GroupNorm statistics shared by all tiles: :mod:`tadm.inference.groupnorm_sync`), the rescaler on stitched tiles of the LR grid, the one-step enhancer on latent
 tiles blended with Gaussian weights, each tile with its own timestep. ``NO_TILING`` processes
-whole images (what training-time validation does on crops).
+whole images (what training-time validation does on crops). An optional colour correction
+(:mod:`tadm.ops.color_fix`) runs once on the whole blended, cropped output, never per tile.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from tadm.contracts import DiffusionBackbone, Rescaler, quantize_8bit
 from tadm.inference.groupnorm_sync import blend_tiles_synced
 from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
+from tadm.ops.color_fix import apply_color_fix, check_color_fix
 from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, lcm, pad_to_multiple
 
 #: latents smaller than this (images under 128 px) are padded for the enhancer and cropped back
@@ -188,12 +190,26 @@ def upscale(
     tiling: Tiling = NO_TILING,
     z_true: Tensor | None = None,
     precision: Precision = contextlib.nullcontext,
+    color_fix: str = "none",
 ) -> Upscaled:
     """LR image -> HR image in [-1, 1] cropped to ``size``: :func:`rescale_up` in fp32, then
-    :func:`enhance_and_decode` inside ``precision()`` (e.g. a bf16 autocast)."""
+    :func:`enhance_and_decode` inside ``precision()`` (e.g. a bf16 autocast), then ``color_fix``
+    (``none``, ``wavelet``, ``adain``) in fp32 on the whole image against :func:`color_reference`."""
+    check_color_fix(color_fix)
     out = rescale_up(backbone, rescaler, y.float(), tiling)
     with precision():
-        return enhance_and_decode(backbone, rescaler, out, size, enhance, tiling, z_true)
+        up = enhance_and_decode(backbone, rescaler, out, size, enhance, tiling, z_true)
+    if color_fix == "none":
+        return up
+    image = apply_color_fix(up.image, color_reference(y, rescaler.scale, size), color_fix)
+    return Upscaled(image, up.timesteps)
+
+
+def color_reference(y: Tensor, scale: int, size: tuple[int, int]) -> Tensor:
+    """What colour correction matches: the LR image's antialiased bicubic upscale to the padded HR size
+    (``scale`` times its size), cropped to ``size`` like the reconstruction, in fp32."""
+    up = bicubic_resize(y.float(), (y.shape[-2] * scale, y.shape[-1] * scale))
+    return crop_to(up, size)
 
 
 @torch.no_grad()
@@ -204,11 +220,14 @@ def round_trip(
     enhance: Enhance | None = None,
     tiling: Tiling = NO_TILING,
     precision: Precision = contextlib.nullcontext,
+    color_fix: str = "none",
 ) -> RoundTrip:
-    """Downscale then upscale ``x`` (the rescaler in fp32, the rest in ``precision()``); analysis
-    aligners get the HR latent the downscale computed."""
+    """Downscale then upscale ``x`` (the rescaler in fp32, the rest in ``precision()``, then
+    ``color_fix``); analysis aligners get the HR latent the downscale computed."""
     y, size, z = downscale(backbone, rescaler, x.float(), tiling)
-    up = upscale(backbone, rescaler, y, size, enhance, tiling, z_true=z, precision=precision)
+    up = upscale(
+        backbone, rescaler, y, size, enhance, tiling, z_true=z, precision=precision, color_fix=color_fix
+    )
     s = rescaler.scale
     return RoundTrip(y, up.image, (y.shape[-2] * s, y.shape[-1] * s), up.timesteps)
 

@@ -28,6 +28,7 @@ from tadm.model.losses import (
     get_distance,
     weighted_sum,
 )
+from tadm.ops.color_fix import ColorFix, check_color_fix
 from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class TADMModule(L.LightningModule):
         num_log_images: int = 4,
         eval_tiling: Tiling | None = None,
         aligner_latents: AlignerLatents = "scaled",
+        color_fix: ColorFix = "none",
     ) -> None:
         """
         Args:
@@ -91,6 +93,9 @@ class TADMModule(L.LightningModule):
                 feeds its TPM (``src/tadm.py``); ``release``: unscaled in training mode, scaled in eval mode,
                 as the release's training and its inference script (``src/tadm_tile.py``, what
                 ``run_inference.sh`` runs) do. The UNet, the Refiner and the x0 formula always get it scaled.
+            color_fix: colour correction of the validation/test/predict reconstructions towards the bicubic
+                upscale of their LR images: ``none`` (default, as the paper), ``wavelet`` or ``adain``
+                (:mod:`tadm.ops.color_fix`). Inference commands take ``--color-fix`` instead.
         """
         super().__init__()
         if stage not in ("rescaler", "enhancer", "joint"):
@@ -101,6 +106,7 @@ class TADMModule(L.LightningModule):
             raise ValueError(
                 f"unknown aligner_latents {aligner_latents!r}; choose one of {list(ALIGNER_LATENTS)}"
             )
+        check_color_fix(color_fix)
         self.save_hyperparameters(
             ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
         )
@@ -122,6 +128,7 @@ class TADMModule(L.LightningModule):
         self.num_log_images = num_log_images
         self.eval_tiling = eval_tiling
         self.aligner_latents = aligner_latents
+        self.color_fix = color_fix
         #: the run's full config (YAML), set by the CLI and stored in every checkpoint
         self.run_config: str | None = None
         self.strict_loading = False  # frozen backbone weights are not stored; checked in on_load_checkpoint
@@ -272,7 +279,9 @@ class TADMModule(L.LightningModule):
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
         tiling = self.eval_tiling or NO_TILING
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling)
+        rt = pipeline.round_trip(
+            self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling, color_fix=self.color_fix
+        )
         base = pipeline.bicubic_round_trip(x, self.scale)
         xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
         out = {
@@ -308,7 +317,9 @@ class TADMModule(L.LightningModule):
         """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
         x = batch["image"]
         tiling = self.eval_tiling or NO_TILING
-        rt = pipeline.round_trip(self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling)
+        rt = pipeline.round_trip(
+            self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling, color_fix=self.color_fix
+        )
         return {
             "path": batch.get("path"),
             "lr": rt.lr,
