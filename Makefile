@@ -24,6 +24,7 @@ quickstart: setup
 
 # Retrain the quickstart and ship it: assets/models/quickstart_x16.safetensors (tests check it matches
 # configs/quickstart.yaml and keeps flat colours; rerun this after changing that file).
+quickstart-model: export OMP_NUM_THREADS = 1
 quickstart-model: quickstart
 	$(BIN)/tadm export $(QS_CKPT) --output assets/models/quickstart_x16.safetensors --dtype fp32 --overwrite
 
