@@ -96,6 +96,30 @@ class ForwardTimer:
         self.seconds, self.calls = 0.0, 0
 
 
+class CallTimer:
+    """Wall time spent inside a module-level function of ``tadm.inference.pipeline`` (patched in place)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        from tadm.inference import pipeline
+
+        self.seconds, self.calls, self.device = 0.0, 0, device
+        inner = getattr(pipeline, name)
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            ForwardTimer._sync(self)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            ForwardTimer._sync(self)  # type: ignore[arg-type]
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            return out
+
+        setattr(pipeline, name, timed)
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
@@ -110,6 +134,12 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
     unet = codec.module.backbone.unet
     unet_timer = ForwardTimer(getattr(unet, "_orig_mod", unet), dev)
     dec_timer = ForwardTimer(codec.module.backbone.vae.decoder, dev)
+    # the rest of the path, to see where the overhead goes: DFRM upscale (fp32), TPM, hybrid scheduler
+    parts = {
+        "dfrm": CallTimer("rescale_up", dev),
+        "aligner": ForwardTimer(codec.module.aligner, dev),
+        "enhancer": ForwardTimer(codec.module.enhancer, dev),
+    }
     rss_loaded = rss_gb()
     rows = []
     for size in sizes:
@@ -122,8 +152,8 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        unet_timer.reset()
-        dec_timer.reset()
+        for timer in (unet_timer, dec_timer, *parts.values()):
+            timer.reset()
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -147,6 +177,7 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
                 "decoder_s": dec_timer.seconds / args.repeats,
                 "decoder_calls": dec_timer.calls // args.repeats,
                 "overhead": total / inner - 1 if inner else float("nan"),
+                **{f"{k}_s": t.seconds / args.repeats for k, t in parts.items()},
                 "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1024**3 if dev.type == "cuda" else None,
                 "peak_rss_gb": rss_gb(),
                 "rss_after_build_gb": rss_loaded,
@@ -157,7 +188,23 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile:
+            profile_once(codec, y, (h, w), dev)
     return rows
+
+
+def profile_once(codec: Any, y: torch.Tensor, size: tuple[int, int], dev: torch.device) -> None:
+    """One more upscale under torch.profiler: the ops that take the most time (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        codec.upscale(y, size)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one upscale to {size[1]}x{size[0]}, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), flush=True)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -185,6 +232,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per size")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in this process
     args = ap.parse_args()
     if args.threads:
