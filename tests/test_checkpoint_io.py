@@ -170,6 +170,24 @@ def test_export_command(stage2_ckpt: Path, tmp_path: Path, capsys: pytest.Captur
     assert "missing.ckpt" in capsys.readouterr().err
 
 
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(
+    stage2_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """export and import-release share the check: a folder, or a path under a file, is one line, exit 2."""
+    from tadm.commands.import_release import import_release_command
+
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    for target, why in ((tmp_path, "is a folder"), (blocker / "x.safetensors", "is not a folder")):
+        assert export_command([str(stage2_ckpt), "-o", str(target)]) == 2
+        assert why in capsys.readouterr().err
+        missing = str(tmp_path / "missing")  # never read: the output is checked first
+        assert import_release_command(["--dfrm", missing, "--tadm", missing, "--output", str(target)]) == 2
+        assert why in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading never runs code; malformed files are one-line errors
 

@@ -154,6 +154,16 @@ def writable_folder(path: Path, option: str = "--output") -> Path:
     return path
 
 
+def writable_file(path: str | Path, option: str = "--output") -> Path:
+    """A file to be written (``tadm export``, ``tadm import-release``): not a folder, and its folder
+    writable (:func:`writable_folder`), checked before any work."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{option} '{target}' is a folder; give the .safetensors file to write")
+    writable_folder(target.expanduser().parent, option)
+    return target
+
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """Checkpoint, device, precision and tiling options shared by downscale / upscale / evaluate."""
     ap.add_argument(

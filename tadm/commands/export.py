@@ -7,8 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from tadm.commands.common import EXIT_OK, command, writable_folder
-from tadm.errors import InputError
+from tadm.commands.common import EXIT_OK, command, writable_file
 from tadm.model.checkpoints import EXPORT_DTYPES, export_checkpoint
 
 
@@ -36,10 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 def export_command(argv: Sequence[str]) -> int:
     """``tadm export`` entry point: 0 written, 2 unusable input or output."""
     args = _parser().parse_args(list(argv))
-    target = Path(args.output)
-    if target.is_dir():
-        raise InputError(f"--output '{target}' is a folder; give the .safetensors file to write")
-    writable_folder(target.expanduser().parent)
+    writable_file(args.output)
     out = export_checkpoint(args.ckpt, args.output, dtype=args.dtype, overwrite=args.overwrite)
     mb_in, mb_out = Path(args.ckpt).stat().st_size / 1e6, out.stat().st_size / 1e6
     print(

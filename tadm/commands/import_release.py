@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
-from tadm.commands.common import EXIT_OK, command, writable_folder
-from tadm.errors import InputError
+from tadm.commands.common import EXIT_OK, command, writable_file
 from tadm.model.checkpoints import EXPORT_DTYPES
 
 
@@ -65,10 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def import_release_command(argv: Sequence[str]) -> int:
     """``tadm import-release`` entry point: 0 written, 2 unusable input or output (nothing written)."""
     args = _parser().parse_args(list(argv))
-    target = Path(args.output)
-    if target.is_dir():
-        raise InputError(f"--output '{target}' is a folder; give the .safetensors file to write")
-    writable_folder(target.expanduser().parent)
+    target = writable_file(args.output)
     from tadm.config.release import RELEASE_VAE, import_release
 
     if args.vae is None:
