@@ -170,7 +170,6 @@ def test_export_command(stage2_ckpt: Path, tmp_path: Path, capsys: pytest.Captur
     assert "missing.ckpt" in capsys.readouterr().err
 
 
-
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(
     stage2_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
