@@ -71,24 +71,24 @@ def build_codec(
     return Codec(model, Tiling(tile_batch=tile_batch), precision)  # type: ignore[arg-type]
 
 
-class ForwardTimer:
-    """Wall time spent inside a module's forward calls (synchronised on CUDA)."""
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, so wall-clock timers measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+
+class Timer:
+    """Wall time and count of timed calls (synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
         self.seconds, self.calls, self.device, self._t0 = 0.0, 0, device, 0.0
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _pre(self, *_: Any) -> None:
-        self._sync()
+    def start(self, *_: Any) -> None:
+        sync(self.device)
         self._t0 = time.perf_counter()
 
-    def _post(self, *_: Any) -> None:
-        self._sync()
+    def stop(self, *_: Any) -> None:
+        sync(self.device)
         self.seconds += time.perf_counter() - self._t0
         self.calls += 1
 
@@ -96,28 +96,31 @@ class ForwardTimer:
         self.seconds, self.calls = 0.0, 0
 
 
-class CallTimer:
-    """Wall time spent inside a module-level function of ``tadm.inference.pipeline`` (patched in place)."""
+class ForwardTimer(Timer):
+    """Time spent inside a module's forward calls (hooks)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        super().__init__(device)
+        module.register_forward_pre_hook(self.start)
+        module.register_forward_hook(self.stop)
+
+
+class CallTimer(Timer):
+    """Time spent inside a module-level function of ``tadm.inference.pipeline`` (patched in place)."""
 
     def __init__(self, name: str, device: torch.device) -> None:
         from tadm.inference import pipeline
 
-        self.seconds, self.calls, self.device = 0.0, 0, device
+        super().__init__(device)
         inner = getattr(pipeline, name)
 
         def timed(*a: Any, **kw: Any) -> Any:
-            ForwardTimer._sync(self)  # type: ignore[arg-type]
-            t0 = time.perf_counter()
+            self.start()
             out = inner(*a, **kw)
-            ForwardTimer._sync(self)  # type: ignore[arg-type]
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+            self.stop()
             return out
 
         setattr(pipeline, name, timed)
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
 
 
 def rss_gb() -> float:
@@ -149,8 +152,8 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
         # warm-up (kernels, allocator, compile) on the GPU with this size; on the CPU with a small image
         warm = (h, w) if dev.type == "cuda" else (512, 512)
         codec.upscale(y[..., : warm[0] // 16, : warm[1] // 16], warm)
+        sync(dev)
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         for timer in (unet_timer, dec_timer, *parts.values()):
             timer.reset()
@@ -158,8 +161,7 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             out = codec.upscale(y, (h, w))
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
         assert out.image.shape[-2:] == (h, w) and torch.isfinite(out.image).all()
         total = sum(times)
@@ -200,8 +202,7 @@ def profile_once(codec: Any, y: torch.Tensor, size: tuple[int, int], dev: torch.
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         codec.upscale(y, size)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(f"profile of one upscale to {size[1]}x{size[0]}, by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), flush=True)

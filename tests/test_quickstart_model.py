@@ -36,7 +36,6 @@ def levels(x: Tensor) -> Tensor:
 
 @pytest.fixture(scope="module")
 def codec() -> Codec:
-    torch.set_num_threads(1)
     return load_codec(MODEL)
 
 
