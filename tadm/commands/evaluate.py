@@ -72,7 +72,6 @@ def evaluate_command(argv: Sequence[str]) -> int:
     from tadm.evaluation.engine import Evaluation, Metrics
     from tadm.evaluation.perceptual import vgg16_weights_path
     from tadm.evaluation.protocols import get_protocol
-    from tadm.inference.pipeline import bicubic_round_trip
 
     images = iter_hr_images(args.inputs, exclude=args.output)
     writable_folder(args.output)
@@ -93,11 +92,12 @@ def evaluate_command(argv: Sequence[str]) -> int:
     if args.no_fid:
         metrics.not_computed["FID/KID"] = "--no-fid"
 
-    def model(x: Tensor) -> Tensor:
-        return codec.round_trip(x).reconstruction
+    def model(x: Tensor) -> tuple[Tensor, Tensor]:
+        trip = codec.round_trip(x)
+        return trip.reconstruction, trip.lr  # the LR image too: the report gives its PNG size (lr_bpp)
 
-    def bicubic(x: Tensor) -> Tensor:
-        return bicubic_round_trip(x, codec.scale)
+    def bicubic(x: Tensor) -> tuple[Tensor, Tensor]:
+        return bicubic_with_lr(x, codec.scale)
 
     name = f"tadm {Path(args.ckpt).name} [{codec.model_id[:8]}]"
     methods = {name: model} if args.no_bicubic else {name: model, f"bicubic x{codec.scale}": bicubic}
@@ -105,6 +105,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     evaluation = Evaluation(methods, metrics, color_fix=codec.color_fix)
     for_each(images, evaluation.add, lambda item: item.path, "evaluate", images.total, not args.no_progress)
     report = evaluation.finish()
+    report.model = _model_facts(args.ckpt, codec)
     try:
         markdown = report.write(args.output)
     except OSError as err:  # the results are computed: show them even when they cannot be saved
@@ -114,6 +115,29 @@ def evaluate_command(argv: Sequence[str]) -> int:
     print(markdown)
     print(f"wrote per_image.csv, summary.md and summary.json to {args.output}")
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def bicubic_with_lr(x: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+    """``tadm.inference.pipeline.bicubic_round_trip`` (the same arithmetic; a test checks it), keeping its
+    8-bit LR image for the report's ``lr_bpp``."""
+    from tadm.contracts import quantize_8bit
+    from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, pad_to_multiple
+
+    xp, size = pad_to_multiple(x.float(), scale)
+    y = quantize_8bit(bicubic_down(xp, scale), training=False)
+    return crop_to(bicubic_resize(y, (xp.shape[-2], xp.shape[-1])), size), y
+
+
+def _model_facts(ckpt: str, codec) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """What ``summary.json`` says about the model (``tadm compare`` shows the trainable parameters)."""
+    module = codec.module
+    return {
+        "checkpoint": str(ckpt),
+        "model_id": codec.model_id,
+        "scale": codec.scale,
+        "stage": str(getattr(module, "stage", "")),
+        "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
+    }
 
 
 def _warm_up(codec) -> None:  # type: ignore[no-untyped-def]

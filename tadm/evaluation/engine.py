@@ -2,7 +2,9 @@
 
 Decoupled from the model: a *method* is any function that takes an HR image (1, 3, H, W) in [-1, 1] and
 returns its reconstruction of the same size (the TADM round trip, bicubic down + up, ...), so the same
-engine scores checkpoints and baselines on identical inputs.
+engine scores checkpoints and baselines on identical inputs. A method may return ``(reconstruction, lr)``
+instead, ``lr`` being the 8-bit LR image it made: the engine then records its size as a PNG per HR pixel
+(``lr_bpp``, outside the timed call).
 
 - :class:`Metrics` builds the metric networks once: PSNR-Y / SSIM-Y under a protocol
   (:mod:`tadm.evaluation.protocols`: ``tadm``, ``pyiqa`` or ``basicsr``), LPIPS (VGG) and DISTS
@@ -16,13 +18,17 @@ Every metric sees both images rounded to 8 bits, i.e. what a saved PNG would hol
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from tadm.datamodules.inputs import BadImage, EvalImage
@@ -43,6 +49,9 @@ from tadm.ops.images import quantize_unit_8bit, to_unit
 
 #: LPIPS / DISTS pool VGG features 4-5 times: smaller images have no score
 MIN_PERCEPTUAL_SIDE = 32
+
+#: HR image -> its reconstruction, or (reconstruction, the 8-bit LR image it went through)
+Method = Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]
 
 
 class MetricUnavailableWarning(UserWarning):
@@ -213,7 +222,7 @@ class Evaluation:
 
     def __init__(
         self,
-        methods: Mapping[str, Callable[[Tensor], Tensor]],
+        methods: Mapping[str, Method],
         metrics: Metrics,
         color_fix: str = "none",
     ) -> None:
@@ -270,7 +279,7 @@ class Evaluation:
 
 def evaluate(
     images: Iterable[EvalImage | BadImage],
-    methods: Mapping[str, Callable[[Tensor], Tensor]],
+    methods: Mapping[str, Method],
     metrics: Metrics,
     color_fix: str = "none",
 ) -> EvalReport:
@@ -283,7 +292,7 @@ def evaluate(
 
 def _evaluate_one(
     item: EvalImage,
-    methods: Mapping[str, Callable[[Tensor], Tensor]],
+    methods: Mapping[str, Method],
     metrics: Metrics,
     report: EvalReport,
     real: FeatureStats,
@@ -292,6 +301,7 @@ def _evaluate_one(
     x = item.image if item.image.dim() == 4 else item.image.unsqueeze(0)
     x = x.to(metrics.device, torch.float32)
     height, width = int(x.shape[-2]), int(x.shape[-1])
+    report.image_digests[item.path] = image_digest(x)
     try:
         real_features = metrics.fid_features(x)
     except Exception as exc:
@@ -301,7 +311,8 @@ def _evaluate_one(
         real.add(real_features)
     for name, method in methods.items():
         try:
-            pred, seconds = _timed(method, x, metrics.device)
+            pred, lr, seconds = _timed(method, x, metrics.device)
+            lr_bpp = None if lr is None else png_bits(lr) / (height * width)
             if pred.shape != x.shape:
                 raise ValueError(
                     f"the method returned shape {tuple(pred.shape)} for an input of {tuple(x.shape)}"
@@ -328,12 +339,35 @@ def _evaluate_one(
                 values["lpips"],
                 values["dists"],
                 seconds,
+                lr_bpp,
             )
         )
 
 
-def _timed(method: Callable[[Tensor], Tensor], x: Tensor, device: torch.device) -> tuple[Tensor, float]:
-    """Run ``method`` on a copy of ``x`` (so it cannot alter the reference) and time it.
+def image_digest(x: Tensor) -> str:
+    """SHA-256 of an image's size and 8-bit pixels: the same picture read from any path gives the same digest."""
+    u8 = _u8(x)
+    return hashlib.sha256(f"{tuple(u8.shape)}|".encode() + u8.tobytes()).hexdigest()
+
+
+def png_bits(lr: Tensor) -> int:
+    """Size in bits of an 8-bit LR image (1,3,h,w) in [-1, 1] saved as an RGB PNG the way ``tadm downscale``
+    saves it (compress level 6), without its text chunks (tadm's metadata, ~150 bytes per file)."""
+    buf = io.BytesIO()
+    Image.fromarray(_u8(lr), mode="RGB").save(buf, format="PNG", compress_level=6)
+    return 8 * buf.tell()
+
+
+def _u8(x: Tensor) -> np.ndarray:
+    """(1,3,H,W) or (3,H,W) in [-1, 1] -> (H,W,3) uint8, as an 8-bit file stores it."""
+    img = x[0] if x.dim() == 4 else x
+    v = (quantize_unit_8bit(to_unit(img.detach().float())) * 255).round().to(torch.uint8)
+    return v.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def _timed(method: Method, x: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None, float]:
+    """Run ``method`` on a copy of ``x`` (so it cannot alter the reference) and time it; returns the
+    reconstruction, the LR image when the method returned one, and the seconds.
 
     Under ``no_grad``: a bare module as a method would otherwise keep its autograd graph of a 2K-8K
     image alive; a method that needs gradients (guidance) turns them on itself (``torch.enable_grad``).
@@ -344,7 +378,11 @@ def _timed(method: Callable[[Tensor], Tensor], x: Tensor, device: torch.device) 
     with torch.no_grad():
         out = method(inp)
     _sync(device)
-    return out.detach().float(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if isinstance(out, tuple):
+        recon, lr = out
+        return recon.detach().float(), lr.detach(), seconds
+    return out.detach().float(), None, seconds
 
 
 def _sync(device: torch.device) -> None:

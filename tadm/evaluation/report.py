@@ -4,6 +4,7 @@ written as ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomical
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -17,6 +18,7 @@ from tadm.ops.files import atomic_write_text
 
 CSV_COLUMNS = ("path", "height", "width", "method", "psnr_y", "ssim_y", "lpips", "dists", "seconds")
 CSV_COLUMNS += ("protocol", "color_fix")  # last, so the columns before them keep their places
+CSV_COLUMNS += ("lr_bpp",)
 TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID", "KID", "s/image")
 REPORT_FILES = ("per_image.csv", "summary.md", "summary.json")
 
@@ -34,6 +36,9 @@ class ImageRow:
     lpips: float | None
     dists: float | None
     seconds: float
+    lr_bpp: float | None = None
+    """Bits of the method's 8-bit LR image as a PNG (compress level 6, no text chunks) per HR pixel; None
+    when the method does not hand its LR image to the engine."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class MethodSummary:
     kid: float | None
     kid_std: float | None
     seconds: float | None
+    lr_bpp: float | None = None
 
 
 @dataclass
@@ -76,6 +82,11 @@ class EvalReport:
     protocol: Protocol = field(default_factory=TadmProtocol)
     color_fix: str = "none"
     """The colour correction of the reconstructions (``tadm evaluate --color-fix``)."""
+    image_digests: dict[str, str] = field(default_factory=dict)
+    """Input path -> SHA-256 of its 8-bit pixels and size, for every image that was read: ``summary.json``
+    records the set's fingerprint so that ``tadm compare`` never mixes runs on different images."""
+    model: dict[str, object] = field(default_factory=dict)
+    """What was evaluated (checkpoint, ids, stage, trainable parameters), as the command knows it."""
 
     @property
     def failed(self) -> bool:
@@ -98,6 +109,7 @@ class EvalReport:
                     self.kid.get(method),
                     self.kid_std.get(method),
                     _mean([r.seconds for r in rows]),
+                    _mean([r.lr_bpp for r in rows]),
                 )
             )
         return out
@@ -167,11 +179,21 @@ class EvalReport:
         doc = {
             "protocol": self.protocol.as_dict(),
             "color_fix": self.color_fix,
+            "image_set": self.image_set(),
+            "model": self.model,
             "methods": [{k: _json_value(v) for k, v in asdict(s).items()} for s in self.summary()],
             "notes": self.note_lines(),
             "failed": [asdict(e) for e in self.errors],
         }
         return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+    def image_set(self) -> dict[str, object]:
+        """The identity of the evaluated images, independent of their paths and order: their count and the
+        SHA-256 of their sorted pixel digests (``tadm compare`` refuses runs whose fingerprints differ)."""
+        digests = sorted(self.image_digests.values())
+        fingerprint = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+        unreadable = sum(1 for e in self.errors if e.method is None)
+        return {"images": len(digests), "unreadable": unreadable, "fingerprint": fingerprint}
 
     def write(self, output_dir: str | os.PathLike[str]) -> str:
         """Write ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomically) to ``output_dir``;
@@ -185,7 +207,7 @@ class EvalReport:
             writer.writerow(
                 [r.path, r.height, r.width, r.method]
                 + [_csv_float(v) for v in (r.psnr_y, r.ssim_y, r.lpips, r.dists, r.seconds)]
-                + [self.protocol.name, self.color_fix]
+                + [self.protocol.name, self.color_fix, _csv_float(r.lr_bpp)]
             )
         text = self.markdown()
         atomic_write_text(out / "per_image.csv", buf.getvalue())
