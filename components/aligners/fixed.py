@@ -12,10 +12,13 @@ from tadm.contracts import ALIGNERS, TimestepAligner
 class FixedTimestep(TimestepAligner):
     """The same timestep for every image (no parameters)."""
 
+    reference_timesteps = ("t",)
+
     def __init__(self, t: float = 200.0) -> None:
         """
         Args:
-            t: the timestep, in the backbone's units (0 .. num_train_timesteps-1).
+            t: the timestep in TADM's reference units (SD's 1000-step schedule, 0 .. 999); a flow backbone
+                maps it to its own units (the same noise level) when the model attaches it.
         """
         super().__init__()
         if t < 0:

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from tadm.contracts import ALIGNERS, TimestepAligner
-from tadm.ops.diffusion import t_for_noise_ratio
 
 
 @ALIGNERS.register("oracle")
@@ -18,7 +17,8 @@ class OracleTimestep(TimestepAligner):
     the noise the diffuser expects matches the error the rescaler left. It is an upper-bound /
     diagnostic tool for comparing aligners; it CANNOT be used for real upscaling, where only the
     LR image exists and no HR latent is available. The output is detached (no gradient reaches
-    the rescaler through the oracle). Needs the noise schedule (``attach_schedule``).
+    the rescaler through the oracle). Needs the backbone's time convention (``attach_time``); for a
+    flow backbone the same reads (sigma / (1 - sigma))^2 = m.
     """
 
     needs_true_latent = True
@@ -26,7 +26,7 @@ class OracleTimestep(TimestepAligner):
     def __init__(self, t_min: float = 1.0, t_max: float = 999.0) -> None:
         """
         Args:
-            t_min: lower clamp of the returned timestep.
+            t_min: lower clamp of the returned timestep (TADM's reference units, mapped like the TPM's range).
             t_max: upper clamp of the returned timestep (at most T-1 of the schedule).
         """
         super().__init__()
@@ -44,10 +44,10 @@ class OracleTimestep(TimestepAligner):
             raise ValueError(
                 f"oracle aligner: z_true {tuple(z_true.shape)} and z_hat {tuple(z_hat.shape)} differ in shape"
             )
-        schedule = self.require_schedule()
+        time = self.require_time()
         with torch.no_grad():
             mse = (z_hat.float() - z_true.float()).pow(2).flatten(1).mean(dim=1)
-            t = t_for_noise_ratio(schedule, mse, self.t_min, self.t_max)
+            t = time.t_for_noise_ratio(mse, self.t_min, self.t_max)
         return t.float()
 
     def extra_repr(self) -> str:

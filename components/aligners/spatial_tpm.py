@@ -39,7 +39,7 @@ class SpatialTPM(TimestepAligner):
         """
         Args:
             latent_channels: channels of z_hat.
-            t_min: smallest timestep in the map.
+            t_min: smallest timestep in the map (TADM's reference units, mapped like the TPM's range).
             t_max: largest timestep in the map.
             width: channels of the conv trunk.
             head_width: channels of the 1x1-conv head.

@@ -72,8 +72,9 @@ class TimestepPredictionModule(TimestepAligner):
         """
         Args:
             latent_channels: channels of z_hat (4 for SD 1.x/2.x/XL VAEs).
-            t_min: smallest timestep it can output (the paper: 10).
-            t_max: largest timestep it can output (the paper: 200).
+            t_min: smallest timestep it can output (the paper: 10), in TADM's reference units (SD's 1000-step
+                schedule); mapped to the backbone's units when the model attaches it (identity on SD).
+            t_max: largest timestep it can output (the paper: 200), in the same units.
             hidden: width of the MLP head.
             width: channels of the conv trunk.
             activation: of the trunk's residual blocks: ``leaky_relu`` (tadm) or ``relu`` (the release's

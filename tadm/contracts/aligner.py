@@ -8,6 +8,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from tadm.contracts.registry import Registry
+from tadm.ops.diffusion import DDPMTime, TimeConvention
 
 
 class TimestepAligner(nn.Module, ABC):
@@ -15,6 +16,11 @@ class TimestepAligner(nn.Module, ABC):
 
     Returns a (B,) tensor or a (B,1,h,w) map in the backbone's timestep units. Aligners that
     need the true HR latent (analysis tools such as an oracle) receive it as ``z_true``.
+
+    Timesteps an aligner is *configured* with (its range, a constant t) are written in TADM's reference
+    units, SD's 1000-step DDPM schedule, whatever the backbone: :meth:`attach_time` maps the attributes
+    named in :attr:`reference_timesteps` into the backbone's units (the identity for every SD family; for
+    a flow backbone, the same noise level, see :class:`tadm.ops.diffusion.FlowTime`).
     """
 
     #: True for analysis aligners that need ``z_true`` (the HR latent): unusable for real upscaling
@@ -24,12 +30,46 @@ class TimestepAligner(nn.Module, ABC):
     t_max: float | None = None
     #: latent channels the aligner expects (None: any); checked against the backbone's
     latent_channels: int | None = None
+    #: attributes holding configured timesteps in TADM's reference units, mapped by :meth:`attach_time`
+    reference_timesteps: ClassVar[tuple[str, ...]] = ("t_min", "t_max")
 
     @abstractmethod
     def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor: ...
 
+    def attach_time(self, time: TimeConvention) -> None:
+        """Receive the backbone's time convention (the model calls this once; calling it again re-maps
+        from the configured values, never from already mapped ones).
+
+        Maps the :attr:`reference_timesteps` attributes into the backbone's units and keeps ``time``
+        (:meth:`require_time`). A DDPM convention is also passed to :meth:`attach_schedule`, the hook DDPM
+        aligners have always had.
+        """
+        configured = self.__dict__.setdefault(
+            "_configured_timesteps", {name: getattr(self, name) for name in self.reference_timesteps}
+        )
+        for name, value in configured.items():
+            setattr(self, name, None if value is None else time.from_reference(float(value)))
+        self.__dict__["_time_convention"] = time
+        if isinstance(time, DDPMTime):
+            self.attach_schedule(time.alphas_cumprod)
+
+    def require_time(self) -> TimeConvention:
+        """The attached time convention (a DDPM one on the device of this aligner's schedule buffer), or a
+        clear error naming the missing ``attach_time`` / ``attach_schedule`` call."""
+        time = self.__dict__.get("_time_convention")
+        schedule = self._buffers.get("alphas_cumprod")
+        if schedule is not None and (time is None or isinstance(time, DDPMTime)):
+            return DDPMTime(schedule, None if time is None else time.prediction_type)
+        if time is None:
+            raise RuntimeError(
+                f"aligner {type(self).__name__} needs the backbone's time convention: call "
+                "aligner.attach_time(backbone.time_convention) (or attach_schedule(backbone.alphas_cumprod) "
+                "for a DDPM backbone) before using it"
+            )
+        return time
+
     def attach_schedule(self, alphas_cumprod: Tensor) -> None:
-        """Receive the backbone's noise schedule (the model calls this once).
+        """Receive a DDPM backbone's noise schedule (:meth:`attach_time` calls this for DDPM backbones).
 
         Stored as a non-persistent buffer ``alphas_cumprod`` (it follows ``.to(device)`` but is
         never written into checkpoints: the backbone owns it). Most aligners ignore it.

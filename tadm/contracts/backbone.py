@@ -9,6 +9,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from tadm.contracts.registry import Registry
+from tadm.ops.diffusion import DDPMTime, TimeConvention
 
 Stage = Literal["rescaler", "enhancer", "joint"]
 Part = Literal["vae", "unet", "text"]
@@ -31,7 +32,8 @@ class DiffusionBackbone(nn.Module, ABC):
     ``decode`` expects the same.
 
     What the enhancer (stages 2/3) reads is declared here, so the core never probes for it:
-    :attr:`alphas_cumprod` and :attr:`prediction_type` (both None until a diffusion model is
+    :attr:`time_convention` (how timesteps relate to noise: DDPM from :attr:`alphas_cumprod` and
+    :attr:`prediction_type` by default, rectified flow for SD 3 / FLUX; None until a diffusion model is
     loaded, and always None for an autoencoder-only backbone) and :meth:`predict`.
     """
 
@@ -44,7 +46,11 @@ class DiffusionBackbone(nn.Module, ABC):
     #: True when ``encode`` draws a sample of the posterior instead of its mean (cached latents then
     #: hold one sample per crop)
     sample_latent: bool = False
-    #: the diffusion model's output: ``epsilon``, ``v_prediction`` or ``sample`` (None: no diffusion model)
+    #: latent sizes the diffusion model takes are multiples of this (a DiT's patch size, 2); ``predict``
+    #: accepts any size (it pads), and tiling aligns enhancer tiles to it
+    latent_multiple: int = 1
+    #: the diffusion model's output: ``epsilon``, ``v_prediction``, ``sample`` or ``flow`` (a rectified-flow
+    #: velocity; None: no diffusion model)
     prediction_type: str | None
     #: training noise schedule, (T,) alpha-bar per integer timestep (None: no diffusion model)
     alphas_cumprod: Tensor | None
@@ -73,13 +79,23 @@ class DiffusionBackbone(nn.Module, ABC):
         """Scaled latent -> image in [-1,1] (clamped)."""
 
     @property
+    def time_convention(self) -> TimeConvention | None:
+        """How this backbone's timesteps relate to noise (x0 formula, noise ratio, TADM's reference timesteps
+        in its units); None without a diffusion model. Default: the DDPM schedule :attr:`alphas_cumprod` with
+        :attr:`prediction_type`, whose reference map is the identity for 1000 steps (every SD family)."""
+        if self.alphas_cumprod is None or self.prediction_type is None:
+            return None
+        return DDPMTime(self.alphas_cumprod, self.prediction_type)
+
+    @property
     def has_diffusion(self) -> bool:
-        """True once a diffusion model and its schedule are loaded (the enhancer needs them)."""
-        return self.alphas_cumprod is not None and self.prediction_type is not None
+        """True once a diffusion model and its time convention are loaded (the enhancer needs them)."""
+        return self.time_convention is not None
 
     def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """One call of the diffusion model on scaled latents at timesteps ``t`` (B,), unconditioned
-        (the empty prompt for text-conditioned models); returns its raw output (eps, v or x0)."""
+        """One call of the diffusion model on scaled latents at timesteps ``t`` (B,) in its own units,
+        unconditioned (the empty prompt for text-conditioned models); returns its raw output (eps, v, x0 or
+        the flow velocity)."""
         raise NotImplementedError(
             f"backbone {self.backbone_id} has no diffusion model: it serves stage 1 (rescaler) only"
         )

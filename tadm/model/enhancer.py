@@ -5,6 +5,12 @@ t_hat, but its output is turned into a clean latent with the ordinary one-step D
 a CONSTANT t0 = 50, and a small zero-initialised Refiner learns the correction. Training thus
 starts exactly from the fixed branch, and the aligner learns through the time embeddings of the
 UNet and the Refiner.
+
+The arithmetic is the backbone's :class:`~tadm.ops.diffusion.TimeConvention`: DDPM alpha-bar formulas
+for the SD UNets, x0 = z_t - sigma * v for the rectified-flow transformers (SD 3, FLUX.1). ``t0`` is
+written in TADM's reference units and mapped like the aligners' ranges (the identity on SD). Timesteps
+reach the Refiner in the backbone's units, which are 0 .. 1000 for both kinds, so its sinusoidal
+embedding needs no change.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
 from tadm.ops.blocks import Activation, ConvBlock, ResBlock
-from tadm.ops.diffusion import abar_at, x0_from_output
+from tadm.ops.diffusion import DDPMTime, TimeConvention
 
 Mode = Literal["hybrid", "fixed_only", "learned_t"]
 MODES: tuple[str, ...] = ("hybrid", "fixed_only", "learned_t")
@@ -141,7 +147,8 @@ class HybridScheduler(nn.Module):
     ) -> None:
         """
         Args:
-            t0: the constant timestep of the fixed branch (the paper: 50).
+            t0: the constant timestep of the fixed branch (the paper: 50), in TADM's reference units (SD's
+                1000-step schedule); a flow backbone maps it to the same noise level (sigma 0.184).
             mode: ``hybrid`` (the method), ``fixed_only`` or ``learned_t`` (ablations; see the class doc).
             latent_channels: channels of the latent.
             width: Refiner feature channels.
@@ -179,19 +186,28 @@ class HybridScheduler(nn.Module):
         return [] if self.mode == "fixed_only" else list(self.refiner.parameters())
 
     def forward(
-        self, z_hat: Tensor, model_output: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str
+        self,
+        z_hat: Tensor,
+        model_output: Tensor,
+        t: Tensor,
+        time: TimeConvention | Tensor,
+        prediction_type: str | None = None,
     ) -> Tensor:
-        """z0_hat from the UNet output ``model_output`` computed on ``z_hat`` at timestep ``t``.
+        """z0_hat from the diffusion model's output ``model_output`` computed on ``z_hat`` at timestep ``t``.
 
         Args:
-            z_hat: the reconstructed latent (B,C,h,w) the UNet denoised.
-            model_output: the UNet's prediction (eps, v or sample, per ``prediction_type``).
-            t: the aligner's timestep, (B,) or a (B,1,h,w) map.
-            alphas_cumprod: the backbone's training schedule (T,).
-            prediction_type: the backbone's prediction type.
+            z_hat: the reconstructed latent (B,C,h,w) the model denoised.
+            model_output: the model's prediction (eps, v, sample or flow velocity).
+            t: the aligner's timestep in the backbone's units, (B,) or a (B,1,h,w) map.
+            time: the backbone's time convention; or, for a DDPM backbone, its training schedule (T,)
+                together with ``prediction_type``.
+            prediction_type: the DDPM prediction type when ``time`` is a schedule tensor.
         """
-        abar_t = abar_at(alphas_cumprod, t if self.mode == "learned_t" else self.t0)
-        z0 = x0_from_output(z_hat, model_output, abar_t, prediction_type)
+        if not isinstance(time, TimeConvention):
+            if prediction_type is None:
+                raise ValueError("HybridScheduler: a schedule tensor needs its prediction_type")
+            time = DDPMTime(time, prediction_type)
+        z0 = time.x0(z_hat, model_output, t if self.mode == "learned_t" else time.from_reference(self.t0))
         if self.mode == "fixed_only":
             return z0
         return z0 + self.refiner(z_hat, model_output, t).to(z0.dtype)
