@@ -6,6 +6,11 @@ trained tensors (already all a checkpoint stores, see ``TADMModule.on_save_check
 bf16/fp16, the rescaler in fp32 (its 8-bit LR image must come out bit for bit the same) and the
 ``tadm`` meta dict (backbone id, rescaler, stage, scale, run config) as JSON metadata. The file is a
 plain safetensors file: no pickle, so loading it runs no code.
+
+A run with ``model.ema_decay`` also stores the EMA of the trained tensors (``EMA_KEY``, see
+:mod:`tadm.model.ema`). Readers take the EMA in place of the raw tensors when the checkpoint has one
+(``weights="ema"``, the default) unless asked for ``weights="raw"``; the meta dict they return then
+says which (``"weights"``), and an export records it, as it holds only one set.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ import torch
 from torch import Tensor
 
 from tadm.errors import CheckpointError
+from tadm.model.ema import check_ema_state
 from tadm.ops.files import atomic_write
 
 #: the Lightning checkpoint entry / safetensors metadata key that holds tadm's meta dict
 META_KEY = "tadm"
+#: the Lightning checkpoint entry that holds the EMA of the trained tensors (``TrainedEMA.state_dict``)
+EMA_KEY = "tadm_ema"
+#: which weights a reader returns: the EMA (when the checkpoint has one) or the raw trained tensors
+WEIGHTS = ("ema", "raw")
 EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: tensors kept in float32 whatever the export dtype: the rescaler makes the stored LR image
 FP32_PREFIXES = ("rescaler.",)
@@ -44,8 +54,13 @@ META_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path, weights: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The stored tensors and the ``tadm`` meta dict of a Lightning ``.ckpt`` or an exported file.
+
+    ``weights``: ``None`` -- the EMA when the checkpoint has one, else the raw tensors; ``"ema"`` or
+    ``"raw"`` -- that set, or a :class:`CheckpointError` when the file does not hold it. With an EMA in
+    the file, the EMA tensors replace their raw counterparts (untrained ones, such as the frozen rescaler
+    of stage 2, are raw in both) and ``meta["weights"]`` says which set came back.
 
     Loading never executes code: a ``.ckpt`` is unpickled with ``weights_only=True`` (tensors, numbers,
     strings and containers only), and a file that needs more is refused; an exported ``.safetensors``
@@ -53,10 +68,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     rescaler's); loading them into a model casts them to its dtype. The format is told by the content,
     not the suffix. Anything malformed is a :class:`CheckpointError` naming the file.
     """
+    if weights not in (None, *WEIGHTS):
+        raise ValueError(f"unknown weights {weights!r}; choose from {', '.join(WEIGHTS)}")
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: '{p}'")
-    state, meta = _read_safetensors(p) if _is_safetensors(p) else _read_lightning(p)
+    if _is_safetensors(p):
+        state, meta = _read_safetensors(p)
+        held = meta.get("weights", "raw")
+        if weights is not None and weights != held:
+            raise CheckpointError(
+                f"'{p}' holds the {held} weights only; export the training checkpoint again with "
+                f"--weights {weights}"
+            )
+    else:
+        state, meta = _read_lightning(p, weights)
     bad = sorted(k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor))
     if bad:
         raise CheckpointError(f"'{p}': state entries {bad[:5]} are not named tensors")
@@ -92,6 +118,14 @@ def _read_safetensors(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, meta
 
 
+def exported_weights(path: str | Path) -> str:
+    """Which weights an exported ``.safetensors`` holds: ``ema`` or ``raw`` (from its metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return str((f.metadata() or {}).get("weights", "raw"))
+
+
 def _unsafe_reason(err: Exception) -> str:
     """The line of torch's weights-only refusal that names the offending global."""
     lines = [line.strip() for line in str(err).splitlines()]
@@ -99,7 +133,7 @@ def _unsafe_reason(err: Exception) -> str:
     return (hit.split(": ", 1)[-1] if hit else lines[0] if lines else "unsafe pickle")[:200]
 
 
-def _read_lightning(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read_lightning(p: Path, weights: str | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -125,7 +159,20 @@ def _read_lightning(p: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             f"'{p}' is a Lightning checkpoint but not a tadm one (no {META_KEY!r} entry: backbone id, "
             "stage, scale, config); it was not written by TADMModule"
         )
-    return ckpt["state_dict"], ckpt[META_KEY]
+    state, meta = ckpt["state_dict"], ckpt[META_KEY]
+    if EMA_KEY not in ckpt:
+        if weights == "ema":
+            raise CheckpointError(
+                f"'{p}' has no EMA weights (trained without model.ema_decay); use --weights raw"
+            )
+        return state, meta
+    ema = check_ema_state(ckpt[EMA_KEY], f"'{p}'")
+    unknown = sorted(set(ema) - set(state))
+    if unknown:
+        raise CheckpointError(f"'{p}': its EMA holds tensors the checkpoint does not: {unknown[:5]}")
+    if weights == "raw":
+        return state, {**meta, "weights": "raw"}
+    return {**state, **ema}, {**meta, "weights": "ema"}
 
 
 def export_state(state: dict[str, Tensor], dtype: str = "bf16") -> dict[str, Tensor]:
@@ -147,8 +194,13 @@ def export_state(state: dict[str, Tensor], dtype: str = "bf16") -> dict[str, Ten
     return out
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bf16", overwrite: bool = False) -> Path:
+def export_checkpoint(
+    src: str | Path, dst: str | Path, dtype: str = "bf16", overwrite: bool = False, weights: str | None = None
+) -> Path:
     """Write a weights-only ``.safetensors`` of ``src``'s trained tensors for inference; returns ``dst``.
+
+    ``weights`` picks the EMA or the raw tensors (:func:`read_checkpoint`; default: the EMA when ``src``
+    has one); the file's metadata records which (``weights``, also in the meta dict when ``src`` has an EMA).
 
     Written to a temporary file in ``dst``'s folder and renamed, so ``dst`` is never half-written.
     """
@@ -161,7 +213,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bf16", ove
         raise FileExistsError(
             f"export target '{dst_p}' exists; pass overwrite=True (--overwrite) to replace it"
         )
-    state, meta = read_checkpoint(src_p)
+    state, meta = read_checkpoint(src_p, weights)
     tensors = export_state(state, dtype)
     try:
         meta_json = json.dumps(meta)
@@ -169,7 +221,12 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bf16", ove
         raise CheckpointError(
             f"'{src_p}': its {META_KEY!r} meta dict is not JSON-serialisable: {err}"
         ) from err
-    metadata = {META_KEY: meta_json, "export_dtype": dtype, "format": "pt"}
+    metadata = {
+        META_KEY: meta_json,
+        "export_dtype": dtype,
+        "weights": meta.get("weights", "raw"),
+        "format": "pt",
+    }
 
     from safetensors.torch import save_file
 
