@@ -178,6 +178,12 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--backbone", default=None, help="load the frozen backbone from this folder instead")
     ap.add_argument(
+        "--weights",
+        default=None,
+        choices=("ema", "raw"),
+        help="the trained weights' EMA or the raw ones (default: the EMA when the checkpoint has one)",
+    )
+    ap.add_argument(
         "--latent-tile", type=int, default=96, help="enhancer tile in latent pixels (0: whole image)"
     )
     ap.add_argument("--latent-overlap", type=int, default=32, help="enhancer tile overlap in latent pixels")
@@ -234,4 +240,5 @@ def load_from_args(args: argparse.Namespace) -> Codec:
         channels_last=args.channels_last,
         compile_unet=args.compile,
         color_fix=getattr(args, "color_fix", "none"),
+        weights=args.weights,
     )

@@ -27,6 +27,7 @@ def load_codec(
     channels_last: bool = False,
     compile_unet: bool = False,
     color_fix: ColorFix = "none",
+    weights: str | None = None,
 ) -> Codec:
     """Load a checkpoint for inference.
 
@@ -41,10 +42,14 @@ def load_codec(
         compile_unet: ``torch.compile`` the diffusion model (pays off for many tiles of one size).
         color_fix: colour correction of every reconstruction (``none``, ``wavelet``, ``adain``; see
             :mod:`tadm.ops.color_fix`).
+        weights: ``ema`` or ``raw`` trained tensors (default: the EMA when the checkpoint has one; see
+            :func:`tadm.model.checkpoints.read_checkpoint`).
     """
     check_color_fix(color_fix)  # before the (slow) loading
     source = str(ckpt)
-    state, meta = read_checkpoint(ckpt)
+    state, meta = read_checkpoint(ckpt, weights)
+    if "weights" in meta:
+        log.info("%s: using its %s weights", source, meta["weights"])
     if not meta.get("config"):
         raise CheckpointError(
             f"checkpoint {source} has no stored run config; it cannot be rebuilt for inference"
