@@ -2,7 +2,12 @@
 
 :func:`load_plugins` imports every built-in plug-in module and every third-party plug-in (Python
 entry-point group ``tadm.plugins``) so their ``@REGISTRY.register`` decorators run before a config
-is parsed, and teaches jsonargparse to resolve a registered short name to its class.
+is parsed, and teaches jsonargparse to resolve a registered short name to its class. One mechanism for
+every plug-in, so ``tadm list`` and the short names cannot disagree; it stays cheap because a plug-in
+module imports only torch and the bottom layer at import time (diffusers, transformers and peft inside
+the functions that build a diffusion backbone), which ``tests/test_startup.py`` checks.
+The built-in data modules import Lightning: only LightningCLI, which resolves ``data: class_path``
+among the imported data modules, asks for them (``load_plugins(data=True)``, the default).
 
 Why a patch: jsonargparse resolves a dot-less ``class_path`` by class *name* among the imported
 subclasses and has no public hook for aliases, so :func:`_install_short_name_resolver` wraps its
@@ -20,15 +25,16 @@ from typing import Any
 from tadm.contracts import ALL_REGISTRIES
 
 ENTRY_POINT_GROUP = "tadm.plugins"
-#: packages whose every module is imported: the built-in plug-ins and data modules
+#: packages whose every module is imported: the built-in plug-ins
 BUILTIN_PACKAGES = (
     "tadm.components.rescalers",
     "tadm.components.backbones",
     "tadm.components.aligners",
-    "tadm.datamodules",
 )
+#: the built-in data modules (they import Lightning), imported only for ``load_plugins(data=True)``
+DATA_PACKAGE = "tadm.datamodules"
 
-_loaded = False
+_loaded: set[str] = set()  # "plugins" and "data" once imported
 
 
 def _import_submodules(package: str) -> None:
@@ -37,15 +43,19 @@ def _import_submodules(package: str) -> None:
         importlib.import_module(info.name)
 
 
-def load_plugins(force: bool = False) -> None:
+def load_plugins(force: bool = False, data: bool = True) -> None:
     """Import built-in components and third-party plug-ins so their names are registered.
 
     A third-party package declares ``[project.entry-points."tadm.plugins"] name = "pkg.module"``;
     importing that module is expected to run its ``@REGISTRY.register(...)`` decorators.
     A plug-in that fails to import is reported with its name and the error, not skipped silently.
+    ``data=False`` leaves out the built-in data modules (and with them Lightning): ``tadm list`` and the
+    model rebuilt for inference do not need them.
     """
-    global _loaded
-    if _loaded and not force:
+    if data and ("data" not in _loaded or force):
+        _import_submodules(DATA_PACKAGE)
+        _loaded.add("data")
+    if "plugins" in _loaded and not force:
         return
     for package in BUILTIN_PACKAGES:
         _import_submodules(package)
@@ -58,7 +68,7 @@ def load_plugins(force: bool = False) -> None:
                 f"failed to import: {err}"
             ) from err
     _install_short_name_resolver()
-    _loaded = True
+    _loaded.add("plugins")
 
 
 def find_short_name(base: Any, name: str) -> str | None:
