@@ -26,6 +26,7 @@ from tadm.datamodules.bad_input import (
     SkipCounter,
     check_policy,
 )
+from tadm.datamodules.elastic import ElasticResume, EpochSampler, ResumableLoader, limit_batches
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
 
 Split = Literal["train", "val", "test", "predict"]
@@ -88,8 +89,9 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             included), so a model learns to leave flat and slowly varying areas alone.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
-    crops and flips reproducible. ``num_skipped`` counts per process (DataLoader workers count their own);
-    every sample carries its process's running count to the data module (``SkipCounter.tag``).
+    crops and flips reproducible (the order is the data module's sampler's). ``num_skipped`` counts per
+    process (DataLoader workers count their own); every sample carries its process's running count to the
+    data module (``SkipCounter.tag``).
     """
 
     def __init__(
@@ -231,6 +233,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     images differ in size, its eval dataloader uses batch size 1 (with a warning) instead of
     ``val_batch_size``.
 
+    Each training epoch is one permutation of the training files, split between the ranks
+    (:class:`~tadm.datamodules.elastic.EpochSampler`: Lightning's ``DistributedSampler`` order under DDP,
+    ``RandomSampler``'s in one process). Checkpoints record the position in it, so a run resumed mid-epoch
+    serves the rest of the epoch and none of it twice, also on a different number of processes (with a
+    warning that the order changes; :mod:`tadm.datamodules.elastic`).
+
     Args:
         train_dir: Folder (searched recursively) of training images; required for ``fit``.
         val_dir: Folder of validation images; optional for ``fit``, required for ``validate``.
@@ -301,6 +309,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._header_skips = SkipCounter("setup", self.on_bad_image)
         self._sizes: dict[Split, list[tuple[int, int]]] = {}
         self._scans: dict[Path, tuple[list[Path], list[tuple[int, int]]]] = {}
+        self._elastic = ElasticResume()
+        self._train_sampler: EpochSampler | None = None
 
     # ----------------------------------------------------------------------------------------------------
     # setup
@@ -383,8 +393,50 @@ class ImageFolderDataModule(L.LightningDataModule):
     # dataloaders
 
     def train_dataloader(self) -> DataLoader:
+        """This rank's part of each epoch's permutation; continues a checkpoint's epoch where it stopped."""
         dataset = self._dataset("train", "fit")
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+        trainer = self.trainer
+        rank, world = (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+        drop_last = len(dataset) >= self.batch_size
+        per_rank = math.ceil(len(dataset) / world)
+        epoch_batches = per_rank // self.batch_size if drop_last else math.ceil(per_rank / self.batch_size)
+        if trainer is not None:
+            epoch_batches = limit_batches(epoch_batches, trainer.limit_train_batches)
+        rest = self._elastic.resume(
+            trainer, self.batch_size, epoch_batches, note="it serves the rest of its order, none of it twice"
+        )
+        self._train_sampler = EpochSampler(
+            dataset,
+            rank=rank,
+            world_size=world,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # Lightning's DistributedSampler seed
+            shared=torch.distributed.is_available() and torch.distributed.is_initialized(),
+            epoch=int(trainer.current_epoch) if trainer is not None else 0,
+            resume=rest,
+        )
+        return ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._train_sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position in world-size-free units (:class:`~tadm.datamodules.elastic.EpochPosition`)."""
+        sampler = self._train_sampler
+        return self._elastic.state_dict(
+            self.trainer, self.batch_size, sampler.order_seed if sampler else None
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved position; ``train_dataloader`` applies it once Lightning has restored its loops."""
+        self._elastic.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # No val_dir during fit: an empty list tells Lightning there is nothing to validate.

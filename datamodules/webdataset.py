@@ -8,7 +8,8 @@ Every rank runs the same number of training and evaluation batches, so DDP never
 
 A run is reproducible; a run resumed from an end-of-epoch checkpoint continues exactly as the
 uninterrupted run, and one resumed mid-epoch draws a fresh order for the rest of that epoch instead of
-replaying its start. Corrupt samples are skipped with a warning and counted (``data/num_skipped`` in the
+replaying its start. Resumed on a different number of processes, the rest of the epoch is counted in samples
+of the whole world, so the epoch still serves its number of samples (:mod:`tadm.datamodules.elastic`). Corrupt samples are skipped with a warning and counted (``data/num_skipped`` in the
 logger), never a crash (:mod:`tadm.datamodules.bad_input`).
 """
 
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 
 from tadm.datamodules.bad_input import DEFAULT_POLICY, BadInputPolicy, SkipCollector, check_policy
+from tadm.datamodules.elastic import ElasticResume, limit_batches
 from tadm.datamodules.image_folder import check_crop_size, check_positive
 from tadm.datamodules.shard_loader import ShardLoader, eval_collate
 from tadm.datamodules.shard_streams import EvalShardStream, LatentSpec, ShardStream, TrainShardStream
@@ -145,6 +147,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.datasets: dict[SplitName, ShardStream] = {}
         self.skips = SkipCollector()
         """Skips reported by the batches of every worker, all epochs (see :mod:`tadm.datamodules.bad_input`)."""
+        self._elastic = ElasticResume()
 
     # ----------------------------------------------------------------------------------------------------
     # setup
@@ -301,7 +304,7 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ShardLoader:
         dataset = self._dataset("train", "fit")
-        return ShardLoader(
+        loader = ShardLoader(
             dataset,
             batch_size=self.batch_size,
             drop_last=True,
@@ -309,6 +312,24 @@ class WebDatasetDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             position=self._position if self.trainer is not None else None,
         )
+        trainer = self.trainer
+        if trainer is not None:  # a checkpoint's epoch position, in this world's batches
+            self._elastic.resume(
+                trainer,
+                self.batch_size,
+                limit_batches(len(loader), trainer.limit_train_batches),
+                note="its remaining samples come in a fresh order over the new shares, which can repeat some "
+                "it had served",
+            )
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position in world-size-free units (:class:`~tadm.datamodules.elastic.EpochPosition`)."""
+        return self._elastic.state_dict(self.trainer, self.batch_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved position; ``train_dataloader`` applies it once Lightning has restored its loops."""
+        self._elastic.load_state_dict(state_dict)
 
     def _eval_loader(self, split: SplitName, stage: str) -> ShardLoader:
         return ShardLoader(
