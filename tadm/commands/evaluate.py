@@ -14,6 +14,7 @@ loop on a data module.)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,7 +133,7 @@ def _model_facts(ckpt: str, codec) -> dict[str, object]:  # type: ignore[no-unty
     """What ``summary.json`` says about the model (``tadm compare`` shows the trainable parameters)."""
     module = codec.module
     return {
-        "checkpoint": str(ckpt),
+        "checkpoint": os.path.abspath(ckpt),  # tadm compare finds its config.yaml from anywhere
         "model_id": codec.model_id,
         "scale": codec.scale,
         "stage": str(getattr(module, "stage", "")),
