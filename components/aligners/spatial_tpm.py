@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadm.components.aligners.tpm import LatentTrunk, channel_stats, check_range, scale_to_range
+from tadm.components.aligners.tpm import (
+    LatentTrunk,
+    channel_stats,
+    check_range,
+    follow_backbone,
+    scale_to_range,
+)
 from tadm.contracts import ALIGNERS, TimestepAligner
 
 
@@ -28,7 +34,7 @@ class SpatialTPM(TimestepAligner):
 
     def __init__(
         self,
-        latent_channels: int = 4,
+        latent_channels: int | None = None,
         t_min: float = 10.0,
         t_max: float = 200.0,
         width: int = 32,
@@ -38,7 +44,7 @@ class SpatialTPM(TimestepAligner):
     ) -> None:
         """
         Args:
-            latent_channels: channels of z_hat.
+            latent_channels: channels of z_hat; default the backbone's (as the TPM's).
             t_min: smallest timestep in the map (TADM's reference units, mapped like the TPM's range).
             t_max: largest timestep in the map.
             width: channels of the conv trunk.
@@ -51,10 +57,11 @@ class SpatialTPM(TimestepAligner):
         if smooth_kernel < 1 or smooth_kernel % 2 == 0:
             raise ValueError(f"smooth_kernel must be an odd number >= 1, got {smooth_kernel}")
         self.t_min, self.t_max = float(t_min), float(t_max)
-        self.latent_channels = latent_channels
+        self.follows_backbone = latent_channels is None
+        self.latent_channels = 4 if latent_channels is None else latent_channels
         self.use_global = use_global
         self.smooth_kernel = smooth_kernel
-        self.trunk = LatentTrunk(latent_channels, width)
+        self.trunk = LatentTrunk(self.latent_channels, width)
         cin = width + (2 * width if use_global else 0)
         self.head = nn.Sequential(
             nn.Conv2d(cin, head_width, 1),
@@ -63,6 +70,9 @@ class SpatialTPM(TimestepAligner):
             nn.ReLU(),
             nn.Conv2d(head_width, 1, 1),
         )
+
+    def match_latent_channels(self, channels: int) -> None:
+        follow_backbone(self, self.trunk, channels)
 
     def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor:
         feat = self.trunk(z_hat)

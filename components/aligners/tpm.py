@@ -43,6 +43,17 @@ def scale_to_range(logit: Tensor, t_min: float, t_max: float) -> Tensor:
     return t_min + (t_max - t_min) * torch.sigmoid(logit.float())
 
 
+def follow_backbone(aligner: TimestepAligner, trunk: LatentTrunk, channels: int) -> None:
+    """Rebuild the trunk's input conv for ``channels`` when the aligner follows the backbone's latent
+    channels (``latent_channels`` left at None); otherwise the contract's check."""
+    if not getattr(aligner, "follows_backbone", False) or channels == aligner.latent_channels:
+        TimestepAligner.match_latent_channels(aligner, channels)
+        return
+    first = trunk[0][0]
+    trunk[0] = ConvBlock(channels, first.out_channels).to(first.weight.device)
+    aligner.latent_channels = channels
+
+
 def check_range(t_min: float, t_max: float) -> None:
     if not 0 <= t_min < t_max:
         raise ValueError(f"need 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
@@ -60,7 +71,7 @@ class TimestepPredictionModule(TimestepAligner):
 
     def __init__(
         self,
-        latent_channels: int = 4,
+        latent_channels: int | None = None,
         t_min: float = 10.0,
         t_max: float = 200.0,
         hidden: int = 512,
@@ -71,7 +82,8 @@ class TimestepPredictionModule(TimestepAligner):
     ) -> None:
         """
         Args:
-            latent_channels: channels of z_hat (4 for SD 1.x/2.x/XL VAEs).
+            latent_channels: channels of z_hat. Default: the backbone's (built for 4, the SD VAEs', and
+                rebuilt for 16 on SD 3 / FLUX when the model attaches it); a number is checked instead.
             t_min: smallest timestep it can output (the paper: 10), in TADM's reference units (SD's 1000-step
                 schedule); mapped to the backbone's units when the model attaches it (identity on SD).
             t_max: largest timestep it can output (the paper: 200), in the same units.
@@ -87,15 +99,19 @@ class TimestepPredictionModule(TimestepAligner):
         super().__init__()
         check_range(t_min, t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
-        self.latent_channels = latent_channels
+        self.follows_backbone = latent_channels is None
+        self.latent_channels = 4 if latent_channels is None else latent_channels
         self.unbiased_std = unbiased_std
-        self.trunk = LatentTrunk(latent_channels, width, activation=activation)
+        self.trunk = LatentTrunk(self.latent_channels, width, activation=activation)
         layers: list[nn.Module] = [nn.Linear(2 * width, hidden)]
         for _ in range(4):
             layers += [nn.ReLU(), nn.Linear(hidden, hidden)]
         # an Identity in the release's variant keeps the last linear at index 10 (same state-dict keys)
         layers += [nn.ReLU() if relu_before_output else nn.Identity(), nn.Linear(hidden, 1)]
         self.head = nn.Sequential(*layers)
+
+    def match_latent_channels(self, channels: int) -> None:
+        follow_backbone(self, self.trunk, channels)
 
     def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor:
         stats = channel_stats(self.trunk(z_hat), unbiased=self.unbiased_std)

@@ -36,6 +36,15 @@ class TimestepAligner(nn.Module, ABC):
     @abstractmethod
     def forward(self, z_hat: Tensor, z_true: Tensor | None = None) -> Tensor: ...
 
+    def match_latent_channels(self, channels: int) -> None:
+        """The model calls this with the backbone's latent channels (4 on SD, 16 on SD 3 / FLUX) before any
+        weights are loaded. An aligner built for another count is an error naming both; one whose
+        ``latent_channels`` was left to follow the backbone rebuilds its input layer (the TPMs)."""
+        if self.latent_channels is not None and self.latent_channels != channels:
+            raise ValueError(
+                f"model.aligner expects {self.latent_channels} latent channels, the backbone gives {channels}"
+            )
+
     def attach_time(self, time: TimeConvention) -> None:
         """Receive the backbone's time convention (the model calls this once; calling it again re-maps
         from the configured values, never from already mapped ones).

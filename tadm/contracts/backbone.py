@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from torch import Tensor, nn
@@ -98,6 +99,14 @@ class DiffusionBackbone(nn.Module, ABC):
         the flow velocity)."""
         raise NotImplementedError(
             f"backbone {self.backbone_id} has no diffusion model: it serves stage 1 (rescaler) only"
+        )
+
+    def save_prompt_embedding(self, path: str | Path) -> Path:
+        """Write the empty-prompt conditioning to a file the backbone can read instead of loading its text
+        encoders (``tadm embed-prompt``; the DiT backbones' ``prompt_embedding``)."""
+        raise NotImplementedError(
+            f"backbone {self.backbone_id} does not read its prompt embedding from a file (only the SD 3 / "
+            "FLUX backbones do: their T5-XXL encoder is too big to load on every training node)"
         )
 
     def prepare_inference(self, channels_last: bool = False, compile: bool = False) -> None:

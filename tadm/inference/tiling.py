@@ -83,6 +83,17 @@ class Tiling:
 NO_TILING = Tiling(latent_tile=0, vae_tile=0, lr_tile=0)
 
 
+def enhancer_tiles(tiling: Tiling, multiple: int = 1) -> tuple[int, int]:
+    """The enhancer's latent tile and overlap for a diffusion model that takes multiples of ``multiple``
+    (a DiT's patch size, ``DiffusionBackbone.latent_multiple``): the tile rounded down to one, so that with
+    starts aligned to it every tile's patch grid is the whole image's (FLUX.1 tiny twin, 16-latent tiles:
+    37 dB tiled vs whole aligned, 20 dB at odd offsets)."""
+    if tiling.latent_tile <= 0 or multiple <= 1:
+        return tiling.latent_tile, tiling.latent_overlap
+    tile = max(multiple, tiling.latent_tile // multiple * multiple)
+    return tile, min(tiling.latent_overlap, tile - multiple)
+
+
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of length ``tile`` covering ``size``; the last one ends at the edge.
 
@@ -258,6 +269,7 @@ __all__ = [
     "NO_TILING",
     "Tiling",
     "blend_tiles",
+    "enhancer_tiles",
     "stitch_tiles",
     "tile_cuts",
     "tile_starts",

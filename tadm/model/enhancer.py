@@ -136,7 +136,7 @@ class HybridScheduler(nn.Module):
         self,
         t0: float = 50.0,
         mode: Mode = "hybrid",
-        latent_channels: int = 4,
+        latent_channels: int | None = None,
         width: int = 64,
         num_blocks: int = 6,
         time_dim: int = 64,
@@ -150,7 +150,8 @@ class HybridScheduler(nn.Module):
             t0: the constant timestep of the fixed branch (the paper: 50), in TADM's reference units (SD's
                 1000-step schedule); a flow backbone maps it to the same noise level (sigma 0.184).
             mode: ``hybrid`` (the method), ``fixed_only`` or ``learned_t`` (ablations; see the class doc).
-            latent_channels: channels of the latent.
+            latent_channels: channels of the latent. Default: the backbone's (built for 4, the SD VAEs', and
+                rebuilt for 16 on SD 3 / FLUX by :meth:`match_latent_channels`); a number is checked instead.
             width: Refiner feature channels.
             num_blocks: Refiner ResBlocks.
             time_dim: size of the Refiner's sinusoidal timestep features.
@@ -166,20 +167,38 @@ class HybridScheduler(nn.Module):
             raise ValueError(f"t0 must be >= 0, got {t0}")
         self.t0 = float(t0)
         self.mode = mode
-        self.latent_channels = latent_channels
-        self.refiner = Refiner(
-            latent_channels,
-            width,
-            num_blocks,
-            time_dim,
+        self.follows_backbone = latent_channels is None
+        self.latent_channels = 4 if latent_channels is None else latent_channels
+        self._refiner_args = dict(
+            width=width,
+            num_blocks=num_blocks,
+            time_dim=time_dim,
             activation=refiner_activation,
             flip_sin_to_cos=refiner_flip_sin_to_cos,
             freq_shift=refiner_freq_shift,
             tail_activation=refiner_tail_activation,
         )
-        if mode == "fixed_only":
+        self._build_refiner()
+
+    def _build_refiner(self) -> None:
+        self.refiner = Refiner(self.latent_channels, **self._refiner_args)  # type: ignore[arg-type]
+        if self.mode == "fixed_only":
             # unused: keep it out of optimisers and out of DDP's unused-parameter check
             self.refiner.requires_grad_(False)
+
+    def match_latent_channels(self, channels: int) -> None:
+        """Called by the model with the backbone's latent channels before any weights are loaded: a Refiner
+        that follows the backbone is rebuilt (zero-initialised) for them; a fixed count must match."""
+        if channels == self.latent_channels:
+            return
+        if not self.follows_backbone:
+            raise ValueError(
+                f"model.enhancer expects {self.latent_channels} latent channels, the backbone gives {channels}"
+            )
+        device = self.refiner.tail.weight.device
+        self.latent_channels = channels
+        self._build_refiner()
+        self.refiner.to(device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters this scheduler trains: the Refiner's, none in ``fixed_only``."""

@@ -1,0 +1,463 @@
+"""What SD 3.x and FLUX.1 share as TADM backbones: a rectified-flow transformer behind the same contract.
+
+The runtime of both families (:mod:`~tadm.components.backbones.sd3`, :mod:`~tadm.components.backbones.flux`
+add the transformer call and the text encoders): parts loaded per stage (stage 1: the 16-channel VAE
+alone), frozen modules, the empty prompt embedded once (or read from a ``tadm embed-prompt`` file) and the
+text encoders freed, peft LoRA on the transformer blocks and the VAE decoder, and the flow time
+convention (:class:`tadm.ops.diffusion.FlowTime`): t = sigma * 1000, velocity output, x0 = z_t - sigma v.
+The rest of tadm sees ordinary (B, 16, h, w) latents; patching / packing happens inside ``predict``,
+which pads odd latent sizes to the patch size and crops back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tadm.components.backbones.dit_loading import DiTWeightLoader
+from tadm.components.backbones.dit_presets import DiTPreset, get_dit_preset
+from tadm.components.backbones.prompt_embedding import (
+    read_prompt_embedding,
+    text_encoders_json,
+    write_prompt_embedding,
+)
+from tadm.components.backbones.sd_loading import resolve_source
+from tadm.components.backbones.stable_diffusion import VAE_ADAPTER, VAE_DECODER_LORA_REGEX
+from tadm.contracts import DiffusionBackbone
+from tadm.errors import ConfigError
+from tadm.ops.diffusion import FLOW, FlowTime, ReferenceMap, scheduler_shift
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vae", "unet", "text")
+#: LoRA targets on the transformer (peft suffixes): the attention q/k/v/out of the image stream (SD 3.5's
+#: second attention and FLUX's single blocks too), the context stream's projections, both streams'
+#: feed-forward (FLUX single blocks: proj_mlp / proj_out), and the patch embedding / output projection,
+#: which take the place of the UNet's conv_in / conv_out
+TRANSFORMER_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+    "pos_embed.proj", "x_embedder",
+)  # fmt: skip
+#: peft adapter name of the transformer LoRA (it appears in checkpoint keys)
+TRANSFORMER_ADAPTER = "tadm_transformer"
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class FlowTransformerBackbone(DiffusionBackbone):
+    """Base of the SD 3.x and FLUX.1 backbones (see the subclasses for the arguments)."""
+
+    family: ClassVar[str]
+    registered_name: ClassVar[str]
+    latent_multiple = 2
+
+    def __init__(
+        self,
+        preset: str,
+        pretrained: str | None = None,
+        vae: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        prompt_embedding: str | None = None,
+        max_sequence_length: int | None = None,
+        dtype: Dtype | None = None,
+        sample_latent: bool = False,
+        local_files_only: bool | None = None,
+        transformer_lora_rank: int = 32,
+        vae_lora_rank: int = 16,
+        transformer_lora_alpha: float | None = None,
+        vae_lora_alpha: float | None = None,
+        transformer_lora_targets: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        reference_time: ReferenceMap = "noise_level",
+    ) -> None:
+        super().__init__()
+        self.preset_name = preset
+        self.preset: DiTPreset = get_dit_preset(preset, self.family)
+        self.pretrained = resolve_source(preset, self.preset, pretrained, None)  # type: ignore[arg-type]
+        self.vae_source = vae
+        self.revision = revision
+        self.variant = variant
+        self.prompt_embedding = prompt_embedding
+        self.max_sequence_length = int(max_sequence_length or self.preset.max_sequence_length)
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.dtype_name = dtype
+        self.sample_latent = sample_latent
+        self.local_files_only = local_files_only
+        FlowTime(reference=reference_time)  # validates the name now, at parse time
+        self.reference_time = reference_time
+        self.vae: nn.Module | None = None
+        self.transformer: nn.Module | None = None
+        self.text_encoder: nn.Module | None = None
+        self.text_encoder_2: nn.Module | None = None
+        self.text_encoder_3: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.tokenizer_2: Any = None
+        self.tokenizer_3: Any = None
+        self.scheduler: Any = None
+        self.num_train_timesteps: int | None = None
+        self._flow_time: FlowTime | None = None
+        self.transformer_lora_rank = transformer_lora_rank
+        self.vae_lora_rank = vae_lora_rank
+        self.transformer_lora_alpha = transformer_lora_alpha
+        self.vae_lora_alpha = vae_lora_alpha
+        self.transformer_lora_targets = list(transformer_lora_targets or TRANSFORMER_LORA_TARGETS)
+        self.gradient_checkpointing = gradient_checkpointing
+        self._lora_stage: str | None = None
+        #: where the empty-prompt embedding came from (text encoders, or the file), for the metadata
+        self._text_encoder_classes: dict[str, str] = {}
+        self.register_buffer("prompt_embeds", None, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", None, persistent=False)
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    # --- what the rest of the framework reads ------------------------------------------------
+    @property
+    def source(self) -> str:
+        return self.pretrained if self.pretrained is not None else f"random-seed{self.preset.seed}"
+
+    @property
+    def backbone_id(self) -> str:
+        source = self.source
+        if self.revision:
+            source += f"@{self.revision}"
+        if self.variant:
+            source += f"[{self.variant}]"
+        if self.vae_source:
+            source += f"+vae={self.vae_source}"
+        return f"{self.registered_name}:{self.preset_name}:{source}"
+
+    @property
+    def latent_channels(self) -> int:  # type: ignore[override]
+        return int(self.vae.config.latent_channels) if self.vae is not None else self.preset.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:  # type: ignore[override]
+        if self.vae is None:
+            return self.preset.downsample_factor
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:  # type: ignore[override]
+        return float(self.vae.config.scaling_factor) if self.vae is not None else self.preset.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        """The latent shift the SD 3 / FLUX VAEs have: z = (E(x) - shift) * scale."""
+        if self.vae is None:
+            return self.preset.shift_factor
+        return float(self.vae.config.shift_factor or 0.0)
+
+    @property
+    def time_convention(self) -> FlowTime | None:  # type: ignore[override]
+        """Rectified flow, t = sigma * 1000 (None until the transformer and its scheduler are loaded)."""
+        return self._flow_time
+
+    @property
+    def loaded_parts(self) -> frozenset[str]:
+        names = {"vae": self.vae, "unet": self.transformer, "text": self.prompt_embeds}
+        return frozenset(k for k, v in names.items() if v is not None)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype_name is None else getattr(torch, self.dtype_name)
+
+    # --- loading -----------------------------------------------------------------------------
+    def load(self, parts: Iterable[str]) -> None:
+        """Build or load the named parts (``vae``, ``unet`` = the transformer + schedule, ``text``); idempotent.
+
+        ``text`` reads the ``prompt_embedding`` file when one is given (no text encoder is loaded), else it
+        loads the encoders, embeds the empty prompt and frees them.
+        """
+        wanted = [parts] if isinstance(parts, str) else list(parts)
+        unknown = sorted(set(wanted) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown backbone parts {unknown}; choose from {list(PARTS)}")
+        todo = [p for p in PARTS if p in wanted and p not in self.loaded_parts]
+        if not todo:
+            return
+        from_file = None
+        if "text" in todo and self.prompt_embedding is not None:
+            from_file = self._read_prompt_file()
+            todo.remove("text")
+        # everything is loaded first and assigned only if all of it worked: no half-loaded parts
+        new = self._loader().load(todo) if todo else {}
+        vae, transformer = new.get("vae", self.vae), new.get("transformer", self.transformer)
+        if vae is not None and transformer is not None:
+            self._check_latent_channels(vae, transformer)
+        if from_file is not None and transformer is not None:
+            self._check_conditioning(
+                transformer, *from_file, where=f"prompt embedding '{self.prompt_embedding}'"
+            )
+        for name, obj in new.items():
+            if name == "scheduler":
+                self._set_schedule(obj)
+            elif isinstance(obj, nn.Module):
+                setattr(self, name, self._freeze(obj, self._device_anchor.device))
+            else:
+                setattr(self, name, obj)
+        if from_file is not None:
+            self._set_prompt(*from_file)
+        elif "text" in todo:
+            with torch.no_grad():
+                self._set_prompt(*self._encode_empty_prompt())
+            self._free_text_encoders()
+        if "unet" in todo and self.prompt_embeds is not None and from_file is None:
+            assert self.transformer is not None and self.pooled_prompt_embeds is not None
+            self._check_conditioning(
+                self.transformer, self.prompt_embeds, self.pooled_prompt_embeds, where="the text encoders"
+            )
+
+    def _loader(self) -> DiTWeightLoader:
+        return DiTWeightLoader(
+            preset_name=self.preset_name,
+            preset=self.preset,  # type: ignore[arg-type]
+            pretrained=self.pretrained,
+            vae_source=self.vae_source,
+            revision=self.revision,
+            variant=self.variant,
+            local_files_only=self.local_files_only,
+            torch_dtype=self.torch_dtype,
+        )
+
+    def _check_latent_channels(self, vae: nn.Module, transformer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _set_schedule(self, scheduler: Any) -> None:
+        """Flow time from the scheduler config: T, and the shift at the native resolution (``fraction`` map)."""
+        config = dict(scheduler.config)
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        tokens = (
+            self.preset.resolution // (self.preset.downsample_factor * 2)
+        ) ** 2  # patches of 2x2 latents
+        self._flow_time = FlowTime(
+            num_train_timesteps=self.num_train_timesteps,
+            shift=scheduler_shift(config, tokens),
+            reference=self.reference_time,
+        )
+        self.prediction_type = FLOW
+
+    # --- the empty prompt --------------------------------------------------------------------
+    def _encode_empty_prompt(self) -> tuple[Tensor, Tensor]:
+        """(prompt_embeds (1,L,D), pooled_prompt_embeds (1,P)) of "" through the family's pipeline code."""
+        raise NotImplementedError
+
+    def _free_text_encoders(self) -> None:
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self, name)
+            if module is not None:
+                self._text_encoder_classes[name] = type(module).__name__
+        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+        self.tokenizer = self.tokenizer_2 = self.tokenizer_3 = None
+
+    def _set_prompt(self, prompt_embeds: Tensor, pooled: Tensor) -> None:
+        device = self._device_anchor.device
+        self.prompt_embeds = prompt_embeds.detach().float().to(device)
+        self.pooled_prompt_embeds = pooled.detach().float().to(device)
+
+    def _read_prompt_file(self) -> tuple[Tensor, Tensor]:
+        """The file's embeddings, refused when written for another family / preset / length."""
+        assert self.prompt_embedding is not None
+        tensors, meta = read_prompt_embedding(self.prompt_embedding)
+        where = f"prompt embedding '{self.prompt_embedding}'"
+        if meta["family"] != self.family or meta["preset"] != self.preset_name:
+            raise ConfigError(
+                f"{where} was written for {meta['family']} preset {meta['preset']!r} ({meta['backbone_id']}), "
+                f"but this backbone is {self.family} preset {self.preset_name!r}; write one with "
+                f"`tadm embed-prompt --backbone CONFIG` for this backbone"
+            )
+        if int(meta["max_sequence_length"]) != self.max_sequence_length:
+            raise ConfigError(
+                f"{where} holds {meta['max_sequence_length']} T5 tokens, this backbone uses "
+                f"max_sequence_length {self.max_sequence_length}"
+            )
+        if meta["source"] != self.source:
+            log.warning(
+                "%s was computed from %s, this backbone loads %s: fine for the same model in another place",
+                where,
+                meta["source"],
+                self.source,
+            )
+        self._text_encoder_classes = dict(json.loads(meta["text_encoders"]))
+        return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def _check_conditioning(self, transformer: nn.Module, prompt: Tensor, pooled: Tensor, where: str) -> None:
+        """The embedding's widths must be what the transformer projects (joint_attention_dim, pooled_projection_dim)."""
+        cfg = transformer.config
+        want = (int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim))
+        got = (int(prompt.shape[-1]), int(pooled.shape[-1]))
+        if got != want:
+            raise ConfigError(
+                f"backbone {self.backbone_id}: the empty-prompt embedding from {where} has widths "
+                f"(sequence {got[0]}, pooled {got[1]}) but the transformer takes ({want[0]}, {want[1]}): "
+                "it belongs to another model"
+            )
+
+    def save_prompt_embedding(self, path: str | Path) -> Path:
+        """Embed the empty prompt (loading only the text encoders) and write it for ``prompt_embedding``."""
+        if self.prompt_embedding is not None:
+            raise ValueError(
+                f"backbone {self.backbone_id} already reads its prompt embedding from '{self.prompt_embedding}'; "
+                "drop prompt_embedding to embed the prompt with the text encoders"
+            )
+        self.load(["text"])
+        assert self.prompt_embeds is not None and self.pooled_prompt_embeds is not None
+        meta = {
+            "family": self.family,
+            "preset": self.preset_name,
+            "source": self.source,
+            "backbone_id": self.backbone_id,
+            "prompt": "",
+            "max_sequence_length": str(self.max_sequence_length),
+            "text_encoders": text_encoders_json(self._text_encoder_classes),
+        }
+        tensors = {"prompt_embeds": self.prompt_embeds, "pooled_prompt_embeds": self.pooled_prompt_embeds}
+        return write_prompt_embedding(path, tensors, meta)
+
+    # --- the enhancer ------------------------------------------------------------------------
+    def _require(self, part: str) -> None:
+        if part not in self.loaded_parts:
+            raise RuntimeError(
+                f"backbone {self.backbone_id}: part {part!r} is not loaded; call load_for_stage(...)"
+            )
+
+    def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """One transformer call on scaled latents at flow timesteps ``t`` (B,) = sigma * 1000, empty-prompt
+        conditioned; returns the velocity (B,C,h,w) in float32. Odd sizes are padded to the patch size."""
+        self._require("unet")
+        self._require("text")
+        b, _, h, w = z_t.shape
+        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        m = self.latent_multiple
+        pad_h, pad_w = -h % m, -w % m
+        z = F.pad(z_t, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else z_t
+        out = self._transformer_call(z, t.to(z_t.device).float())
+        return out[..., :h, :w].float()
+
+    def _transformer_call(self, z: Tensor, t: Tensor) -> Tensor:
+        """The family's transformer on (B,C,h,w) latents with h, w multiples of the patch size."""
+        raise NotImplementedError
+
+    def _conditioning(self, b: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        assert self.prompt_embeds is not None and self.pooled_prompt_embeds is not None
+        return self.prompt_embeds.expand(b, -1, -1).to(dtype), self.pooled_prompt_embeds.expand(b, -1).to(
+            dtype
+        )
+
+    def load_for_stage(self, stage: str) -> None:
+        super().load_for_stage(stage)
+        if stage in ("enhancer", "joint") and self._lora_stage is None:
+            self._add_lora()
+            self._lora_stage = stage
+
+    def _add_lora(self) -> None:
+        """peft LoRA on the transformer blocks and on the VAE decoder; nothing else trains."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        assert self.transformer is not None and self.vae is not None
+        t_alpha = (
+            self.transformer_lora_rank if self.transformer_lora_alpha is None else self.transformer_lora_alpha
+        )
+        v_alpha = self.vae_lora_rank if self.vae_lora_alpha is None else self.vae_lora_alpha
+        t_cfg = LoraConfig(
+            r=self.transformer_lora_rank, lora_alpha=t_alpha, init_lora_weights="gaussian",
+            target_modules=self.transformer_lora_targets, exclude_modules=self._unused_modules() or None,
+        )  # fmt: skip
+        inject_adapter_in_model(t_cfg, self.transformer, adapter_name=TRANSFORMER_ADAPTER)
+        v_cfg = LoraConfig(
+            r=self.vae_lora_rank, lora_alpha=v_alpha, init_lora_weights="gaussian",
+            target_modules=VAE_DECODER_LORA_REGEX,
+        )  # fmt: skip
+        inject_adapter_in_model(v_cfg, self.vae, adapter_name=VAE_ADAPTER)
+        for module in (self.transformer, self.vae):
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name)
+        if self.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
+        self.train(self.training)
+
+    def _unused_modules(self) -> list[str]:
+        """Transformer modules whose output never reaches the prediction (no LoRA there: it would get no
+        gradient, which DDP rejects). None in general."""
+        return []
+
+    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
+        if stage not in ("enhancer", "joint"):
+            return []
+        parts = (self.transformer, self.vae)
+        return [p for m in parts if m is not None for p in m.parameters() if p.requires_grad]
+
+    def prepare_inference(self, channels_last: bool = False, compile: bool = False) -> None:
+        """NHWC for the VAE (the transformer is all linear layers); ``torch.compile`` of the transformer."""
+        if channels_last and self.vae is not None:
+            self.vae.to(memory_format=torch.channels_last)
+        if compile and self.transformer is not None:
+            self.transformer = torch.compile(self.transformer)
+
+    @staticmethod
+    def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+        module.requires_grad_(False)
+        return module.eval().to(device)
+
+    def train(self, mode: bool = True) -> FlowTransformerBackbone:
+        """Keep fully frozen parts in eval mode when the LightningModule switches to training."""
+        super().train(mode)
+        for module in (
+            self.vae,
+            self.transformer,
+            self.text_encoder,
+            self.text_encoder_2,
+            self.text_encoder_3,
+        ):
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    # --- latent space ------------------------------------------------------------------------
+    def _require_vae(self) -> nn.Module:
+        if self.vae is None:
+            raise RuntimeError(
+                f"backbone {self.backbone_id}: the VAE is not loaded; call load(['vae']) or load_for_stage(...)"
+            )
+        return self.vae
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Image (B,3,H,W) in [-1,1] -> (E(x) - shift_factor) * scaling_factor, float32."""
+        vae = self._require_vae()
+        f = self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != vae.config.in_channels:
+            raise ValueError(f"encode expects images (B,{vae.config.in_channels},H,W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % f or w % f:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the VAE downsampling factor {f}; pad or crop it "
+                f"(e.g. to {math.ceil(h / f) * f}x{math.ceil(w / f) * f})"
+            )
+        with self._vae_autocast(x):
+            dist = vae.encode(x.to(vae.dtype)).latent_dist
+        z = dist.sample() if self.sample_latent else dist.mean
+        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latent -> image in [-1,1]: D(z / scaling_factor + shift_factor), float32."""
+        vae = self._require_vae()
+        raw = z.float() / self.scaling_factor + self.shift_factor
+        with self._vae_autocast(z):
+            return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
+
+    def _vae_autocast(self, x: Tensor) -> Any:
+        """A VAE flagged ``force_upcast`` runs in its own dtype even inside a 16-bit autocast region."""
+        if self.vae is not None and self.vae.config.force_upcast:
+            return torch.autocast(device_type=x.device.type, enabled=False)
+        return contextlib.nullcontext()
