@@ -19,7 +19,8 @@ from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.tiling import NO_TILING, Tiling
-from tadm.model.checkpoints import META_KEY, read_checkpoint
+from tadm.model.checkpoints import EMA_KEY, META_KEY, read_checkpoint
+from tadm.model.ema import TrainedEMA, check_ema_args
 from tadm.model.enhancer import HybridScheduler, unet_timestep
 from tadm.model.losses import (
     DEFAULT_STAGE1_WEIGHTS,
@@ -65,11 +66,15 @@ class TADMModule(L.LightningModule):
         eval_tiling: Tiling | None = None,
         aligner_latents: AlignerLatents = "scaled",
         color_fix: ColorFix = "none",
+        ema_decay: float | None = None,
+        ema_start_step: int = 0,
     ) -> None:
         """
         Args:
             backbone: the diffusion backbone (VAE, and for later stages UNet and text prior).
-            rescaler: the rescaler plug-in (e.g. ``dfrm`` or ``bicubic``).
+            rescaler: the rescaler plug-in (e.g. ``dfrm``, ``irn`` or ``bicubic``). In stages 2/3 a pixel-space
+                one's image is encoded by the VAE and enhanced like a latent one's z_hat ("pixel rescaling +
+                SD prior", the paper's ablation).
             stage: ``rescaler`` (stage 1), ``enhancer`` (stage 2) or ``joint`` (stage 3).
             scale: HR -> LR factor, linked into the rescaler and the data module by the CLI.
             aligner: chooses the one-step timestep from z_hat (stages 2/3), e.g. ``tpm``, ``fixed``.
@@ -96,6 +101,13 @@ class TADMModule(L.LightningModule):
             color_fix: colour correction of the validation/test/predict reconstructions towards the bicubic
                 upscale of their LR images: ``none`` (default, as the paper), ``wavelet`` or ``adain``
                 (:mod:`tadm.ops.color_fix`). Inference commands take ``--color-fix`` instead.
+            ema_decay: keep an exponential moving average of the trained tensors with this decay (e.g.
+                0.999; default null: none, as the paper). Updated after every optimiser step, warmed up
+                (update ``u`` uses ``min(ema_decay, (u - s) / (9 + u - s))``, see :mod:`tadm.model.ema`),
+                stored in checkpoints, used by validation/test/predict, and by ``tadm export`` and the codec
+                unless they are given ``--weights raw``.
+            ema_start_step: EMA updates (optimiser steps) that only copy the weights before averaging
+                begins (``s`` above; default 0).
         """
         super().__init__()
         if stage not in ("rescaler", "enhancer", "joint"):
@@ -107,6 +119,7 @@ class TADMModule(L.LightningModule):
                 f"unknown aligner_latents {aligner_latents!r}; choose one of {list(ALIGNER_LATENTS)}"
             )
         check_color_fix(color_fix)
+        check_ema_args(ema_decay, ema_start_step)
         self.save_hyperparameters(
             ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
         )
@@ -129,6 +142,11 @@ class TADMModule(L.LightningModule):
         self.eval_tiling = eval_tiling
         self.aligner_latents = aligner_latents
         self.color_fix = color_fix
+        self.ema_decay = ema_decay
+        self.ema_start_step = ema_start_step
+        #: the EMA of the trained tensors while fitting (or loaded to evaluate a checkpoint that has one)
+        self.ema: TrainedEMA | None = None
+        self._ema_pending: dict[str, Any] | None = None  # from on_load_checkpoint, before the EMA exists
         #: the run's full config (YAML), set by the CLI and stored in every checkpoint
         self.run_config: str | None = None
         self.strict_loading = False  # frozen backbone weights are not stored; checked in on_load_checkpoint
@@ -151,24 +169,16 @@ class TADMModule(L.LightningModule):
     def _setup_enhancer(self) -> None:
         if self.aligner is None:
             raise ValueError(f"stage {self.stage!r} needs model.aligner (e.g. class_path: tpm)")
-        if self.rescaler.space != "latent":
-            raise ValueError(
-                f"stage {self.stage!r} needs a latent rescaler; {type(self.rescaler).__name__} is pixel-space"
-            )
         if self.enhancer is None:
             self.enhancer = HybridScheduler(latent_channels=self.backbone.latent_channels)
-        c = self.backbone.latent_channels
-        for name, want in (
-            ("aligner", self.aligner.latent_channels),
-            ("enhancer", self.enhancer.latent_channels),
-        ):
-            # not linked by the CLI (these are optional); every SD family has 4 latent channels
-            if want is not None and want != c:
-                raise ValueError(f"model.{name} expects {want} latent channels, the backbone gives {c}")
-        if not self.backbone.has_diffusion:
+        # the TPM and the Refiner follow the backbone's latent channels (4 on SD, 16 on SD 3 / FLUX) unless
+        # given a number, which must match; before init_from, so weights load into the final shapes
+        self.aligner.match_latent_channels(self.backbone.latent_channels)
+        self.enhancer.match_latent_channels(self.backbone.latent_channels)
+        time = self.backbone.time_convention
+        if time is None:
             raise ValueError(f"backbone {self.backbone.backbone_id} has no noise schedule: it cannot enhance")
-        assert self.backbone.alphas_cumprod is not None
-        self.aligner.attach_schedule(self.backbone.alphas_cumprod)
+        self.aligner.attach_time(time)  # maps its configured range (TADM's units) into the backbone's
         w = self.loss_weights
         if w.get("lpips", 0) or w.get("dists", 0):
             self.perceptual = PerceptualLoss(w.get("lpips", 0.0), w.get("dists", 0.0))
@@ -199,9 +209,9 @@ class TADMModule(L.LightningModule):
         assert self.aligner is not None and self.enhancer is not None
         t = self.aligner(self.aligner_input(z_hat), z_true)
         out = self.backbone.predict(z_hat, unet_timestep(t))
-        b = self.backbone
-        assert b.alphas_cumprod is not None and b.prediction_type is not None
-        return self.enhancer(z_hat, out, t, b.alphas_cumprod, b.prediction_type), t
+        time = self.backbone.time_convention
+        assert time is not None
+        return self.enhancer(z_hat, out, t, time), t
 
     def aligner_input(self, z_hat: Tensor) -> Tensor:
         """z_hat as the aligner reads it (``aligner_latents``): scaled, or divided by the scaling factor."""
@@ -243,6 +253,9 @@ class TADMModule(L.LightningModule):
                 z_hat = outputs["z_hat"]
             else:
                 z_hat = self.rescaler.upscale(self.rescaler.downscale(x, z))
+            if self.rescaler.space == "pixel":  # pixel rescaling + SD prior: the VAE encodes its image
+                with torch.set_grad_enabled(self.stage == "joint"):  # joint: gradients reach the rescaler
+                    z_hat = self.backbone.encode(z_hat.clamp(-1.0, 1.0))
             z0, t = self.enhance(z_hat, z)
             x_hat = self.backbone.decode(z0)
             if w.get("pixel", 0):
@@ -274,6 +287,68 @@ class TADMModule(L.LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": sched, "interval": self.lr_scheduler_interval},
         }
+
+    # ----------------------------------------------------------------------- EMA
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """:meth:`trainable_parameters` with their state-dict names (the keys of the EMA)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [(names[id(p)], p) for p in self.trainable_parameters()]
+
+    def _new_ema(self, decay: float, start_step: int) -> TrainedEMA:
+        ema = TrainedEMA(self.named_trainable_parameters(), decay, start_step)
+        if self._ema_pending is not None:
+            ema.load_state_dict(self._ema_pending, "the checkpoint being resumed")
+            self._ema_pending = None
+        return ema
+
+    def on_fit_start(self) -> None:
+        """Start the EMA from the current weights, or continue the resumed checkpoint's."""
+        if self.ema_decay is None:
+            if self._ema_pending is not None:
+                log.warning("the resumed checkpoint has an EMA, but model.ema_decay is null: it is dropped")
+                self._ema_pending = None
+            self.ema = None
+            return
+        self.ema = self._new_ema(self.ema_decay, self.ema_start_step)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update: once per step (not per batch under gradient
+        accumulation), from weights every DDP rank shares, so the ranks' EMAs stay identical; and before
+        any ``on_train_batch_end`` (where ``ModelCheckpoint`` saves), so a checkpoint of step N holds
+        the EMA of step N and a resumed run continues it exactly."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update()
+
+    def _ema_in(self) -> None:
+        """Evaluate with the EMA when there is one (fitting, or a checkpoint that has one)."""
+        if self.ema is None and self._ema_pending is not None:  # tadm validate/test/predict --ckpt_path
+            pending = self._ema_pending
+            self.ema = self._new_ema(float(pending.get("decay", 0.999)), int(pending.get("start_step", 0)))
+        if self.ema is not None:
+            self.ema.swap_in()
+
+    def _ema_out(self) -> None:
+        if self.ema is not None:
+            self.ema.swap_out()
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_in()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_out()
+
+    def on_test_epoch_start(self) -> None:
+        self._ema_in()
+
+    def on_test_epoch_end(self) -> None:
+        self._ema_out()
+
+    def on_predict_epoch_start(self) -> None:
+        self._ema_in()
+
+    def on_predict_epoch_end(self) -> None:
+        self._ema_out()
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
@@ -364,6 +439,9 @@ class TADMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        if self.ema is not None:  # the raw weights stay "state_dict" even if saved during validation
+            checkpoint["state_dict"].update(self.ema.raw_weights())
+            checkpoint[EMA_KEY] = self.ema.state_dict()
         checkpoint[META_KEY] = {
             "backbone_id": self.backbone.backbone_id,
             "rescaler": f"{type(self.rescaler).__module__}.{type(self.rescaler).__qualname__}",
@@ -373,10 +451,13 @@ class TADMModule(L.LightningModule):
         }
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
-        """Refuse a checkpoint trained on another backbone or at another scale (naming both)."""
+        """Refuse a checkpoint trained on another backbone or at another scale (naming both). A stage-1
+        checkpoint of a pixel rescaler holds no weight that depends on the backbone: any backbone takes it
+        (IRN trained without a VAE, then enhanced with SD: the "pixel rescaling + SD prior" ablation)."""
         if not meta:
             return
-        if meta.get("backbone_id") != self.backbone.backbone_id:
+        backbone_free = meta.get("stage") == "rescaler" and self.rescaler.space == "pixel"
+        if meta.get("backbone_id") != self.backbone.backbone_id and not backbone_free:
             raise CheckpointError(
                 f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
                 f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
@@ -388,6 +469,10 @@ class TADMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_compatible(checkpoint.get(META_KEY), "being resumed")
+        if EMA_KEY in checkpoint and self.ema is not None:  # strategies that restore after on_fit_start
+            self.ema.load_state_dict(checkpoint[EMA_KEY], "the checkpoint being resumed")
+        elif EMA_KEY in checkpoint:  # loaded once the EMA exists (on_fit_start, or to evaluate)
+            self._ema_pending = checkpoint[EMA_KEY]
         missing = sorted(set(self.state_dict()) - self._frozen_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(
@@ -395,8 +480,11 @@ class TADMModule(L.LightningModule):
             )
 
     def load_weights(self, path: str) -> None:
-        """Weights-only initialisation from another run's checkpoint (``init_from``)."""
+        """Weights-only initialisation from another run's checkpoint (``init_from``): its EMA when it has
+        one (the weights its validation scored), else its raw weights."""
         state, meta = read_checkpoint(path)
+        if meta.get("weights") == "ema":
+            log.info("init_from %s: its EMA weights", path)
         self.check_compatible(meta, path)
         self.load_trained_state(state, path, require_all=False)
 
