@@ -3,6 +3,11 @@ and the backbone alone (``tadm shard --latents``).
 
 Values written once and linked (LightningCLI's ``link_arguments``): ``model.scale`` into the rescaler
 and the data module, the backbone's latent layout into the rescaler.
+
+A stage-1 run config is rebuilt for inference as a :class:`RescalerModel`, not as the LightningModule:
+importing Lightning (with torchmetrics, torchvision, scipy and transformers behind it) costs seconds a
+codec call on a stage-1 checkpoint, the shipped quickstart model's, has no use for
+(``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import Tensor, nn
 
 from tadm.config.plugins import load_plugins
+from tadm.contracts import DiffusionBackbone, Rescaler
 from tadm.errors import CheckpointError, TadmError
 
 
@@ -44,6 +51,95 @@ def link_model_arguments(parser: Any, with_data: bool = True) -> None:
     )
 
 
+class RescalerModel(nn.Module):
+    """A stage-1 (``rescaler``) model for inference, without Lightning: the backbone and the rescaler.
+
+    What :class:`~tadm.model.module.TADMModule` is in stage 1 for the codec (the same state-dict keys,
+    trainable set, checks and loading; ``tests/test_startup.py`` compares the two tensor for tensor and
+    output for output), without training, logging or the enhancer.
+    """
+
+    stage = "rescaler"
+    aligner = None
+    enhancer = None
+    enhance_fn = None  # no one-step enhancer in stage 1
+
+    def __init__(self, backbone: DiffusionBackbone, rescaler: Rescaler, scale: int = 16) -> None:
+        """
+        Args:
+            backbone: the backbone whose latent space the rescaler works in (its VAE only is loaded).
+            rescaler: the trained rescaler.
+            scale: HR -> LR factor, linked into the rescaler.
+        """
+        super().__init__()
+        if rescaler.scale != scale:
+            raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
+        self.backbone, self.rescaler, self.scale = backbone, rescaler, scale
+        backbone.load_for_stage(self.stage)
+        want = rescaler.latent_channels
+        if rescaler.space == "latent" and want is not None and want != backbone.latent_channels:
+            raise ValueError(
+                f"rescaler expects {want} latent channels but backbone {backbone.backbone_id} "
+                f"produces {backbone.latent_channels}"
+            )
+        backbone.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.rescaler.parameters() if p.requires_grad]
+        return params + self.backbone.trainable_parameters(self.stage)
+
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys checkpoints do not store: the frozen backbone."""
+        trainable = {id(p) for p in self.backbone.trainable_parameters(self.stage)}
+        keys = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if id(p) not in trainable}
+        return keys | {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
+
+    def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
+        """Refuse a checkpoint trained on another backbone or at another scale (naming both)."""
+        if not meta:
+            return
+        if meta.get("backbone_id") != self.backbone.backbone_id:
+            raise CheckpointError(
+                f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
+                f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
+            )
+        if meta.get("scale") not in (None, self.scale):
+            raise CheckpointError(
+                f"checkpoint {source} is for scale x{meta['scale']}, this model is x{self.scale}"
+            )
+
+    def load_trained_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Load the stored tensors over the frozen backbone; any that do not fit, are unknown or are missing
+        is a :class:`CheckpointError`."""
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # size mismatches: one line per tensor from torch
+            lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+            raise CheckpointError(
+                f"{source} does not fit this model: {'; '.join(lines[:3]) or str(err).splitlines()[0]}"
+                + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
+            ) from err
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"{source} has weights this model does not: {list(result.unexpected_keys)[:8]}"
+            )
+        missing = sorted(set(result.missing_keys) - self._frozen_keys())
+        if missing:
+            raise CheckpointError(
+                f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
+
+
+def _rescaler_model_parser() -> Any:
+    """A parser for the ``model:`` section of a stage-1 run config, with the CLI's links; no Lightning."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RescalerModel, "model")
+    link_model_arguments(parser, with_data=False)
+    return parser
+
+
 def _model_parser() -> Any:
     """A parser for the ``model:`` section of a run config, with the CLI's links."""
     from lightning.pytorch.cli import LightningArgumentParser
@@ -56,13 +152,16 @@ def _model_parser() -> Any:
     return parser
 
 
-def build_module(config_yaml: str, source: str, backbone_pretrained: str | None = None) -> Any:
+def build_module(
+    config_yaml: str, source: str, backbone_pretrained: str | None = None, lightweight: bool = True
+) -> Any:
     """Rebuild the TADMModule a run config describes, for inference (no losses, no init_from).
 
-    Every way the stored config can fail to rebuild (unreadable YAML, a class that no longer exists, a
-    backbone that cannot be loaded here) is a :class:`CheckpointError` naming the checkpoint.
+    A stage-1 config without aligner or enhancer becomes a :class:`RescalerModel` unless ``lightweight``
+    is false. Every way the stored config can fail to rebuild (unreadable YAML, a class that no longer
+    exists, a backbone that cannot be loaded here) is a :class:`CheckpointError` naming the checkpoint.
     """
-    load_plugins()
+    load_plugins(data=False)
     try:
         cfg = yaml.safe_load(config_yaml) or {}
     except yaml.YAMLError as err:
@@ -78,10 +177,17 @@ def build_module(config_yaml: str, source: str, backbone_pretrained: str | None 
         model_cfg.pop(key, None)
     if backbone_pretrained is not None:
         model_cfg["backbone"] = _with_pretrained(model_cfg.get("backbone"), backbone_pretrained, source)
-    parser = _model_parser()
+    stage1 = model_cfg.get("stage", "rescaler") == "rescaler"
+    if lightweight and stage1 and not model_cfg.get("aligner") and not model_cfg.get("enhancer"):
+        model_cfg = {k: v for k, v in model_cfg.items() if k in ("backbone", "rescaler", "scale")}
+        parser = _rescaler_model_parser()
+    else:
+        parser = _model_parser()
     try:
         ns = parser.parse_object({"model": model_cfg})
-        return parser.instantiate_classes(ns).model
+        # jsonargparse 4.49 renamed instantiate_classes to instantiate
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        return instantiate(ns).model
     except OSError as err:
         backbone = (model_cfg.get("backbone") or {}).get("init_args", {})
         raise CheckpointError(
@@ -139,9 +245,7 @@ def build_backbone(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any
     """
     from jsonargparse import ArgumentParser
 
-    from tadm.contracts import DiffusionBackbone
-
-    load_plugins()
+    load_plugins(data=False)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--backbone", type=DiffusionBackbone)
     sections: list[tuple[str, Any]] = []

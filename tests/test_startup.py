@@ -1,0 +1,166 @@
+"""Start-up: ``tadm --help``, ``tadm list`` and the codec on the shipped quickstart model (the embedded
+``space_to_depth`` backbone) import neither Lightning nor diffusers, transformers or peft, in a fresh
+process (``sys.modules`` after the command; the time they save is ``benchmarks/startup.py``'s, never
+asserted here). And what they skip loses nothing: ``tadm --help`` names every command, ``tadm list`` every
+plug-in, and the codec's Lightning-free stage-1 model is the TADMModule's, tensor for tensor and output for
+output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tadm.commands.main import COMMANDS, LIGHTNING_COMMANDS, main
+from tadm.config.build import RescalerModel, build_module
+from tadm.contracts import ALL_REGISTRIES
+from tadm.errors import CheckpointError
+from tadm.model.checkpoints import read_checkpoint
+from tadm.model.module import TADMModule
+from tests.helpers import REPO
+
+QUICKSTART = REPO / "assets" / "models" / "quickstart_x16.safetensors"
+#: what none of the three may import: each costs seconds (Lightning pulls torchmetrics, torchvision, scipy)
+HEAVY = ("lightning", "pytorch_lightning", "diffusers", "transformers", "peft", "torchmetrics", "torchvision")
+MARK = "TADM-STARTUP-MODULES="
+
+
+def run_fresh(code: str, cwd: Path) -> tuple[str, set[str]]:
+    """Run ``code`` in a new interpreter; its stdout and the top-level packages it had imported at the end."""
+    tail = f"\nimport sys as _s\nprint({MARK!r} + __import__('json').dumps(sorted({{m.split('.')[0] for m in _s.modules}})))"
+    done = subprocess.run(
+        [sys.executable, "-c", code + tail],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out, _, modules = done.stdout.rpartition(MARK)
+    return out, set(json.loads(modules))
+
+
+def test_help_imports_neither_lightning_nor_torch_and_names_every_command(tmp_path: Path) -> None:
+    out, modules = run_fresh("from tadm.commands.main import main\nassert main(['--help']) == 0", tmp_path)
+    assert not modules & {*HEAVY, "torch"}, sorted(modules & {*HEAVY, "torch"})
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert listed == {*COMMANDS, *LIGHTNING_COMMANDS}
+    for name, cmd in COMMANDS.items():
+        assert f"  {name}" in out and cmd.summary in out
+
+
+def test_list_imports_no_heavy_package_and_names_every_builtin_plugin(tmp_path: Path) -> None:
+    out, modules = run_fresh("from tadm.commands.main import main\nassert main(['list']) == 0", tmp_path)
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    rows = [line for line in out.splitlines() if "tadm.components." in line]
+    builtins = [
+        (registry.kind, name, cls)
+        for registry in ALL_REGISTRIES
+        for name, cls in registry.items()
+        if cls.__module__.startswith("tadm.components.")
+    ]
+    assert {"dfrm", "bicubic", "space_to_depth", "stable_diffusion", "tpm"} <= {n for _, n, _ in builtins}
+    for kind, name, cls in builtins:
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        assert any(kind in row and f" {name} " in row and path in row for row in rows), (kind, name)
+    assert len(rows) == len(builtins)
+
+
+def test_the_codec_on_the_quickstart_model_imports_no_heavy_package(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    code = (
+        "from tadm.commands.main import main\n"
+        f"q = {str(QUICKSTART)!r}\n"
+        "assert main(['downscale', '--ckpt', q, 'photo.png', '-o', 'lr', '--no-progress']) == 0\n"
+        "assert main(['upscale', '--ckpt', q, 'lr', '-o', 'hr', '--no-progress']) == 0\n"
+    )
+    _, modules = run_fresh(code, tmp_path)
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    (restored,) = (tmp_path / "hr").iterdir()
+    with Image.open(restored) as img:
+        assert img.size == (80, 48)
+
+
+def test_the_lightning_free_stage1_model_is_the_tadm_module() -> None:
+    """Same tensors under the same names, the same trainable set, checks and outputs: the codec may build
+    either (``build_module(..., lightweight=False)`` forces the LightningModule)."""
+    state, meta = read_checkpoint(QUICKSTART)
+    plain = build_module(meta["config"], "quickstart")
+    full = build_module(meta["config"], "quickstart", lightweight=False)
+    assert isinstance(plain, RescalerModel) and isinstance(full, TADMModule)
+    for model in (plain, full):
+        model.load_trained_state(state, "quickstart")
+        model.check_compatible(meta, "quickstart")
+        model.eval()
+    assert plain.state_dict().keys() == full.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, full.state_dict()[key]), key
+    names = {id(p): n for n, p in full.named_parameters()}
+    plain_names = {id(p): n for n, p in plain.named_parameters()}
+    assert [plain_names[id(p)] for p in plain.trainable_parameters()] == [
+        names[id(p)] for p in full.trainable_parameters()
+    ]
+    assert plain._frozen_keys() == full._frozen_keys()
+    assert (plain.stage, plain.scale, plain.aligner, plain.enhance_fn) == (full.stage, full.scale, None, None)
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        y = plain.rescaler.downscale(x, plain.backbone.encode(x))
+        assert torch.equal(y, full.rescaler.downscale(x, full.backbone.encode(x)))
+        assert torch.equal(
+            plain.backbone.decode(plain.rescaler.upscale(y)), full.backbone.decode(full.rescaler.upscale(y))
+        )
+
+
+def test_every_command_in_the_help_table_exists_and_the_lightning_names_are_lightnings() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    for name, cmd in COMMANDS.items():
+        module, _, function = cmd.target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        assert cmd.summary and "\n" not in cmd.summary, name
+    assert set(LIGHTNING_COMMANDS) == set(LightningCLI.subcommands())
+    assert not set(COMMANDS) & set(LIGHTNING_COMMANDS)
+
+
+def test_help_and_a_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-h"]) == 0
+    assert "list" in capsys.readouterr().out
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: tadm COMMAND" in err and "a command is required" in err
+
+
+def test_a_stage1_config_with_an_aligner_still_builds_the_tadm_module() -> None:
+    """Only a plain stage-1 config is built without Lightning; anything more is the LightningModule's."""
+    _, meta = read_checkpoint(QUICKSTART)
+    cfg = yaml.safe_load(meta["config"])
+    cfg["model"]["aligner"] = {"class_path": "fixed"}
+    assert isinstance(build_module(yaml.safe_dump(cfg), "quickstart + aligner"), TADMModule)
+
+
+def test_the_lightweight_model_refuses_what_the_tadm_module_refuses() -> None:
+    state, meta = read_checkpoint(QUICKSTART)
+    model = build_module(meta["config"], "quickstart")
+    with pytest.raises(CheckpointError, match="trained with backbone 'other'"):
+        model.check_compatible({**meta, "backbone_id": "other"}, "q")
+    with pytest.raises(CheckpointError, match="is for scale x32, this model is x16"):
+        model.check_compatible({**meta, "scale": 32}, "q")
+    first = next(iter(state))
+    with pytest.raises(CheckpointError, match=f"q lacks trained weights: \\['{first}'\\]"):
+        model.load_trained_state({k: v for k, v in state.items() if k != first}, "q")
+    with pytest.raises(CheckpointError, match="q has weights this model does not: \\['aligner.w'\\]"):
+        model.load_trained_state({**state, "aligner.w": torch.zeros(1)}, "q")
+    with pytest.raises(CheckpointError, match="q does not fit this model: size mismatch"):
+        model.load_trained_state({**state, first: torch.zeros(1)}, "q")
