@@ -86,9 +86,12 @@ def test_predict_pads_odd_latents_to_the_patch_size() -> None:
     torch.testing.assert_close(out, padded[..., :7, :9])
 
 
-@pytest.mark.parametrize("stage", ["rescaler", "enhancer", "joint"])
-def test_each_stage_trains_exactly_lora_tpm_and_refiner(stage: str) -> None:
-    done = check_trained_set("sd3", stage)
+@pytest.mark.parametrize(
+    ("stage", "scale"), [("rescaler", 16), ("enhancer", 16), ("joint", 16), ("joint", 32)]
+)
+def test_each_stage_trains_exactly_lora_tpm_and_refiner(stage: str, scale: int) -> None:
+    """x16 and x32: the DFRM at 16 latent channels (factor 2 and 4 from the latent to the LR image)."""
+    done = check_trained_set("sd3", stage, scale)
     if stage != "rescaler":
         adapted = {
             n.split(".lora_")[0].split("transformer.")[-1] for n in done["trainable"] if ".transformer." in n

@@ -80,12 +80,12 @@ def one_step(m: TADMModule, x: Tensor) -> dict[str, set[str]]:
     return {"trainable": trainable, "grads": grads, "stored": stored, "meta": checkpoint["tadm"]}
 
 
-def check_trained_set(family: str, stage: str) -> dict[str, set[str]]:
+def check_trained_set(family: str, stage: str, scale: int = 16) -> dict[str, set[str]]:
     """A step in ``stage``: the trained parameters are exactly LoRA (transformer + VAE decoder), the TPM and
     the Refiner (+ the DFRM in joint; the DFRM alone in stage 1), all get gradients, and a checkpoint holds
     them (plus the frozen DFRM of stage 2) and nothing of the frozen backbone."""
-    m = tiny_module(family, stage)
-    done = one_step(m, photo((64, 64)) if stage == "rescaler" else photo((64, 80)))
+    m = tiny_module(family, stage, scale=scale)
+    done = one_step(m, photo((64, 64)) if stage == "rescaler" else photo((64, 5 * scale)))
     trainable = done["trainable"]
     parts = {n.split(".")[0] for n in trainable}
     want = {"rescaler": {"rescaler"}, "enhancer": {"backbone", "aligner", "enhancer"}}.get(
