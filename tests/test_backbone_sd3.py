@@ -66,7 +66,7 @@ def test_one_step_equals_the_diffusers_pipeline(sigma: float) -> None:
     x0 = z - sigma v: the same numbers as StableDiffusion3Pipeline's one Euler step to sigma 0."""
     bb = tiny_backbone("sd3")
     bb.load(["unet", "text"])
-    assert bb.text_encoder is None and bb.text_encoder_3 is None and bb.tokenizer_3 is None  # freed
+    assert not any("text_encoder" in name for name, _ in bb.named_modules())  # embedded once, never kept
     z = torch.randn(2, 16, 8, 10, generator=torch.Generator().manual_seed(1))
     expected, t = pipeline_one_step("sd3", z, sigma)
     assert t[0].item() == pytest.approx(1000 * 3 * sigma / (1 + 2 * sigma), rel=1e-5)

@@ -98,12 +98,6 @@ class FlowTransformerBackbone(DiffusionBackbone):
         self.reference_time = reference_time
         self.vae: nn.Module | None = None
         self.transformer: nn.Module | None = None
-        self.text_encoder: nn.Module | None = None
-        self.text_encoder_2: nn.Module | None = None
-        self.text_encoder_3: nn.Module | None = None
-        self.tokenizer: Any = None
-        self.tokenizer_2: Any = None
-        self.tokenizer_3: Any = None
         self.scheduler: Any = None
         self.num_train_timesteps: int | None = None
         self._flow_time: FlowTime | None = None
@@ -194,28 +188,32 @@ class FlowTransformerBackbone(DiffusionBackbone):
         vae, transformer = new.get("vae", self.vae), new.get("transformer", self.transformer)
         if vae is not None and transformer is not None:
             self._check_latent_channels(vae, transformer)
-        if from_file is not None and transformer is not None:
-            self._check_conditioning(
-                transformer, *from_file, where=f"prompt embedding '{self.prompt_embedding}'"
-            )
+        # an embedding already there (or read now) must fit the transformer, checked before anything is kept
+        known = from_file or (
+            None if self.prompt_embeds is None else (self.prompt_embeds, self.pooled_prompt_embeds)
+        )
+        if known is not None and transformer is not None:
+            where = "the text encoders" if self.prompt_embedding is None else f"'{self.prompt_embedding}'"
+            self._check_conditioning(transformer, *known, where=where)
+        encoded = None
+        if "text" in todo:  # embedded with the new encoders before any of them is kept
+            with torch.no_grad():
+                encoded = self._encode_empty_prompt(new)
+            if transformer is not None:
+                self._check_conditioning(transformer, *encoded, where="the text encoders")
         for name, obj in new.items():
             if name == "scheduler":
                 self._set_schedule(obj)
-            elif isinstance(obj, nn.Module):
+            elif isinstance(obj, nn.Module) and not name.startswith("text_encoder"):
                 setattr(self, name, self._freeze(obj, self._device_anchor.device))
-            else:
+            elif not name.startswith(("text_encoder", "tokenizer")):
                 setattr(self, name, obj)
-        if from_file is not None:
-            self._set_prompt(*from_file)
-        elif "text" in todo:
-            with torch.no_grad():
-                self._set_prompt(*self._encode_empty_prompt())
-            self._free_text_encoders()
-        if "unet" in todo and self.prompt_embeds is not None and from_file is None:
-            assert self.transformer is not None and self.pooled_prompt_embeds is not None
-            self._check_conditioning(
-                self.transformer, self.prompt_embeds, self.pooled_prompt_embeds, where="the text encoders"
-            )
+        if from_file is not None or encoded is not None:
+            self._set_prompt(*(from_file or encoded))  # type: ignore[misc]
+        if encoded is not None:  # the encoders are never needed again
+            self._text_encoder_classes = {
+                k: type(v).__name__ for k, v in new.items() if k.startswith("text_encoder") and v is not None
+            }
 
     def _loader(self) -> DiTWeightLoader:
         return DiTWeightLoader(
@@ -248,17 +246,19 @@ class FlowTransformerBackbone(DiffusionBackbone):
         self.prediction_type = FLOW
 
     # --- the empty prompt --------------------------------------------------------------------
-    def _encode_empty_prompt(self) -> tuple[Tensor, Tensor]:
-        """(prompt_embeds (1,L,D), pooled_prompt_embeds (1,P)) of "" through the family's pipeline code."""
+    def _encode_empty_prompt(self, parts: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(prompt_embeds (1,L,D), pooled_prompt_embeds (1,P)) of "" through the family's pipeline code, with
+        the text encoders and tokenizers in ``parts`` (frozen and moved here, then dropped by the caller)."""
         raise NotImplementedError
 
-    def _free_text_encoders(self) -> None:
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self, name)
-            if module is not None:
-                self._text_encoder_classes[name] = type(module).__name__
-        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
-        self.tokenizer = self.tokenizer_2 = self.tokenizer_3 = None
+    def _text_parts(self, parts: dict[str, Any]) -> dict[str, Any]:
+        """The encoders (frozen, on this backbone's device) and tokenizers of ``parts``."""
+        device = self._device_anchor.device
+        return {
+            k: self._freeze(v, device) if isinstance(v, nn.Module) else v
+            for k, v in parts.items()
+            if k.startswith(("text_encoder", "tokenizer"))
+        }
 
     def _set_prompt(self, prompt_embeds: Tensor, pooled: Tensor) -> None:
         device = self._device_anchor.device
@@ -413,13 +413,7 @@ class FlowTransformerBackbone(DiffusionBackbone):
     def train(self, mode: bool = True) -> FlowTransformerBackbone:
         """Keep fully frozen parts in eval mode when the LightningModule switches to training."""
         super().train(mode)
-        for module in (
-            self.vae,
-            self.transformer,
-            self.text_encoder,
-            self.text_encoder_2,
-            self.text_encoder_3,
-        ):
+        for module in (self.vae, self.transformer):
             if module is not None and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
         return self

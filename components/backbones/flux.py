@@ -10,6 +10,8 @@ of tadm sees ordinary (B, 16, h, w) latents.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -117,19 +119,11 @@ class FluxBackbone(FlowTransformerBackbone):
                 f"channels (4 x latent channels) but the VAE gives {vae.config.latent_channels}; use a matching VAE"
             )
 
-    def _encode_empty_prompt(self) -> tuple[Tensor, Tensor]:
+    def _encode_empty_prompt(self, parts: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """ "" through ``FluxPipeline.encode_prompt``: T5 sequence embeddings and CLIP-L's pooled output."""
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline(
-            scheduler=None,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            transformer=None,
-        )
+        pipe = FluxPipeline(scheduler=None, vae=None, transformer=None, **self._text_parts(parts))
         prompt, pooled, _ = pipe.encode_prompt(
             prompt="",
             prompt_2=None,

@@ -11,6 +11,8 @@ projections), and the transformer call, which patches 2x2 latents itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from tadm.components.backbones.dit import Dtype, FlowTransformerBackbone
@@ -116,21 +118,11 @@ class SD3Backbone(FlowTransformerBackbone):
             if block.context_pre_only
         ]
 
-    def _encode_empty_prompt(self) -> tuple[Tensor, Tensor]:
+    def _encode_empty_prompt(self, parts: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """ "" through ``StableDiffusion3Pipeline.encode_prompt`` (no classifier-free guidance)."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline(
-            transformer=None,
-            scheduler=None,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer_3=self.tokenizer_3,
-        )
+        pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **self._text_parts(parts))
         prompt, _, pooled, _ = pipe.encode_prompt(
             prompt="",
             prompt_2=None,
