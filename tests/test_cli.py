@@ -169,7 +169,7 @@ def test_metrics_command_has_its_own_name(capsys: pytest.CaptureFixture[str]) ->
     [
         ("--model.scale=7", "scale must be a power of two"),
         ("--data.init_args.crop_size=100", "crop_size=100 must be a positive multiple of 16"),
-        ("--model.rescaler=nosuch", "unknown rescaler 'nosuch'; registered rescalers: bicubic, dfrm"),
+        ("--model.rescaler=nosuch", "unknown rescaler 'nosuch'; registered rescalers: bicubic, dfrm, irn"),
     ],
 )
 def test_bad_configuration_values_are_short_errors_with_exit_2(

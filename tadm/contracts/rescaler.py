@@ -19,7 +19,9 @@ class Rescaler(nn.Module, ABC):
     """Learns (or fixes) both directions: HR -> LR image and LR image -> reconstruction.
 
     ``space`` says what :meth:`upscale` reconstructs: ``"latent"`` (a latent of the backbone,
-    decoded by its VAE decoder) or ``"pixel"`` (an image in [-1, 1] of the HR size).
+    decoded by its VAE decoder) or ``"pixel"`` (an image of the HR size, in [-1, 1] once the pipeline
+    clamps it). In stages 2/3 a pixel rescaler's image is encoded by the VAE and enhanced like a latent
+    rescaler's z_hat (the paper's "pixel-space rescaling + SD prior" ablation).
     Inputs to :meth:`downscale` have sizes that are multiples of ``scale`` (the pipeline pads).
     """
 
@@ -52,8 +54,9 @@ class Rescaler(nn.Module, ABC):
         """Unweighted stage-1 loss terms by name; the LightningModule applies the weights.
 
         A rescaler may put ``outputs["z_hat"] = upscale(downscale(x, z))`` (with gradients) into
-        ``outputs``: the joint stage then enhances it instead of running the rescaler twice. The
-        default covers rescalers without parameters of their own (nothing to train).
+        ``outputs``: the joint stage then enhances it instead of running the rescaler twice (a pixel
+        rescaler's is its image, which the joint stage encodes with the VAE). ``z`` is None for a pixel
+        rescaler. The default covers rescalers without parameters of their own (nothing to train).
         """
         return {}
 

@@ -1,4 +1,5 @@
-"""Network blocks shared by the DFRM, the TPM and the Refiner: conv/res blocks and exact affine couplings."""
+"""Network blocks shared by the DFRM, the TPM, the Refiner and IRN: conv/res blocks, exact affine couplings
+and the Haar downsampling."""
 
 from __future__ import annotations
 
@@ -120,3 +121,30 @@ class InvertibleNet(nn.Module):
         for block in reversed(self.blocks):
             y = block.inverse(y)
         return y
+
+
+class HaarDownsampling(nn.Module):
+    """One level of the 2-D Haar transform as an exactly invertible x2 downsampling (IRN's).
+
+    (B, C, H, W) -> (B, 4C, H/2, W/2), grouped by filter: the C low-pass channels (2x2 means) first,
+    then the three detail bands, each C channels. The forward pass divides by 4 as IRN does (so the
+    low-pass band is a box-downsampled image in the input's units); ``inverse`` undoes it exactly.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            raise ValueError(f"Haar downsampling needs even sizes, got {h}x{w}")
+        a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
+        c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+        return torch.cat([a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d], dim=1) / 4.0
+
+    def inverse(self, y: Tensor) -> Tensor:
+        if y.shape[1] % 4:
+            raise ValueError(f"Haar inverse needs 4C channels, got {y.shape[1]}")
+        ll, h1, h2, h3 = y.chunk(4, dim=1)
+        a, b = ll + h1 + h2 + h3, ll - h1 + h2 - h3
+        c, d = ll + h1 - h2 - h3, ll - h1 - h2 + h3
+        # pixel_shuffle reads channel (k * 4 + 2i + j) as pixel (i, j) of channel k
+        out = torch.stack([a, b, c, d], dim=2).flatten(1, 2)
+        return torch.nn.functional.pixel_shuffle(out, 2)
