@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, quantize_8bit
 from tadm.inference.groupnorm_sync import blend_tiles_synced
-from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, stitch_tiles, timestep_map
+from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, enhancer_tiles, stitch_tiles, timestep_map
 from tadm.ops.color_fix import apply_color_fix, check_color_fix
 from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, lcm, pad_to_multiple
 
@@ -152,16 +152,21 @@ def enhance_and_decode(
     """What :func:`rescale_up` gave -> the HR image cropped to ``size``.
 
     ``enhance`` (stages 2/3) maps z_hat to z0_hat on latent tiles blended with Gaussian weights,
-    each tile with its own timestep; ``z_true`` (the HR latent) is only for analysis aligners.
+    each tile with its own timestep; ``z_true`` (the HR latent) is only for analysis aligners. A pixel
+    rescaler's image is the output, or with ``enhance`` first encoded by the VAE (pixel rescaling + SD prior).
     """
     if rescaler.space != "latent":
-        return Upscaled(crop_to(out.clamp(-1.0, 1.0), size), None)
+        if enhance is None:
+            return Upscaled(crop_to(out.clamp(-1.0, 1.0), size), None)
+        out = encode(backbone, out.clamp(-1.0, 1.0), tiling)
     timesteps = None
     if enhance is not None:
         lh, lw = out.shape[-2:]
-        if min(lh, lw) < MIN_ENHANCE_LATENT:  # tiny images: the UNet's downsampling needs some room
-            out, _ = pad_to_multiple(out, MIN_ENHANCE_LATENT)
-            z_true = None if z_true is None else pad_to_multiple(z_true, MIN_ENHANCE_LATENT)[0]
+        pad = MIN_ENHANCE_LATENT if min(lh, lw) < MIN_ENHANCE_LATENT else backbone.latent_multiple
+        if lh % pad or lw % pad:  # tiny images: the UNet needs room; a DiT takes whole patches
+            out, _ = pad_to_multiple(out, pad)
+            z_true = None if z_true is None else pad_to_multiple(z_true, pad)[0]
+        tile, overlap = enhancer_tiles(tiling, backbone.latent_multiple)
 
         def one(z_tile: Tensor, true_tile: Tensor | None) -> tuple[Tensor, Tensor]:
             z0, t = enhance(z_tile, true_tile)
@@ -170,10 +175,11 @@ def enhance_and_decode(
         out, timesteps = blend_tiles(
             one,
             out,
-            tile=tiling.latent_tile,
-            overlap=tiling.latent_overlap,
+            tile=tile,
+            overlap=overlap,
             weight="gaussian",
             var=tiling.gaussian_var,
+            align=backbone.latent_multiple,
             batch=tiling.tile_batch,
             extras=[z_true],
         )
