@@ -41,6 +41,7 @@ def fake_run(
     psnr: float,
     protocol: dict[str, Any] = TADM,
     fingerprint: str | None = "f" * 64,
+    notes: tuple[str, ...] = (),
     **extra: Any,
 ) -> Path:
     """A run folder as ``tadm fit`` + ``tadm evaluate --output RUN/eval`` leave it."""
@@ -58,7 +59,7 @@ def fake_run(
             _method(f"tadm last.ckpt [{name[:8]}]", psnr, **extra),
             _method("bicubic x16", 24.06, lr_bpp=0.08),
         ],
-        "notes": [],
+        "notes": ["Means over images.", *notes],
         "failed": [],
     }
     if fingerprint is not None:
@@ -91,7 +92,9 @@ def _table(markdown: str) -> dict[str, dict[str, str]]:
 
 def test_rows_are_named_by_what_differs_and_missing_metrics_are_blank(tmp_path: Path) -> None:
     a = fake_run(tmp_path, "run_a", _config("tpm"), 25.5, lpips=0.41, lr_bpp=0.0803)
-    b = fake_run(tmp_path, "run_b", _config("fixed", t=200.0), 24.9)
+    b = fake_run(
+        tmp_path, "run_b", _config("fixed", t=200.0), 24.9, notes=("LPIPS/DISTS not computed: off.",)
+    )
     comparison = compare_runs([a, b])
     table = _table(comparison.markdown())
     # the logger name differs too, but it is not what the runs compare; a swapped class stands for its
@@ -112,6 +115,8 @@ def test_rows_are_named_by_what_differs_and_missing_metrics_are_blank(tmp_path: 
     assert row_b["LPIPS"] == "" and row_b["DISTS"] == "" and row_b["FID"] == "" and row_b["LR bpp"] == ""
     assert row_a["trainable params"] == "1.41 M" and row_a["protocol"] == "tadm" and row_a["images"] == "2"
     assert "flag" not in row_a  # nothing mixed: no flag column
+    assert "In the runs' reports: LPIPS/DISTS not computed: off." in comparison.markdown()  # why blank
+    assert "Means over images." not in comparison.notes
 
 
 def test_row_names_keep_only_the_differing_keys_shortened(tmp_path: Path) -> None:

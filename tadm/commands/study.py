@@ -251,7 +251,7 @@ def _write_manifest(study: Study, outcomes: dict[str, CellOutcome], running: str
 
 
 def _summary(outcomes: Any) -> str:
-    lines = ["| cell | status | |", "|---|---|---|"]
+    lines = ["| cell | status | detail |", "|---|---|---|"]
     lines += [f"| {o.name} | {o.status} | {o.detail} |" for o in outcomes]
     return "\n".join(lines)
 

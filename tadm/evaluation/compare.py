@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,8 @@ def compare_runs(paths: Sequence[str | os.PathLike[str]], allow_mixed: bool = Fa
     for ref in refs:  # one reference per protocol and image set (mixed runs): say which
         if sum(r.method == ref.method for r in refs) > 1:
             ref.name = f"{ref.method} (reference: {ref.protocol}, images {(ref.image_set or 'unknown')[:8]})"
+    missing = [n for doc in docs for n in doc.get("notes", []) if " not computed" in str(n)]
+    notes += [f"In the runs' reports: {n}" for n in dict.fromkeys(missing)]  # why a column is blank
     comparison = Comparison(rows + refs, notes)
     _check_mixed(comparison, allow_mixed)
     comparison.notes[:0] = _header_notes(comparison)
@@ -439,23 +441,39 @@ def _count(n: int) -> str:
 def _figure(panels: int):  # type: ignore[no-untyped-def]
     from matplotlib.figure import Figure  # the Agg canvas: no display, no pyplot state
 
-    fig = Figure(figsize=(5.2 * panels, 4.2), layout="constrained")
+    fig = Figure(figsize=(4.6 * panels + 2.6, 4.2), layout="constrained")
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
-def _scatter(ax, rows: Iterable[Row], x: str, y: str) -> int:  # type: ignore[no-untyped-def]
-    """One labelled point per row that has both values; returns how many."""
+def _scatter(ax, rows: Sequence[Row], x: str, y: str) -> int:  # type: ignore[no-untyped-def]
+    """One point per row that has both values, marked with the row's number (the legend names it);
+    returns how many. A colour and a number per row stay the same in every panel and plot."""
     n = 0
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         xv, yv = getattr(row, x), getattr(row, y)
         if xv is None or yv is None or not (math.isfinite(xv) and math.isfinite(yv)):
             continue
-        style = {"marker": "x", "color": "0.4"} if row.reference else {"marker": "o"}
-        ax.scatter([xv], [yv], **style)
-        ax.annotate(row.name, (xv, yv), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        marker = "x" if row.reference else "o"
+        ax.scatter([xv], [yv], marker=marker, color=f"C{(i - 1) % 10}", label=f"{i}: {row.name}")
+        ax.annotate(str(i), (xv, yv), xytext=(4, 3), textcoords="offset points", fontsize=8)
         n += 1
-    ax.margins(0.2)  # room for the labels
+    if n:
+        ax.margins(0.15)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     return n
+
+
+def _legend(fig, axes) -> None:  # type: ignore[no-untyped-def]
+    """One legend for the figure: the union of the panels' labelled points, in row order."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        labels = sorted(seen, key=lambda s: int(s.split(":", 1)[0]))
+        fig.legend([seen[k] for k in labels], labels, loc="outside right upper", fontsize=7, frameon=False)
 
 
 def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
@@ -469,16 +487,18 @@ def _plot_perception_distortion(rows: list[Row], path: Path) -> Path:
         ax.set_ylabel("PSNR-Y, dB (higher is better)")
         ax.set_title(f"perception-distortion: PSNR-Y vs {label}", fontsize=9)
         if not _scatter(ax, rows, metric, "psnr_y"):
-            ax.text(0.5, 0.5, f"{label} not computed in these runs", ha="center", va="center",
-                    transform=ax.transAxes)  # fmt: skip
+            ax.text(0.5, 0.5, f"{label} not computed in these runs\n(tadm evaluate needs the VGG16 weights)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
+    _legend(fig, axes)
     return _save(fig, path)
 
 
 def _plot_quality_time(rows: list[Row], path: Path) -> Path:
     fig, (ax,) = _figure(1)
     ax.set_xlabel("seconds per image (round trip)")
-    ax.set_ylabel("PSNR-Y, dB")
+    ax.set_ylabel("PSNR-Y, dB (higher is better)")
     ax.set_title("quality vs time", fontsize=9)
     if _scatter(ax, rows, "seconds", "psnr_y"):
         ax.set_xscale("log")
+    _legend(fig, [ax])
     return _save(fig, path)
