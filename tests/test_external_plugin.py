@@ -93,6 +93,17 @@ def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: P
     assert f"class_path: {CLASS}" in meta["config"]
 
 
+def test_study_file_puts_the_plugin_beside_the_tpm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's study file plans one cell per aligner (``tadm study plan`` needs no plug-in installed)."""
+    from tadm.config.study import load_study
+
+    monkeypatch.chdir(REPO)  # study paths are relative to the working directory
+    cells = {c.name: c for c in load_study("examples/tadm-example-aligner/study.yaml").cells()}
+    assert set(cells) == {"aligner=tpm", "aligner=example_stats"}
+    assert "examples/tadm-example-aligner/aligner.yaml" in cells["aligner=example_stats"].fit_args
+    assert "configs/aligner/tpm.yaml" in cells["aligner=tpm"].fit_args
+
+
 def test_contributing_shows_the_example_files_verbatim() -> None:
     """CONTRIBUTING.md's walk-through is the code the tests above install (no copy drifts)."""
     text = (REPO / "CONTRIBUTING.md").read_text()
