@@ -3,6 +3,8 @@ codec call, each in fresh processes, side by side with their ratio to ``import t
 
     flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/startup.py                 # 5 rounds, ~2-3 min
     flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/startup.py --importtime    # + where the time goes
+    git worktree add --detach /tmp/tadm-before <commit>       # then, in the same run, that checkout too:
+    flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/startup.py --baseline /tmp/tadm-before
 
 Every round runs each case once, in this order, as a new process (so the rounds interleave and a slow
 spell of the machine hits every case alike); the table gives the median and the minimum per case:
@@ -14,6 +16,10 @@ spell of the machine hits every case alike); the table gives the median and the 
   before its first image;
 - ``tadm downscale`` (4 MP): the whole command on one 2304x1728 photo (the bundled ``astronaut.png``
   resized, written once into a temporary folder), on ``--threads`` torch threads.
+
+``--baseline DIR`` also runs every tadm case against another checkout's ``tadm`` (its folder first on
+``PYTHONPATH``, and its own folder as the working directory), in the same rounds: before and after a
+change, measured side by side against the same ``import torch``.
 
 ``--importtime`` adds, for help, list and codec start, one ``python -X importtime`` run each and prints
 the packages that cost the most (self time summed per top-level package), and which of lightning,
@@ -79,9 +85,9 @@ def cases(work: Path, photo: Path) -> dict[str, list[str]]:
     }
 
 
-def run_once(argv: list[str], env: dict[str, str]) -> float:
+def run_once(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> float:
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -122,22 +128,32 @@ def main() -> None:
     )
     ap.add_argument("--importtime", action="store_true", help="also show where the import time goes")
     ap.add_argument("--top", type=int, default=8, help="packages shown per --importtime profile")
+    ap.add_argument("--baseline", type=Path, help="another checkout whose tadm is timed alongside")
     args = ap.parse_args()
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory(prefix="tadm-startup-") as tmp:
         work = Path(tmp)
         todo = {k: v for k, v in cases(work, make_photo(work)).items() if k not in args.skip}
-        times: dict[str, list[float]] = {name: [] for name in todo}
-        for argv in todo.values():  # warm the file cache once; not counted
-            run_once(argv, env)
-        for _ in range(args.rounds):
+        #: name -> (argv, env, working directory)
+        runs = {name: (argv, env, ROOT) for name, argv in todo.items()}
+        if args.baseline is not None:
+            base_dir = args.baseline.resolve()
+            base_env = {**env, "PYTHONPATH": os.pathsep.join([str(base_dir), env.get("PYTHONPATH", "")])}
             for name, argv in todo.items():
-                times[name].append(run_once(argv, env))
+                if name != "import torch":
+                    runs[f"{name}, baseline"] = (argv, base_env, base_dir)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for argv, run_env, cwd in runs.values():  # warm the file cache once; not counted
+            run_once(argv, run_env, cwd)
+        for _ in range(args.rounds):
+            for name, (argv, run_env, cwd) in runs.items():
+                times[name].append(run_once(argv, run_env, cwd))
 
         print(
             f"{platform.node()} | {os.cpu_count()} CPUs | Python {platform.python_version()} | "
             f"OMP_NUM_THREADS={args.threads} | {args.rounds} rounds, fresh process each"
+            + (f" | baseline: {args.baseline}" if args.baseline else "")
         )
         base = statistics.median(times["import torch"]) if "import torch" in times else None
         print("| case | median s | min s | median / import torch |\n|---|---|---|---|")

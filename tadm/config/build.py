@@ -95,10 +95,12 @@ class RescalerModel(nn.Module):
         return keys | {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
-        """Refuse a checkpoint trained on another backbone or at another scale (naming both)."""
+        """Refuse a checkpoint trained on another backbone or at another scale (naming both); a pixel
+        rescaler's stage-1 checkpoint fits any backbone (as ``TADMModule.check_compatible``)."""
         if not meta:
             return
-        if meta.get("backbone_id") != self.backbone.backbone_id:
+        backbone_free = meta.get("stage") == "rescaler" and self.rescaler.space == "pixel"
+        if meta.get("backbone_id") != self.backbone.backbone_id and not backbone_free:
             raise CheckpointError(
                 f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
                 f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
