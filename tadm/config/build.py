@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tadm.config.plugins import load_plugins
 from tadm.contracts import DiffusionBackbone, Rescaler
 from tadm.errors import CheckpointError, TadmError
+from tadm.model.trained_state import check_compatible, frozen_backbone_keys, load_trained_state
 
 
 def link_model_arguments(parser: Any, with_data: bool = True) -> None:
@@ -90,46 +91,21 @@ class RescalerModel(nn.Module):
 
     def _frozen_keys(self) -> set[str]:
         """State-dict keys checkpoints do not store: the frozen backbone."""
-        trainable = {id(p) for p in self.backbone.trainable_parameters(self.stage)}
-        keys = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if id(p) not in trainable}
-        return keys | {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
+        return frozen_backbone_keys(self.backbone, self.stage)
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
-        """Refuse a checkpoint trained on another backbone or at another scale (naming both); a pixel
-        rescaler's stage-1 checkpoint fits any backbone (as ``TADMModule.check_compatible``)."""
-        if not meta:
-            return
-        backbone_free = meta.get("stage") == "rescaler" and self.rescaler.space == "pixel"
-        if meta.get("backbone_id") != self.backbone.backbone_id and not backbone_free:
-            raise CheckpointError(
-                f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
-                f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
-            )
-        if meta.get("scale") not in (None, self.scale):
-            raise CheckpointError(
-                f"checkpoint {source} is for scale x{meta['scale']}, this model is x{self.scale}"
-            )
+        """Refuse a checkpoint trained on another backbone or at another scale, as ``TADMModule`` does."""
+        check_compatible(
+            meta,
+            source,
+            backbone_id=self.backbone.backbone_id,
+            scale=self.scale,
+            pixel_rescaler=self.rescaler.space == "pixel",
+        )
 
     def load_trained_state(self, state: dict[str, Tensor], source: str) -> None:
-        """Load the stored tensors over the frozen backbone; any that do not fit, are unknown or are missing
-        is a :class:`CheckpointError`."""
-        try:
-            result = self.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # size mismatches: one line per tensor from torch
-            lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
-            raise CheckpointError(
-                f"{source} does not fit this model: {'; '.join(lines[:3]) or str(err).splitlines()[0]}"
-                + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
-            ) from err
-        if result.unexpected_keys:
-            raise CheckpointError(
-                f"{source} has weights this model does not: {list(result.unexpected_keys)[:8]}"
-            )
-        missing = sorted(set(result.missing_keys) - self._frozen_keys())
-        if missing:
-            raise CheckpointError(
-                f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-            )
+        """Load the stored tensors over the frozen backbone; a missing trained tensor is an error."""
+        load_trained_state(self, state, source, self._frozen_keys(), require_all=True)
 
 
 def _rescaler_model_parser() -> Any:

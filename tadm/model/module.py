@@ -13,7 +13,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
-from tadm.errors import CheckpointError
 from tadm.evaluation.metrics import psnr_rgb, psnr_y, ssim_y
 from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
@@ -29,6 +28,7 @@ from tadm.model.losses import (
     get_distance,
     weighted_sum,
 )
+from tadm.model.trained_state import check_compatible, frozen_backbone_keys, load_trained_state
 from tadm.ops.color_fix import ColorFix, check_color_fix
 from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
 
@@ -426,12 +426,7 @@ class TADMModule(L.LightningModule):
     # --------------------------------------------------------------- checkpoints
     def _frozen_keys(self) -> set[str]:
         """State-dict keys not stored in checkpoints: the frozen backbone and loss networks."""
-        trainable = {id(p) for p in self.backbone.trainable_parameters(self.stage)}
-        keys = set()
-        for name, p in self.backbone.named_parameters():
-            if id(p) not in trainable:
-                keys.add(f"backbone.{name}")
-        keys |= {f"backbone.{name}" for name, _ in self.backbone.named_buffers()}
+        keys = frozen_backbone_keys(self.backbone, self.stage)
         if self.perceptual is not None:  # frozen loss networks come from their own packages
             keys |= {f"perceptual.{k}" for k in self.perceptual.state_dict()}
         return keys
@@ -451,21 +446,14 @@ class TADMModule(L.LightningModule):
         }
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
-        """Refuse a checkpoint trained on another backbone or at another scale (naming both). A stage-1
-        checkpoint of a pixel rescaler holds no weight that depends on the backbone: any backbone takes it
-        (IRN trained without a VAE, then enhanced with SD: the "pixel rescaling + SD prior" ablation)."""
-        if not meta:
-            return
-        backbone_free = meta.get("stage") == "rescaler" and self.rescaler.space == "pixel"
-        if meta.get("backbone_id") != self.backbone.backbone_id and not backbone_free:
-            raise CheckpointError(
-                f"checkpoint {source} was trained with backbone {meta.get('backbone_id')!r}, "
-                f"but this model uses {self.backbone.backbone_id!r}; use the same backbone config"
-            )
-        if meta.get("scale") not in (None, self.scale):
-            raise CheckpointError(
-                f"checkpoint {source} is for scale x{meta['scale']}, this model is x{self.scale}"
-            )
+        """Refuse a checkpoint trained on another backbone or at another scale (:mod:`tadm.model.trained_state`)."""
+        check_compatible(
+            meta,
+            source,
+            backbone_id=self.backbone.backbone_id,
+            scale=self.scale,
+            pixel_rescaler=self.rescaler.space == "pixel",
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_compatible(checkpoint.get(META_KEY), "being resumed")
@@ -489,29 +477,6 @@ class TADMModule(L.LightningModule):
         self.load_trained_state(state, path, require_all=False)
 
     def load_trained_state(self, state: dict[str, Tensor], source: str, require_all: bool = True) -> None:
-        """Load stored (trained) tensors over the frozen backbone; unknown keys and shape mismatches are a
-        :class:`CheckpointError`, and so are missing trained tensors when ``require_all`` (inference) -- a
-        warning otherwise."""
-        try:
-            result = self.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # size mismatches: one line per tensor from torch
-            lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
-            raise CheckpointError(
-                f"{source} does not fit this model: {'; '.join(lines[:3]) or str(err).splitlines()[0]}"
-                + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
-            ) from err
-        unexpected = list(result.unexpected_keys)
-        if unexpected:
-            raise CheckpointError(f"{source} has weights this model does not: {unexpected[:8]}")
-        missing = sorted(set(result.missing_keys) - self._frozen_keys())
-        if missing and require_all:
-            raise CheckpointError(
-                f"{source} lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-            )
-        if missing:
-            log.warning(
-                "init_from %s: %d trainable tensors not in the checkpoint keep their initial values: %s",
-                source,
-                len(missing),
-                missing[:8],
-            )
+        """Load stored (trained) tensors over the frozen backbone (:mod:`tadm.model.trained_state`): missing
+        trained tensors are an error when ``require_all`` (inference), a warning otherwise (``init_from``)."""
+        load_trained_state(self, state, source, self._frozen_keys(), require_all)
