@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QS_CKPT := runs/quickstart/checkpoints/last.ckpt
 
-.PHONY: setup quickstart quickstart-model test test-slow lint format clean
+.PHONY: setup quickstart quickstart-model study-demo test test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ quickstart: setup
 quickstart-model: export OMP_NUM_THREADS = 1
 quickstart-model: quickstart
 	$(BIN)/tadm export $(QS_CKPT) --output assets/models/quickstart_x16.safetensors --dtype fp32 --overwrite
+
+# A 4-cell study on the CPU (configs/studies/demo.yaml, docs/studies.md): trains and evaluates each
+# cell, then prints the comparison table; plots in runs/studies/demo/*.png. A rerun keeps finished cells.
+study-demo: setup
+	$(BIN)/tadm study run configs/studies/demo.yaml
 
 # Two workers (one torch thread each) and the slowest tests listed at the end.
 test: setup

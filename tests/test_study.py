@@ -7,8 +7,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +220,10 @@ if argv[0] == "fit":
     name = opt("--trainer.logger.init_args.name=")
     with open(here / "calls.txt", "a") as f:
         f.write(f"fit {name}\\n")
+    if (here / "hang").exists():  # stand for a long training: say who we are, then wait
+        import os, time
+        (here / "child.pid").write_text(str(os.getpid()))
+        time.sleep(60)
     if "--fake.fail=true" in argv and (here / "fail").exists():
         print("Traceback: the model diverged")
         sys.exit(1)
@@ -336,6 +344,40 @@ def test_a_folder_the_study_did_not_make_is_never_replaced(
     assert main(["study", "run", str(fake)]) == 2
     assert "'out/x=cc' exists and was not made by `tadm study`" in capsys.readouterr().err
     assert _calls(workdir) == [] and (workdir / "out" / "x=cc" / "mine.txt").read_text() == "keep"
+
+
+def test_sigterm_stops_the_study_and_its_running_cell(
+    fake: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scheduler's SIGTERM ends the study like Ctrl-C (exit 130) and kills the cell's process with it."""
+    (workdir / "hang").touch()
+    pid_file = workdir / "child.pid"
+
+    def terminate_when_the_cell_runs() -> None:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    missed: list[int] = []  # a SIGTERM the study did not catch lands here instead of ending pytest
+    outer = signal.signal(signal.SIGTERM, lambda signum, frame: missed.append(signum))
+    try:
+        killer = threading.Thread(target=terminate_when_the_cell_runs)
+        killer.start()
+        code = main(["study", "run", str(fake)])
+        killer.join()
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert code == 130 and missed == []
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(child, 0)
+    assert "interrupted" in capsys.readouterr().err
+    assert handler is not None and handler.__name__ == "<lambda>"  # the study put the previous handler back
+    manifest = json.loads((workdir / "out" / "study.json").read_text())
+    assert manifest["cells"][0]["status"] == "todo"  # trained again next time
 
 
 @pytest.mark.slow

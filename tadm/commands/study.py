@@ -18,8 +18,10 @@ import argparse
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,6 +96,7 @@ def run_study(study: Study, cells: Sequence[Cell], compare: bool = True) -> int:
     study.output.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, CellOutcome] = {}
     print(f"study {study.source}: {len(cells)} cell(s) -> {study.output}", flush=True)
+    previous = _terminate_as_interrupt()
     try:
         for i, cell in enumerate(cells, 1):
             state, why = _status(cell)
@@ -108,6 +111,8 @@ def run_study(study: Study, cells: Sequence[Cell], compare: bool = True) -> int:
             print(f"[{i}/{len(cells)}] {cell.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
     finally:  # Ctrl-C included: the manifest says what finished
         _write_manifest(study, outcomes)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     failed = [o for o in outcomes.values() if o.status == "failed"]
     print()
     print(_summary(outcomes.values()))
@@ -119,6 +124,19 @@ def run_study(study: Study, cells: Sequence[Cell], compare: bool = True) -> int:
             print(f"- {o.name}: {o.detail}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (a scheduler, ``kill``) stops the study like Ctrl-C: the running cell's process is killed
+    with it (``subprocess.run`` kills its child on any exception) instead of training on, orphaned.
+    Returns the previous handler (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run_cell(cell: Cell, fit: bool) -> CellOutcome:
