@@ -235,12 +235,10 @@ class FlowTransformerBackbone(DiffusionBackbone):
         config = dict(scheduler.config)
         self.scheduler = scheduler
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
-        tokens = (
-            self.preset.resolution // (self.preset.downsample_factor * 2)
-        ) ** 2  # patches of 2x2 latents
+        side = self.preset.resolution // (self.preset.downsample_factor * 2)  # 2x2-latent patches per side
         self._flow_time = FlowTime(
             num_train_timesteps=self.num_train_timesteps,
-            shift=scheduler_shift(config, tokens),
+            shift=scheduler_shift(config, side * side),
             reference=self.reference_time,
         )
         self.prediction_type = FLOW
