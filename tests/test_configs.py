@@ -2,12 +2,13 @@
 
 Nothing here lists config files: a new file is picked up by its folder's rule. ``experiments/`` and
 ``quickstart.yaml`` are complete recipes (each experiment runs once per backbone family, on the family's
-tiny twin); ``backbone/``, ``aligner/``, ``debug/`` and ``data/`` files are composed onto a recipe. A new
-aligner is one module and one YAML, nothing else to edit.
+tiny twin); ``backbone/``, ``aligner/``, ``rescaler/``, ``ablation/``, ``debug/``, ``data/`` and
+``hardware/`` files are composed onto a recipe. A new aligner or rescaler is one module and one YAML, nothing else to edit.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,22 @@ import torch
 import yaml
 
 from tadm.commands.main import main
+from tadm.components.backbones.dit_presets import DIT_PRESETS
 from tadm.components.backbones.presets import PRESETS
-from tadm.contracts import ALIGNERS
+from tadm.config.plugins import load_plugins
+from tadm.contracts import ALIGNERS, RESCALERS
 from tests.helpers import CONFIGS, TRAIN, VAL
 from tests.helpers.cli import build_cli, data_args, fit_and_check, stage_args
 
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
 CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
-RULES = ("quickstart.yaml", "experiments", "backbone", "aligner", "debug", "data")
+RULES = (
+    "quickstart.yaml", "experiments", "backbone", "aligner", "rescaler", "ablation", "debug", "data", "studies",
+    "hardware",
+)  # fmt: skip
+#: studies/: study files (`tadm study`), whose every cell tests/test_study.py builds
+#: hardware/: settings for one kind of machine, composed onto the stage-2 recipe (below); what the one-GPU
+#: file promises (effective batch, gradient checkpointing in diffusers) is checked in tests/test_one_gpu.py
 
 
 def _files(folder: str) -> list[str]:
@@ -37,8 +46,10 @@ def _preset(rel: str) -> str | None:
     return ((_yaml(rel).get("model") or {}).get("backbone") or {}).get("init_args", {}).get("preset")
 
 
+#: every named preset: the UNet families' and the DiT families' (SD 3, FLUX)
+ALL_PRESETS = {**PRESETS, **DIT_PRESETS}
 #: one backbone file per family: the experiments run on each family's tiny twin
-FAMILY_FILES = {PRESETS[p].family: f for f in reversed(_files("backbone")) if (p := _preset(f))}
+FAMILY_FILES = {ALL_PRESETS[p].family: f for f in reversed(_files("backbone")) if (p := _preset(f))}
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +65,9 @@ def test_every_config_file_has_a_rule() -> None:
 
 
 def test_every_backbone_family_has_a_tiny_twin() -> None:
-    assert set(FAMILY_FILES) == {"sd15", "sd21", "sdxl"}
+    assert set(FAMILY_FILES) == {"sd15", "sd21", "sdxl", "sd3", "flux"}
     for family in FAMILY_FILES:
-        assert f"tiny-{family}" in PRESETS, (
+        assert f"tiny-{family}" in ALL_PRESETS, (
             f"family {family} needs a tiny-{family} preset for the config tests"
         )
 
@@ -69,16 +80,37 @@ def test_quickstart_trains_a_step_and_reports_both_round_trips() -> None:
     assert 5 < metrics["val/psnr_y"] < 60 and 5 < metrics["val/bicubic_psnr_y"] < 60
 
 
+def _backbone_free(rel: str) -> bool:
+    """A stage-1 recipe of a pixel-space rescaler (IRN): no part of it depends on the backbone."""
+    load_plugins()
+    model = _yaml(rel)["model"]
+    rescaler = RESCALERS.get(model["rescaler"]["class_path"])
+    return model.get("stage", "rescaler") == "rescaler" and rescaler.space == "pixel"
+
+
 def _experiment_cases() -> list:
     """Every experiment on every family; the authors' release recipes (``experiments/release/``, SD 2.1 by
-    definition) run on the other families' twins only with the slow tests."""
+    definition) and the recipes no backbone takes part in (:func:`_backbone_free`) run on the other families'
+    twins only with the slow tests."""
     return [
         pytest.param(
-            e, f, marks=[pytest.mark.slow] if e.startswith("experiments/release/") and f != "sd21" else []
+            e,
+            f,
+            marks=[pytest.mark.slow]
+            if ((e.startswith("experiments/release/") or _backbone_free(e)) and f != "sd21")
+            or _dit_slow(e, f)
+            else [],
         )
         for e in _files("experiments")
         for f in sorted(FAMILY_FILES)
     ]
+
+
+def _dit_slow(experiment: str, family: str) -> bool:
+    """The DiT twins (SD 3, FLUX) run each stage's x16 recipe in the fast suite, the rest with the slow tests
+    (tests/test_backbone_sd3.py and test_backbone_flux.py train their stages at x32 directly)."""
+    fast = {f"experiments/{stage}_x16.yaml" for stage in ("rescaler", "enhancer", "joint")}
+    return family in {p.family for p in DIT_PRESETS.values()} and experiment not in fast
 
 
 @pytest.mark.parametrize(("experiment", "family"), _experiment_cases())
@@ -151,6 +183,72 @@ def test_aligner_file_swaps_the_aligner_and_trains_a_step(aligner: str) -> None:
     assert not cli.model.rescaler.training  # stage 2 keeps the frozen rescaler in eval mode
 
 
+@pytest.mark.parametrize("rescaler", _files("rescaler"))
+def test_rescaler_file_swaps_the_rescaler_and_trains_a_step(rescaler: str) -> None:
+    """Composed onto stage 1 (``experiments/rescaler_x16.yaml``, tiny SD 2.1): the YAML's short name picks the
+    class, its loss weights cover the terms it returns, and one step trains the rescaler alone."""
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / "experiments" / "rescaler_x16.yaml"),
+            "--config",
+            str(CONFIGS / rescaler),
+            "--model.backbone.init_args.preset=tiny-sd21",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+            "--data.init_args.num_workers=0",
+            *data_args(crop=64, batch=1),
+        ]
+    )
+    assert type(cli.model.rescaler) is RESCALERS.get(_yaml(rescaler)["model"]["rescaler"]["class_path"])
+    done = fit_and_check(cli)
+    assert {n.split(".")[0] for n in done["changed"]} == {"rescaler"}
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Dotted keys and values of a YAML mapping (lists and class choices are leaves)."""
+    out: list[tuple[str, object]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and "class_path" not in value and key != "loss_weights":
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+@pytest.mark.parametrize("ablation", _files("ablation"))
+def test_ablation_file_composes_onto_stage_2_and_trains_a_step(ablation: str) -> None:
+    """Composed onto stage 2 (``experiments/enhancer_x16.yaml``, tiny SD 2.1, slim DFRM, no previous
+    checkpoint): every value of the file reaches the model, and one step trains exactly its stage's parts."""
+    extra = ["--config", str(CONFIGS / ablation), "--model.init_from=null", "--trainer.max_steps=1"]
+    cli = build_cli(stage_args(extra=extra))
+    model = cli.model
+    for key, value in _leaves(_yaml(ablation)):
+        section, name = key.split(".", 1)
+        if key == "model.init_from":
+            continue  # the previous stage's run, replaced by null here
+        if section == "trainer":
+            assert cli.config["trainer"][name] == value, key
+        elif isinstance(value, dict) and "class_path" in value:  # the registered class, with its init_args
+            registry = {"aligner": ALIGNERS, "rescaler": RESCALERS}[name]
+            part = getattr(model, name)
+            assert type(part) is registry.get(value["class_path"]), key
+            for arg, want in (value.get("init_args") or {}).items():
+                assert getattr(part, arg) == want, f"{key}.init_args.{arg}"
+        else:
+            assert getattr(model, name) == value, key
+    done = fit_and_check(cli)
+    parts = {n.split(".")[0] for n in done["changed"]}
+    expected = {"rescaler": {"rescaler"}, "enhancer": {"backbone", "enhancer"}}
+    assert expected[model.stage] <= parts, parts
+    assert ("rescaler" in parts) == (model.stage != "enhancer")
+
+
 @pytest.mark.parametrize("debug", _files("debug"))
 def test_debug_file_composes_with_quickstart(debug: str) -> None:
     cli = build_cli(["--config", QUICKSTART, "--config", str(CONFIGS / debug), *data_args()])
@@ -159,6 +257,38 @@ def test_debug_file_composes_with_quickstart(debug: str) -> None:
     cli = build_cli(
         ["--config", QUICKSTART, "--config", str(CONFIGS / debug), "--trainer.fast_dev_run=1", *data_args()]
     )
+    fit_and_check(cli)
+
+
+def _flat(doc: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+@pytest.mark.parametrize("hardware", _files("hardware"))
+def test_hardware_file_composes_onto_stage_2_and_trains(
+    hardware: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Composed after the shrunk stage-2 recipe (tiny SD 2.1), every value the file sets reaches the parsed
+    config and one optimiser step trains with all of them (bf16-mixed, accumulation and all); a class from an
+    optional package that is not installed (bitsandbytes) fails at parse time naming the package."""
+    flat = _flat(_yaml(hardware))
+    packages = {v.split(".")[0] for k, v in flat.items() if k.endswith("class_path") and "." in str(v)}
+    missing = sorted(p for p in packages if importlib.util.find_spec(p) is None)
+    args = stage_args(extra=["--config", str(CONFIGS / hardware), "--trainer.max_steps=1"])
+    if missing:
+        with pytest.raises(SystemExit):
+            build_cli(args)
+        err = capsys.readouterr().err
+        assert all(f"No module named '{p}'" in err for p in missing), err[-2000:]
+        return
+    cli = build_cli(args)
+    for key, value in flat.items():
+        parsed = cli.config[key]
+        assert (list(parsed) if isinstance(parsed, tuple) else parsed) == value, key
     fit_and_check(cli)
 
 
