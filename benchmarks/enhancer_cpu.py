@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
 from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
 
+ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 CASES = [f"{b}:{k}" for b in UNETS for k in ("train:ckpt", "train:nockpt", "upscale")]
 
@@ -36,6 +39,13 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.model.module import TADMModule
 
+    # LPIPS / DISTS on a random VGG16 where torchvision looks for the ImageNet one (offline; the stage-2
+    # loss's cost is the same, its numbers are not perceptual)
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.vgg import write_random_vgg16
+
+    os.environ["TORCH_HOME"] = str(ROOT / "runs" / "bench_torch_home")
+    write_random_vgg16(Path(os.environ["TORCH_HOME"]))
     torch.manual_seed(0)
     b = StableDiffusionBackbone(preset=family, gradient_checkpointing=checkpointing)
     # the same modules from_pretrained would give, with random weights (no download)
@@ -51,7 +61,6 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
         DFRM(scale=16),
         stage="enhancer",
         aligner=TimestepPredictionModule(),
-        perceptual_random_backbone=True,
     )
     return model, unet_params
 
