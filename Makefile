@@ -30,7 +30,7 @@ quickstart-model: quickstart
 
 # A 4-cell study on the CPU (configs/studies/demo.yaml, docs/studies.md): trains and evaluates each
 # cell, then prints the comparison table; plots in runs/studies/demo/*.png. A rerun keeps finished cells.
-# One torch thread: the README's numbers on any machine (and faster on a busy 2-core one).
+# One torch thread: the README's numbers (deterministic for a machine and thread count), and faster on a busy 2-core machine.
 study-demo: export OMP_NUM_THREADS = 1
 study-demo: setup
 	$(BIN)/tadm study run configs/studies/demo.yaml

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -59,7 +60,10 @@ def study_command(argv: Sequence[str]) -> int:
     study = load_study(args.study)
     cells = _select(study.cells(), args.cell, args.study)
     if args.action == "plan":
-        print(plan_text(study, cells))
+        try:
+            print(plan_text(study, cells), flush=True)
+        except BrokenPipeError:  # `tadm study plan ... | head`
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
         return EXIT_OK
     return run_study(study, cells, compare=not args.no_compare)
 
