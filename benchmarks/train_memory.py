@@ -1,7 +1,7 @@
 """Memory and cost of one stage-2 training step of a recipe + ``configs/hardware/one_gpu_24gb.yaml`` on the
 FULL-SIZE SD 2.1 architecture (random weights, no download), measured on the CPU (issue 15).
 
-    flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/train_memory.py          # tadm recipe, ~10 min
+    flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/train_memory.py          # tadm recipe, ~15-20 min
     flock /tmp/tadm-heavy.lock .venv/bin/python benchmarks/train_memory.py \\
         --recipe configs/experiments/release/enhancer_x16.yaml                     # the release's recipe
     ... benchmarks/train_memory.py --config configs/hardware/adamw_8bit.yaml        # needs bitsandbytes
