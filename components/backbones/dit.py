@@ -6,15 +6,15 @@ alone), frozen modules, the empty prompt embedded once (or read from a ``tadm em
 text encoders freed, peft LoRA on the transformer blocks and the VAE decoder, and the flow time
 convention (:class:`tadm.ops.diffusion.FlowTime`): t = sigma * 1000, velocity output, x0 = z_t - sigma v.
 The rest of tadm sees ordinary (B, 16, h, w) latents; patching / packing happens inside ``predict``,
-which pads odd latent sizes to the patch size and crops back.
+which pads odd latent sizes to the patch size and crops back. What it shares with the Stable Diffusion
+runtime (parts, freezing, the LoRA stages, the VAE latent space) is
+:class:`tadm.components.backbones.runtime.FrozenPartsRuntime`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -25,20 +25,21 @@ from torch import Tensor, nn
 
 from tadm.components.backbones.dit_loading import DiTWeightLoader
 from tadm.components.backbones.dit_presets import DiTPreset, get_dit_preset
+from tadm.components.backbones.lora import inject_lora, inject_vae_decoder_lora, train_only_lora
 from tadm.components.backbones.prompt_embedding import (
     read_prompt_embedding,
     text_encoders_json,
     write_prompt_embedding,
 )
+from tadm.components.backbones.runtime import PARTS as PARTS
+from tadm.components.backbones.runtime import FrozenPartsRuntime
 from tadm.components.backbones.sd_loading import resolve_source
-from tadm.components.backbones.stable_diffusion import VAE_ADAPTER, VAE_DECODER_LORA_REGEX
 from tadm.contracts import DiffusionBackbone
 from tadm.errors import ConfigError
 from tadm.ops.diffusion import FLOW, FlowTime, ReferenceMap, scheduler_shift
 
 log = logging.getLogger(__name__)
 
-PARTS = ("vae", "unet", "text")
 #: LoRA targets on the transformer (peft suffixes): the attention q/k/v/out of the image stream (SD 3.5's
 #: second attention and FLUX's single blocks too), the context stream's projections, both streams'
 #: feed-forward (FLUX single blocks: proj_mlp / proj_out), and the patch embedding / output projection,
@@ -53,7 +54,7 @@ TRANSFORMER_ADAPTER = "tadm_transformer"
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-class FlowTransformerBackbone(DiffusionBackbone):
+class FlowTransformerBackbone(FrozenPartsRuntime, DiffusionBackbone):
     """Base of the SD 3.x and FLUX.1 backbones (see the subclasses for the arguments)."""
 
     family: ClassVar[str]
@@ -131,35 +132,16 @@ class FlowTransformerBackbone(DiffusionBackbone):
         return f"{self.registered_name}:{self.preset_name}:{source}"
 
     @property
-    def latent_channels(self) -> int:  # type: ignore[override]
-        return int(self.vae.config.latent_channels) if self.vae is not None else self.preset.latent_channels
-
-    @property
-    def downsample_factor(self) -> int:  # type: ignore[override]
-        if self.vae is None:
-            return self.preset.downsample_factor
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:  # type: ignore[override]
-        return float(self.vae.config.scaling_factor) if self.vae is not None else self.preset.scaling_factor
-
-    @property
-    def shift_factor(self) -> float:
-        """The latent shift the SD 3 / FLUX VAEs have: z = (E(x) - shift) * scale."""
-        if self.vae is None:
-            return self.preset.shift_factor
-        return float(self.vae.config.shift_factor or 0.0)
-
-    @property
     def time_convention(self) -> FlowTime | None:  # type: ignore[override]
         """Rectified flow, t = sigma * 1000 (None until the transformer and its scheduler are loaded)."""
         return self._flow_time
 
     @property
-    def loaded_parts(self) -> frozenset[str]:
-        names = {"vae": self.vae, "unet": self.transformer, "text": self.prompt_embeds}
-        return frozenset(k for k, v in names.items() if v is not None)
+    def _denoiser(self) -> nn.Module | None:
+        return self.transformer
+
+    def _part_modules(self) -> tuple[nn.Module | None, ...]:
+        return (self.vae, self.transformer)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -172,11 +154,7 @@ class FlowTransformerBackbone(DiffusionBackbone):
         ``text`` reads the ``prompt_embedding`` file when one is given (no text encoder is loaded), else it
         loads the encoders, embeds the empty prompt and frees them.
         """
-        wanted = [parts] if isinstance(parts, str) else list(parts)
-        unknown = sorted(set(wanted) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown backbone parts {unknown}; choose from {list(PARTS)}")
-        todo = [p for p in PARTS if p in wanted and p not in self.loaded_parts]
+        todo = self._parts_to_load(parts)
         if not todo:
             return
         from_file = None
@@ -323,12 +301,6 @@ class FlowTransformerBackbone(DiffusionBackbone):
         return write_prompt_embedding(path, tensors, meta)
 
     # --- the enhancer ------------------------------------------------------------------------
-    def _require(self, part: str) -> None:
-        if part not in self.loaded_parts:
-            raise RuntimeError(
-                f"backbone {self.backbone_id}: part {part!r} is not loaded; call load_for_stage(...)"
-            )
-
     def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
         """One transformer call on scaled latents at flow timesteps ``t`` (B,) = sigma * 1000, empty-prompt
         conditioned; returns the velocity (B,C,h,w) in float32. Odd sizes are padded to the patch size."""
@@ -352,34 +324,15 @@ class FlowTransformerBackbone(DiffusionBackbone):
             dtype
         )
 
-    def load_for_stage(self, stage: str) -> None:
-        super().load_for_stage(stage)
-        if stage in ("enhancer", "joint") and self._lora_stage is None:
-            self._add_lora()
-            self._lora_stage = stage
-
     def _add_lora(self) -> None:
         """peft LoRA on the transformer blocks and on the VAE decoder; nothing else trains."""
-        from peft import LoraConfig, inject_adapter_in_model
-
         assert self.transformer is not None and self.vae is not None
-        t_alpha = (
-            self.transformer_lora_rank if self.transformer_lora_alpha is None else self.transformer_lora_alpha
-        )
-        v_alpha = self.vae_lora_rank if self.vae_lora_alpha is None else self.vae_lora_alpha
-        t_cfg = LoraConfig(
-            r=self.transformer_lora_rank, lora_alpha=t_alpha, init_lora_weights="gaussian",
-            target_modules=self.transformer_lora_targets, exclude_modules=self._unused_modules() or None,
+        inject_lora(
+            self.transformer, TRANSFORMER_ADAPTER, self.transformer_lora_rank, self.transformer_lora_alpha,
+            self.transformer_lora_targets, exclude=self._unused_modules() or None,
         )  # fmt: skip
-        inject_adapter_in_model(t_cfg, self.transformer, adapter_name=TRANSFORMER_ADAPTER)
-        v_cfg = LoraConfig(
-            r=self.vae_lora_rank, lora_alpha=v_alpha, init_lora_weights="gaussian",
-            target_modules=VAE_DECODER_LORA_REGEX,
-        )  # fmt: skip
-        inject_adapter_in_model(v_cfg, self.vae, adapter_name=VAE_ADAPTER)
-        for module in (self.transformer, self.vae):
-            for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name)
+        inject_vae_decoder_lora(self.vae, self.vae_lora_rank, self.vae_lora_alpha)
+        train_only_lora(self.transformer, self.vae)
         if self.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
@@ -390,66 +343,9 @@ class FlowTransformerBackbone(DiffusionBackbone):
         gradient, which DDP rejects). None in general."""
         return []
 
-    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
-        if stage not in ("enhancer", "joint"):
-            return []
-        parts = (self.transformer, self.vae)
-        return [p for m in parts if m is not None for p in m.parameters() if p.requires_grad]
-
     def prepare_inference(self, channels_last: bool = False, compile: bool = False) -> None:
         """NHWC for the VAE (the transformer is all linear layers); ``torch.compile`` of the transformer."""
         if channels_last and self.vae is not None:
             self.vae.to(memory_format=torch.channels_last)
         if compile and self.transformer is not None:
             self.transformer = torch.compile(self.transformer)
-
-    @staticmethod
-    def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
-        module.requires_grad_(False)
-        return module.eval().to(device)
-
-    def train(self, mode: bool = True) -> FlowTransformerBackbone:
-        """Keep fully frozen parts in eval mode when the LightningModule switches to training."""
-        super().train(mode)
-        for module in (self.vae, self.transformer):
-            if module is not None and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
-        return self
-
-    # --- latent space ------------------------------------------------------------------------
-    def _require_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise RuntimeError(
-                f"backbone {self.backbone_id}: the VAE is not loaded; call load(['vae']) or load_for_stage(...)"
-            )
-        return self.vae
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Image (B,3,H,W) in [-1,1] -> (E(x) - shift_factor) * scaling_factor, float32."""
-        vae = self._require_vae()
-        f = self.downsample_factor
-        if x.ndim != 4 or x.shape[1] != vae.config.in_channels:
-            raise ValueError(f"encode expects images (B,{vae.config.in_channels},H,W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of the VAE downsampling factor {f}; pad or crop it "
-                f"(e.g. to {math.ceil(h / f) * f}x{math.ceil(w / f) * f})"
-            )
-        with self._vae_autocast(x):
-            dist = vae.encode(x.to(vae.dtype)).latent_dist
-        z = dist.sample() if self.sample_latent else dist.mean
-        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latent -> image in [-1,1]: D(z / scaling_factor + shift_factor), float32."""
-        vae = self._require_vae()
-        raw = z.float() / self.scaling_factor + self.shift_factor
-        with self._vae_autocast(z):
-            return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
-
-    def _vae_autocast(self, x: Tensor) -> Any:
-        """A VAE flagged ``force_upcast`` runs in its own dtype even inside a 16-bit autocast region."""
-        if self.vae is not None and self.vae.config.force_upcast:
-            return torch.autocast(device_type=x.device.type, enabled=False)
-        return contextlib.nullcontext()

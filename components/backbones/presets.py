@@ -26,8 +26,8 @@ TEXT_SUBFOLDERS: dict[str, tuple[tuple[str, str], ...]] = {
 class Preset:
     """What is known about a variant before loading it.
 
-    ``latent_channels``, ``downsample_factor`` and ``scaling_factor`` are the fallbacks a backbone
-    reports until its VAE is loaded (after that it reads them from the VAE config). The
+    ``latent_channels``, ``downsample_factor``, ``scaling_factor`` and ``shift_factor`` are the
+    fallbacks a backbone reports until its VAE is loaded (after that it reads them from the VAE config). The
     prediction type is deliberately absent for real presets: it is read from the scheduler config.
     """
 
@@ -43,6 +43,8 @@ class Preset:
     latent_channels: int = 4
     downsample_factor: int = 8
     scaling_factor: float = 0.18215
+    #: the SD VAEs have no latent shift (SD 3 / FLUX have one: :class:`~.dit_presets.DiTPreset`)
+    shift_factor: float = 0.0
     #: tiny presets only: prediction type written into the tiny scheduler config
     tiny_prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     #: tiny presets only: base seed of the random weights (each module gets its own offset)

@@ -6,13 +6,13 @@ local diffusers folder through the libraries' own ``from_pretrained``, or from o
 with the configs of a local diffusers folder (all in :mod:`tadm.components.backbones.sd_loading`);
 ``tiny-*`` presets build the same module classes with random weights (see
 :mod:`tadm.components.backbones.tiny`). This module is the runtime: all loaded modules are frozen,
-later stages add LoRA on top, and encode/decode/predict run them.
+later stages add LoRA on top, and encode/decode/predict run them; what it shares with the SD 3 / FLUX
+runtime (parts, freezing, the LoRA stages, the VAE latent space) is
+:class:`tadm.components.backbones.runtime.FrozenPartsRuntime`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,29 +20,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tadm.components.backbones.lora import VAE_ADAPTER as VAE_ADAPTER  # re-exported: release keys
+from tadm.components.backbones.lora import VAE_DECODER_LORA_REGEX as VAE_DECODER_LORA_REGEX
+from tadm.components.backbones.lora import inject_lora, inject_vae_decoder_lora, train_only_lora
 from tadm.components.backbones.presets import get_preset
+from tadm.components.backbones.runtime import PARTS as PARTS
+from tadm.components.backbones.runtime import FrozenPartsRuntime
 from tadm.components.backbones.sd_loading import SDWeightLoader, resolve_source
 from tadm.contracts import BACKBONES, DiffusionBackbone
 
-PARTS = ("vae", "unet", "text")
 #: docs/method.md: LoRA targets on the UNet (conv_in is trained fully, not through LoRA)
 UNET_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut", "conv_out",
     "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
 )  # fmt: skip
-#: peft adapter names of the UNet and VAE-decoder LoRA (they appear in checkpoint keys)
+#: peft adapter name of the UNet LoRA (it appears in checkpoint keys; the VAE decoder's: ``VAE_ADAPTER``)
 UNET_ADAPTER = "tadm_unet"
-VAE_ADAPTER = "tadm_vae"
-#: LoRA targets on the VAE decoder only (a full-match regex, so encoder modules never match)
-VAE_DECODER_LORA_REGEX = (
-    r"decoder\.(.*\.)?(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_q|to_k|to_v|to_out\.0)"
-)
 
 
 @BACKBONES.register(
     "stable_diffusion", "Stable Diffusion 1.5 / 2.1 / 2.1-base / SDXL (VAE, UNet, text encoders)"
 )
-class StableDiffusionBackbone(DiffusionBackbone):
+class StableDiffusionBackbone(FrozenPartsRuntime, DiffusionBackbone):
     """Stable Diffusion VAE (and, for the enhancer, UNet, noise schedule and text encoders).
 
     Construction only records where weights come from; :meth:`load` builds the named parts.
@@ -150,40 +149,16 @@ class StableDiffusionBackbone(DiffusionBackbone):
         return f"stable_diffusion:{self.preset_name}:{source}"
 
     @property
-    def latent_channels(self) -> int:  # type: ignore[override]
-        return int(self.vae.config.latent_channels) if self.vae is not None else self.preset.latent_channels
+    def _denoiser(self) -> nn.Module | None:
+        return self.unet
 
-    @property
-    def downsample_factor(self) -> int:  # type: ignore[override]
-        if self.vae is None:
-            return self.preset.downsample_factor
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:  # type: ignore[override]
-        if self.vae is None:
-            return self.preset.scaling_factor
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def shift_factor(self) -> float:
-        """Latent shift of VAEs that have one (none in the SD families: 0)."""
-        shift = self.vae.config.shift_factor if self.vae is not None else None
-        return float(shift or 0.0)
-
-    @property
-    def loaded_parts(self) -> frozenset[str]:
-        names = {"vae": self.vae, "unet": self.unet, "text": self.prompt_embeds}
-        return frozenset(k for k, v in names.items() if v is not None)
+    def _part_modules(self) -> tuple[nn.Module | None, ...]:
+        return (self.vae, self.unet, self.text_encoder, self.text_encoder_2)
 
     # --- loading -----------------------------------------------------------------------------
     def load(self, parts: Iterable[str]) -> None:
         """Build or load the named parts (``vae``, ``unet`` + schedule, ``text``); idempotent."""
-        wanted = [parts] if isinstance(parts, str) else list(parts)
-        unknown = sorted(set(wanted) - set(PARTS))
-        if unknown:
-            raise ValueError(f"unknown backbone parts {unknown}; choose from {list(PARTS)}")
-        todo = [p for p in PARTS if p in wanted and p not in self.loaded_parts]
+        todo = self._parts_to_load(parts)
         if not todo:
             return
         # everything is loaded first and assigned only if all of it worked: no half-loaded parts
@@ -238,12 +213,6 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.pooled_prompt_embeds = pooled.float() if pooled is not None else None
         self.text_encoder = self.text_encoder_2 = self.tokenizer = self.tokenizer_2 = None
 
-    def _require(self, part: str) -> None:
-        if part not in self.loaded_parts:
-            raise RuntimeError(
-                f"backbone {self.backbone_id}: part {part!r} is not loaded; call load_for_stage(...)"
-            )
-
     def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
         """One UNet call on scaled latents at timesteps ``t`` (B,) with the empty-prompt condition."""
         self._require("unet")
@@ -263,42 +232,19 @@ class StableDiffusionBackbone(DiffusionBackbone):
         out = self.unet(z_t.to(self.unet.dtype), t.to(z_t.device), encoder_hidden_states=cond, **kwargs)
         return out.sample.float()
 
-    def load_for_stage(self, stage: str) -> None:
-        super().load_for_stage(stage)
-        if stage in ("enhancer", "joint") and self._lora_stage is None:
-            self._add_lora()
-            self._lora_stage = stage
-
     def _add_lora(self) -> None:
         """peft LoRA on the UNet (TADM's targets) and the VAE decoder; conv_in trained fully."""
-        from peft import LoraConfig, inject_adapter_in_model
-
         assert self.unet is not None and self.vae is not None
-        unet_alpha = self.unet_lora_rank if self.unet_lora_alpha is None else self.unet_lora_alpha
-        vae_alpha = self.vae_lora_rank if self.vae_lora_alpha is None else self.vae_lora_alpha
-        unet_cfg = LoraConfig(
-            r=self.unet_lora_rank, lora_alpha=unet_alpha, init_lora_weights="gaussian",
-            target_modules=self.unet_lora_targets,
-        )  # fmt: skip
-        inject_adapter_in_model(unet_cfg, self.unet, adapter_name=UNET_ADAPTER)
-        vae_cfg = LoraConfig(
-            r=self.vae_lora_rank, lora_alpha=vae_alpha, init_lora_weights="gaussian",
-            target_modules=VAE_DECODER_LORA_REGEX,
-        )  # fmt: skip
-        inject_adapter_in_model(vae_cfg, self.vae, adapter_name=VAE_ADAPTER)
-        for module in (self.unet, self.vae):
-            for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name)
+        inject_lora(
+            self.unet, UNET_ADAPTER, self.unet_lora_rank, self.unet_lora_alpha, self.unet_lora_targets
+        )
+        inject_vae_decoder_lora(self.vae, self.vae_lora_rank, self.vae_lora_alpha)
+        train_only_lora(self.unet, self.vae)
         self.unet.conv_in.requires_grad_(True)
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
         self.train(self.training)  # parts with trainable weights now follow the train/eval mode
-
-    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
-        if stage not in ("enhancer", "joint"):
-            return []
-        return [p for m in (self.unet, self.vae) if m is not None for p in m.parameters() if p.requires_grad]
 
     def prepare_inference(self, channels_last: bool = False, compile: bool = False) -> None:
         """NHWC memory format for the UNet and VAE; ``torch.compile`` of the UNet."""
@@ -308,19 +254,6 @@ class StableDiffusionBackbone(DiffusionBackbone):
                     part.to(memory_format=torch.channels_last)
         if compile and self.unet is not None:
             self.unet = torch.compile(self.unet)
-
-    @staticmethod
-    def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
-        module.requires_grad_(False)
-        return module.eval().to(device)
-
-    def train(self, mode: bool = True) -> StableDiffusionBackbone:
-        """Keep fully frozen parts in eval mode when the LightningModule switches to training."""
-        super().train(mode)
-        for module in (self.vae, self.unet, self.text_encoder, self.text_encoder_2):
-            if module is not None and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
-        return self
 
     def _set_schedule(self, scheduler: Any) -> None:
         """Training noise schedule as DDPM (whatever sampler the folder ships); v/eps from its config."""
@@ -334,43 +267,3 @@ class StableDiffusionBackbone(DiffusionBackbone):
         self.num_train_timesteps = int(sched.config.num_train_timesteps)
         # the base class's non-persistent buffer: follows .to(device), never written into checkpoints
         self.alphas_cumprod = sched.alphas_cumprod.detach().clone().float().to(self._device_anchor.device)
-
-    # --- latent space ------------------------------------------------------------------------
-    def _require_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise RuntimeError(
-                f"backbone {self.backbone_id}: the VAE is not loaded; call load(['vae']) or load_for_stage(...)"
-            )
-        return self.vae
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Image (B,3,H,W) in [-1,1] -> scaled latent, in the VAE's dtype, returned as float32."""
-        vae = self._require_vae()
-        f = self.downsample_factor
-        if x.ndim != 4 or x.shape[1] != vae.config.in_channels:
-            raise ValueError(f"encode expects images (B,{vae.config.in_channels},H,W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of the VAE downsampling factor {f}; pad or crop it "
-                f"(e.g. to {math.ceil(h / f) * f}x{math.ceil(w / f) * f})"
-            )
-        with self._vae_autocast(x):
-            dist = vae.encode(x.to(vae.dtype)).latent_dist
-        z = dist.sample() if self.sample_latent else dist.mean
-        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latent -> image in [-1,1], decoded in the VAE's dtype, returned as float32."""
-        vae = self._require_vae()
-        raw = z.float() / self.scaling_factor + self.shift_factor
-        with self._vae_autocast(z):
-            return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
-
-    def _vae_autocast(self, x: Tensor) -> Any:
-        """VAEs flagged ``force_upcast`` (SDXL's) overflow in fp16 into NaN / black images: run them
-        in their own dtype (fp32) even inside a ``16-mixed`` autocast region. An fp16-fixed VAE
-        (``force_upcast: false`` in its config) keeps autocast."""
-        if self.vae is not None and self.vae.config.force_upcast:
-            return torch.autocast(device_type=x.device.type, enabled=False)
-        return contextlib.nullcontext()
