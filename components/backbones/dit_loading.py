@@ -9,7 +9,6 @@ preset is an error naming both families, not a heap of "weights not initialised"
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from tadm.components.backbones.dit_presets import (
     TEXT_SUBFOLDERS,
 )
 from tadm.components.backbones.dit_tiny import build_tiny_dit_components
-from tadm.components.backbones.sd_loading import SDWeightLoader, looks_like_path
+from tadm.components.backbones.sd_loading import SDWeightLoader, looks_like_path, pipeline_class_name
 
 #: subfolders whose modules take ``torch_dtype`` (the big ones; the VAE always loads in fp32)
 _DTYPE_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -93,13 +92,7 @@ class DiTWeightLoader(SDWeightLoader):
     def check_pipeline_class(self, folder: Path) -> None:
         """A local folder whose ``model_index.json`` names another family's pipeline is an error before any
         loading, naming both families and the presets that fit."""
-        index = folder / "model_index.json"
-        if not index.is_file():
-            return
-        try:
-            name = str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
-        except (OSError, ValueError):
-            return  # the loaders report an unreadable folder in their own words
+        name = pipeline_class_name(folder)
         self._check_class(name, f"'{folder}': its model_index.json names a {name}")
 
     def check_transformer_config(self, config: dict[str, Any], where: str) -> None:

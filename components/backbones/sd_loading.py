@@ -50,6 +50,18 @@ def looks_like_path(src: str) -> bool:
     )
 
 
+def pipeline_class_name(folder: Path) -> str:
+    """The pipeline class a local folder's ``model_index.json`` names; "" when it has none or the file cannot
+    be read (the loaders then report an unreadable folder in their own words)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return ""
+    try:
+        return str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
+    except (OSError, ValueError):
+        return ""
+
+
 def _weight_candidates(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
     suffix = f".{variant}" if variant else ""
     names = []
@@ -139,13 +151,7 @@ class SDWeightLoader:
     # --- weights that do not fit the preset ----------------------------------------------------
     def check_pipeline_class(self, folder: Path) -> None:
         """A local pipeline folder of another family (``model_index.json``) is an error before any loading."""
-        index = folder / "model_index.json"
-        if not index.is_file():
-            return
-        try:
-            name = str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
-        except (OSError, ValueError):
-            return  # the loaders report an unreadable folder in their own words
+        name = pipeline_class_name(folder)
         if name and ("XL" in name) != (self.preset.family == "sdxl"):
             raise ValueError(
                 f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
