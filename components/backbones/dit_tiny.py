@@ -15,20 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tadm.components.backbones.dit_presets import DiTPreset, get_dit_preset
-from tadm.components.backbones.tiny import TINY_TEXT, TINY_VAE, tiny_tokenizer
-
-TINY_PARTS = ("vae", "unet", "text")
-
-
-def _seeded(seed: int, build: Any) -> Any:
-    """Run ``build()`` under ``seed`` without touching the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
+from tadm.components.backbones.tiny import TINY_PARTS as TINY_PARTS
+from tadm.components.backbones.tiny import TINY_TEXT, TINY_VAE, _seeded, tiny_parts, tiny_tokenizer
 
 #: T5 width; the transformers' joint_attention_dim (CLIP-L + CLIP-G hidden states, 2 x 32, are padded to it)
 TINY_T5_DIM = 64
@@ -134,12 +123,7 @@ def build_tiny_dit_components(
     from transformers import T5Config, T5EncoderModel
 
     p = get_dit_preset(preset)
-    if not p.tiny:
-        raise ValueError(f"preset {p.name!r} is not a tiny preset; load it with from_pretrained instead")
-    wanted = set(TINY_PARTS if parts is None else parts)
-    unknown = wanted - set(TINY_PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {list(TINY_PARTS)}")
+    wanted = tiny_parts(p, parts)
     base = p.seed if seed is None else seed
     out: dict[str, Any] = {}
     if "vae" in wanted:

@@ -127,6 +127,18 @@ def _seeded(seed: int, build: Any) -> Any:
         return build()
 
 
+def tiny_parts(preset: Any, parts: Iterable[str] | None) -> set[str]:
+    """The ``parts`` (default: all of :data:`TINY_PARTS`) to build for ``preset``, an SD or DiT preset;
+    a preset that is not tiny, or an unknown part, is an error."""
+    if not preset.tiny:
+        raise ValueError(f"preset {preset.name!r} is not a tiny preset; load it with from_pretrained instead")
+    wanted = set(TINY_PARTS if parts is None else parts)
+    unknown = wanted - set(TINY_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {list(TINY_PARTS)}")
+    return wanted
+
+
 def build_tiny_components(
     preset: str | Preset, parts: Iterable[str] | None = None, seed: int | None = None
 ) -> dict[str, Any]:
@@ -148,12 +160,7 @@ def build_tiny_components(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     p = get_preset(preset)
-    if not p.tiny:
-        raise ValueError(f"preset {p.name!r} is not a tiny preset; load it with from_pretrained instead")
-    wanted = set(TINY_PARTS if parts is None else parts)
-    unknown = wanted - set(TINY_PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {list(TINY_PARTS)}")
+    wanted = tiny_parts(p, parts)
     base = p.seed if seed is None else seed
     out: dict[str, Any] = {}
 
