@@ -108,6 +108,49 @@ def test_stitched_tiles_equal_whole_for_a_local_network() -> None:
         assert torch.equal(stitch_tiles(q, [xi], [2], (53, 37), 1, tile=16, overlap=4), q(xi))
 
 
+def test_stitch_overlap_of_half_a_tile_or_more_is_refused() -> None:
+    """Each stitched tile carries its overlap on both sides, so 2 x overlap >= tile would step one pixel at a
+    time (quadratically many tiles): refused with a message naming the bound, in the Tiling (the commands'
+    --lr-tile / --lr-overlap) and in stitch_tiles itself; half a tile minus one still works."""
+    with pytest.raises(ValueError, match=r"lr_overlap must be below half of lr_tile.*at most 15, got 16"):
+        Tiling(lr_tile=32, lr_overlap=16)
+    assert Tiling(lr_tile=32, lr_overlap=15).lr_overlap == 15
+    calls: list[tuple[int, ...]] = []
+
+    def fn(t: Tensor) -> Tensor:
+        calls.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(1, 3, 20, 20)
+    with pytest.raises(ValueError, match="overlap must be below half of tile"):
+        stitch_tiles(fn, [x], [1], (20, 20), 1, tile=8, overlap=4)
+    assert not calls
+    assert torch.equal(stitch_tiles(fn, [x], [1], (20, 20), 1, tile=8, overlap=3), x)
+    assert len(calls) == 49  # starts 0, 2, ..., 12 on each axis: a stride of tile - 2 overlap = 2
+    assert torch.equal(
+        stitch_tiles(fn, [x], [1], (20, 20), 1, tile=20, overlap=10), x
+    )  # one tile: no stitching
+
+
+@pytest.mark.parametrize(("argv", "lr_tile", "lr_overlap"), [([], 128, 16), (["--lr-tile", "8"], 8, 3),
+    (["--lr-tile", "8", "--lr-overlap", "1"], 8, 1), (["--lr-tile", "0"], 0, 0)])  # fmt: skip
+def test_command_lr_overlap_defaults_below_half_the_tile(
+    argv: list[str], lr_tile: int, lr_overlap: int
+) -> None:
+    """`--lr-tile` alone works at any size (the overlap defaults to 16, or the most a small tile allows);
+    an explicit `--lr-overlap` of half the tile is refused naming both options' values."""
+    import argparse
+
+    from tadm.commands.common import add_model_arguments, tiling_from_args
+
+    ap = argparse.ArgumentParser()
+    add_model_arguments(ap)
+    tiling = tiling_from_args(ap.parse_args(["--ckpt", "x.ckpt", *argv]))
+    assert (tiling.lr_tile, tiling.lr_overlap) == (lr_tile, lr_overlap)
+    with pytest.raises(ValueError, match="lr_tile=8 allows at most 3, got 4"):
+        tiling_from_args(ap.parse_args(["--ckpt", "x.ckpt", "--lr-tile", "8", "--lr-overlap", "4"]))
+
+
 def test_timestep_maps_and_heat_map() -> None:
     m = timestep_map(torch.tensor([10.0, 200.0]), (3, 4))
     assert m.shape == (2, 1, 3, 4) and m[1].unique().item() == 200.0
@@ -410,7 +453,7 @@ def test_tiled_round_trip_runs_on_a_tiny_stable_diffusion(photo: Tensor, one_thr
     from tadm.components.aligners.spatial_tpm import SpatialTPM
 
     m = _tiny_enhancer(SpatialTPM(), StableDiffusionBackbone("tiny-sd21"))
-    tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=4)
+    tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=3)
     rt = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling)
     assert rt.reconstruction.shape == photo.shape and rt.reconstruction.abs().max() <= 1
     assert rt.timesteps is not None and rt.timesteps.shape == (1, 1, 26, 38)

@@ -24,6 +24,7 @@ from tadm.errors import InputError, TadmError
 
 if TYPE_CHECKING:
     from tadm.inference.codec import Codec
+    from tadm.inference.tiling import Tiling
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -198,6 +199,13 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
         "pass over the tiles) or each tile's own (faster; small tiles shift colours)",
     )
     ap.add_argument("--lr-tile", type=int, default=128, help="rescaler tile in LR pixels (0: whole image)")
+    ap.add_argument(
+        "--lr-overlap",
+        type=int,
+        default=None,
+        help="rescaler tile context on each side in LR pixels, below half of --lr-tile (default: 16, or "
+        "the most a smaller tile allows)",
+    )
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPUs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -217,12 +225,11 @@ def add_color_fix_argument(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def load_from_args(args: argparse.Namespace) -> Codec:
-    """The codec the command-line options describe."""
-    from tadm.config.load import load_codec
+def tiling_from_args(args: argparse.Namespace) -> Tiling:
+    """The tiling the command-line options describe (an unset --lr-overlap: 16, or below half a smaller tile)."""
     from tadm.inference.tiling import Tiling
 
-    tiling = Tiling(
+    return Tiling(
         latent_tile=args.latent_tile,
         latent_overlap=args.latent_overlap if args.latent_tile > 0 else 0,
         tile_batch=args.tile_batch,
@@ -230,12 +237,19 @@ def load_from_args(args: argparse.Namespace) -> Codec:
         vae_overlap=args.vae_overlap if args.vae_tile > 0 else 0,
         vae_norm=args.vae_norm,
         lr_tile=args.lr_tile,
+        lr_overlap=min(16, max(0, (args.lr_tile - 1) // 2)) if args.lr_overlap is None else args.lr_overlap,
     )
+
+
+def load_from_args(args: argparse.Namespace) -> Codec:
+    """The codec the command-line options describe."""
+    from tadm.config.load import load_codec
+
     return load_codec(
         args.ckpt,
         device=args.device,
         precision=args.precision,
-        tiling=tiling,
+        tiling=tiling_from_args(args),
         backbone_pretrained=args.backbone,
         channels_last=args.channels_last,
         compile_unet=args.compile,

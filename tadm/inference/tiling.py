@@ -70,6 +70,8 @@ class Tiling:
         ):
             if tile > 0 and not 0 <= overlap < tile:
                 raise ValueError(f"{name}_overlap must be in [0, {name}_tile={tile}), got {overlap}")
+        if self.lr_tile > 0 and 2 * self.lr_overlap >= self.lr_tile:
+            raise ValueError(_stitch_overlap_error("lr_tile", self.lr_tile, "lr_overlap", self.lr_overlap))
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {self.tile_batch}")
         if self.vae_norm not in ("synced", "per_tile"):
@@ -217,6 +219,8 @@ def stitch_tiles(
     gh, gw = grid
     if tile <= 0 or (gh <= tile and gw <= tile):
         return fn(*inputs)
+    if 2 * overlap >= tile:
+        raise ValueError(_stitch_overlap_error("tile", tile, "overlap", overlap))
     th, tw = min(tile, gh), min(tile, gw)
     ys, xs = tile_starts(gh, th, 2 * overlap), tile_starts(gw, tw, 2 * overlap)
     ycuts, xcuts = tile_cuts(ys, th, gh), tile_cuts(xs, tw, gw)
@@ -237,6 +241,16 @@ def stitch_tiles(
             ]
     assert out is not None
     return out
+
+
+def _stitch_overlap_error(tile_name: str, tile: int, overlap_name: str, overlap: int) -> str:
+    """A stitched tile carries its overlap of context on both sides: with 2 x overlap >= tile nothing is left
+    to advance by, and the tiles would step one pixel at a time (a 64x48 LR image at tile 32, overlap 16:
+    561 tiles, 70x the time of one)."""
+    return (
+        f"{overlap_name} must be below half of {tile_name}: each tile carries {overlap_name} of context on both "
+        f"sides, so {tile_name}={tile} allows at most {max(0, (tile - 1) // 2)}, got {overlap}"
+    )
 
 
 def tile_cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
