@@ -17,7 +17,7 @@ from typing import Any
 
 from tadm.components.backbones.dit_presets import DiTPreset, get_dit_preset
 from tadm.components.backbones.tiny import TINY_PARTS as TINY_PARTS
-from tadm.components.backbones.tiny import TINY_TEXT, TINY_VAE, _seeded, tiny_parts, tiny_tokenizer
+from tadm.components.backbones.tiny import TINY_TEXT, TINY_VAE, seeded, tiny_parts, tiny_tokenizer
 
 #: T5 width; the transformers' joint_attention_dim (CLIP-L + CLIP-G hidden states, 2 x 32, are padded to it)
 TINY_T5_DIM = 64
@@ -102,7 +102,7 @@ def _clip(seed: int, projection: bool) -> tuple[Any, Any]:
     )
     cfg = CLIPTextConfig(**TINY_TEXT, **specials, hidden_act="quick_gelu", projection_dim=32)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return _seeded(seed, lambda: cls(cfg)), tok
+    return seeded(seed, lambda: cls(cfg)), tok
 
 
 def build_tiny_dit_components(
@@ -130,23 +130,23 @@ def build_tiny_dit_components(
         cfg = dict(
             TINY_VAE, latent_channels=p.latent_channels, use_quant_conv=False, use_post_quant_conv=False
         )
-        out["vae"] = _seeded(
+        out["vae"] = seeded(
             base + 1,
             lambda: AutoencoderKL(**cfg, scaling_factor=p.scaling_factor, shift_factor=p.shift_factor),
         )
     if "unet" in wanted:
         if p.family == "sd3":
-            out["transformer"] = _seeded(base + 2, lambda: SD3Transformer2DModel(**TINY_SD3))
+            out["transformer"] = seeded(base + 2, lambda: SD3Transformer2DModel(**TINY_SD3))
         else:
             flux = dict(TINY_FLUX, guidance_embeds=p.tiny_guidance_embeds)
-            out["transformer"] = _seeded(base + 2, lambda: FluxTransformer2DModel(**flux))
+            out["transformer"] = seeded(base + 2, lambda: FluxTransformer2DModel(**flux))
         out["scheduler"] = FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULERS[p.family])
     if "text" in wanted:
         t5_tok = tiny_t5_tokenizer()
         t5_cfg = T5Config(
             **TINY_T5, vocab_size=len(t5_tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
         )
-        t5 = _seeded(base + 5, lambda: T5EncoderModel(t5_cfg))
+        t5 = seeded(base + 5, lambda: T5EncoderModel(t5_cfg))
         if p.family == "sd3":
             out["text_encoder"], out["tokenizer"] = _clip(base + 3, projection=True)
             out["text_encoder_2"], out["tokenizer_2"] = _clip(base + 4, projection=True)

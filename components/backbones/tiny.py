@@ -120,7 +120,7 @@ def tiny_tokenizer(pad_token: str | None = None) -> Any:
     return tok
 
 
-def _seeded(seed: int, build: Any) -> Any:
+def seeded(seed: int, build: Any) -> Any:
     """Run ``build()`` under ``seed`` without touching the caller's global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -165,7 +165,7 @@ def build_tiny_components(
     out: dict[str, Any] = {}
 
     if "vae" in wanted:
-        vae = _seeded(base + 1, lambda: AutoencoderKL(**TINY_VAE, scaling_factor=p.scaling_factor))
+        vae = seeded(base + 1, lambda: AutoencoderKL(**TINY_VAE, scaling_factor=p.scaling_factor))
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if factor != p.downsample_factor or vae.config.latent_channels != p.latent_channels:
             raise RuntimeError(f"tiny VAE gives factor {factor}, expected {p.downsample_factor}")
@@ -173,7 +173,7 @@ def build_tiny_components(
 
     if "unet" in wanted:
         cfg = {**TINY_UNET, **TINY_UNET_FAMILY[p.family]}
-        out["unet"] = _seeded(base + 2, lambda: UNet2DConditionModel(**cfg))
+        out["unet"] = seeded(base + 2, lambda: UNet2DConditionModel(**cfg))
         # the scheduler classes the real folders ship (PNDM, DDIM for 2.1 v-pred, Euler for SDXL)
         sched_cls = {"sd15": PNDMScheduler, "sd21": DDIMScheduler, "sdxl": EulerDiscreteScheduler}[p.family]
         sched_cfg = dict(TINY_SCHEDULER, prediction_type=p.tiny_prediction_type)
@@ -193,13 +193,13 @@ def build_tiny_components(
             pad_token_id=tok.pad_token_id,
         )
         cfg1 = CLIPTextConfig(**TINY_TEXT, **specials, hidden_act=TINY_TEXT_ACT[p.family])
-        out["text_encoder"] = _seeded(base + 3, lambda: CLIPTextModel(cfg1))
+        out["text_encoder"] = seeded(base + 3, lambda: CLIPTextModel(cfg1))
         out["tokenizer"] = tok
         if p.family == "sdxl":
             tok2 = tiny_tokenizer(pad_token="!")
             specials2 = dict(specials, pad_token_id=tok2.pad_token_id)
             cfg2 = CLIPTextConfig(**TINY_TEXT, **specials2, hidden_act="gelu", projection_dim=32)
-            out["text_encoder_2"] = _seeded(base + 4, lambda: CLIPTextModelWithProjection(cfg2))
+            out["text_encoder_2"] = seeded(base + 4, lambda: CLIPTextModelWithProjection(cfg2))
             out["tokenizer_2"] = tok2
     return out
 
