@@ -159,6 +159,23 @@ def test_a_folder_of_another_family_is_refused_naming_both(folders: dict[str, Pa
         SD3Backbone("sd35-medium", pretrained=str(mixed)).load(["unet"])
 
 
+@pytest.mark.parametrize(("family", "pipeline", "preset"), [("sd3", "StableDiffusion3Pipeline", "sd35-medium"),
+    ("flux", "FluxPipeline", "flux1-dev")])  # fmt: skip
+def test_the_unet_backbone_refuses_a_dit_folder_naming_the_backbone_to_use(
+    folders: dict[str, Path], family: str, pipeline: str, preset: str
+) -> None:
+    """Refused before any loading. Before, the VAE alone loaded silently (SD 3's 16-channel VAE into an SD 2.1
+    backbone) and the UNet failed on a missing unet/ folder without naming the family."""
+    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+
+    for part in ("vae", "unet"):
+        with pytest.raises(ValueError) as info:
+            StableDiffusionBackbone("sd21-base", pretrained=str(folders[family])).load([part])
+        msg = str(info.value)
+        assert "family sd21" in msg and f"names a {pipeline} (family {family})" in msg, msg
+        assert f"Use the {family} backbone with preset '{preset}'" in msg, msg
+
+
 def test_prompt_embedding_file_round_trips_bit_exactly_and_replaces_the_encoders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

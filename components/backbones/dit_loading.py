@@ -14,39 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from tadm.components.backbones.dit_presets import (
-    DIT_PRESETS,
     PIPELINE_CLASSES,
     TEXT_SUBFOLDERS,
+    family_hint,
+    family_of_class,
 )
 from tadm.components.backbones.dit_tiny import build_tiny_dit_components
 from tadm.components.backbones.sd_loading import SDWeightLoader, looks_like_path, pipeline_class_name
 
 #: subfolders whose modules take ``torch_dtype`` (the big ones; the VAE always loads in fp32)
 _DTYPE_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def family_of_class(name: str) -> str | None:
-    """The tadm family a diffusers pipeline / transformer class name belongs to (None: unknown)."""
-    if "StableDiffusion3" in name or name.startswith("SD3"):
-        return "sd3"
-    if "Flux" in name:
-        return "flux"
-    if "StableDiffusionXL" in name:
-        return "sdxl"
-    if "StableDiffusion" in name or name.startswith("UNet2D"):
-        return "stable_diffusion"
-    return None
-
-
-def family_hint(family: str | None) -> str:
-    """Which presets (and backbone configs) fit weights of ``family``."""
-    if family in ("sd3", "flux"):
-        names = [p.name for p in DIT_PRESETS.values() if p.family == family and not p.tiny]
-        configs = ", ".join(f"configs/backbone/{n}.yaml" for n in names)
-        return f"Use the {family} backbone with preset {' or '.join(repr(n) for n in names)} ({configs})."
-    if family in ("sdxl", "stable_diffusion"):
-        return "Use the stable_diffusion backbone (configs/backbone/sd21-base.yaml, sdxl.yaml, ...)."
-    return "Give a diffusers folder or hub id of this family."
 
 
 @dataclass(frozen=True)

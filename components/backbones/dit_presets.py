@@ -155,3 +155,27 @@ FULL_SIZE_TRANSFORMERS: dict[str, dict] = {
         axes_dims_rope=(16, 56, 56),
     ),
 }  # fmt: skip
+
+
+def family_of_class(name: str) -> str | None:
+    """The tadm family a diffusers pipeline / transformer class name belongs to (None: unknown)."""
+    if "StableDiffusion3" in name or name.startswith("SD3"):
+        return "sd3"
+    if "Flux" in name:
+        return "flux"
+    if "StableDiffusionXL" in name:
+        return "sdxl"
+    if "StableDiffusion" in name or name.startswith("UNet2D"):
+        return "stable_diffusion"
+    return None
+
+
+def family_hint(family: str | None) -> str:
+    """Which presets (and backbone configs) fit weights of ``family``."""
+    if family in ("sd3", "flux"):
+        names = [p.name for p in DIT_PRESETS.values() if p.family == family and not p.tiny]
+        configs = ", ".join(f"configs/backbone/{n}.yaml" for n in names)
+        return f"Use the {family} backbone with preset {' or '.join(repr(n) for n in names)} ({configs})."
+    if family in ("sdxl", "stable_diffusion"):
+        return "Use the stable_diffusion backbone (configs/backbone/sd21-base.yaml, sdxl.yaml, ...)."
+    return "Give a diffusers folder or hub id of this family."

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tadm.components.backbones.dit_presets import family_hint, family_of_class
 from tadm.components.backbones.presets import PRESETS, TEXT_SUBFOLDERS, Preset
 from tadm.components.backbones.tiny import build_tiny_components
 
@@ -152,6 +153,12 @@ class SDWeightLoader:
     def check_pipeline_class(self, folder: Path) -> None:
         """A local pipeline folder of another family (``model_index.json``) is an error before any loading."""
         name = pipeline_class_name(folder)
+        found = family_of_class(name) if name else None
+        if found in ("sd3", "flux"):  # a transformer (DiT) pipeline: it has no unet/ to load
+            raise ValueError(
+                f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
+                f"names a {name} (family {found}). {family_hint(found)}"
+            )
         if name and ("XL" in name) != (self.preset.family == "sdxl"):
             raise ValueError(
                 f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
