@@ -90,9 +90,9 @@ def full_size_loader() -> None:
                 new[encoder] = new[tokenizer] = None
         return new
 
-    def empty_prompt(self: Any) -> None:
-        self.prompt_embeds = torch.randn(1, 77, self.preset.context_dim)
-        self.pooled_prompt_embeds = torch.randn(1, 1280) if self.preset.family == "sdxl" else None
+    def empty_prompt(self: Any, parts: Any) -> tuple[Any, Any]:
+        pooled = torch.randn(1, 1280) if self.preset.family == "sdxl" else None
+        return torch.randn(1, 77, self.preset.context_dim), pooled
 
     sd_loading.SDWeightLoader.load = load  # type: ignore[method-assign]
     stable_diffusion.StableDiffusionBackbone._encode_empty_prompt = empty_prompt  # type: ignore[method-assign]

@@ -206,6 +206,26 @@ def test_encode_checks_size_and_is_deterministic(pipelines: dict[str, Path]) -> 
         assert not torch.equal(bb.encode(x), bb.encode(x))
 
 
+def test_a_failing_prompt_embedding_keeps_nothing_of_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load() is all or nothing: the empty prompt is embedded before any part is kept, so an encoder that
+    fails leaves no VAE / UNet / text encoder behind (before: the VAE, the UNet and the encoders stayed)."""
+    from transformers import CLIPTextModel
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("encoder failed")
+
+    bb = StableDiffusionBackbone("tiny-sd21")
+    with monkeypatch.context() as m:
+        m.setattr(CLIPTextModel, "forward", broken)
+        with pytest.raises(RuntimeError, match="encoder failed"):
+            bb.load(["vae", "unet", "text"])
+    assert bb.loaded_parts == frozenset() and bb.vae is None and bb.unet is None
+    assert bb.text_encoder is None and bb.tokenizer is None and bb.prompt_embeds is None
+    bb.load(["vae", "unet", "text"])
+    assert bb.loaded_parts == {"vae", "unet", "text"} and bb.prompt_embeds is not None
+    assert bb.text_encoder is None and bb.tokenizer is None  # embedded once, then dropped
+
+
 def test_weights_of_another_family_are_refused_naming_the_preset_to_use(
     pipelines: dict[str, Path], tmp_path: Path
 ) -> None:

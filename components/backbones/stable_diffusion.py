@@ -38,6 +38,10 @@ UNET_LORA_TARGETS = (
 UNET_ADAPTER = "tadm_unet"
 
 
+#: what the ``text`` part loads; used once to embed the empty prompt, never kept
+TEXT_PARTS = frozenset({"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"})
+
+
 @BACKBONES.register(
     "stable_diffusion", "Stable Diffusion 1.5 / 2.1 / 2.1-base / SDXL (VAE, UNet, text encoders)"
 )
@@ -169,15 +173,17 @@ class StableDiffusionBackbone(FrozenPartsRuntime, DiffusionBackbone):
                 f"backbone {self.backbone_id}: the UNet takes {unet.config.in_channels} latent "
                 f"channels but the VAE gives {vae.config.latent_channels}; use a matching VAE"
             )
+        device = self._device_anchor.device
+        new = {k: self._freeze(v, device) if isinstance(v, nn.Module) else v for k, v in new.items()}
+        # the empty prompt is embedded with the new encoders before anything is kept; they are then dropped
+        embeds = self._encode_empty_prompt(new) if "text" in todo else None
         for name, obj in new.items():
             if name == "scheduler":
                 self._set_schedule(obj)
-            elif isinstance(obj, nn.Module):
-                setattr(self, name, self._freeze(obj, self._device_anchor.device))
-            else:
+            elif name not in TEXT_PARTS:
                 setattr(self, name, obj)
-        if "text" in todo:
-            self._encode_empty_prompt()
+        if embeds is not None:
+            self.prompt_embeds, self.pooled_prompt_embeds = embeds
 
     def _loader(self) -> SDWeightLoader:
         """The loader for this backbone's weight sources (built per call: it holds no modules)."""
@@ -194,11 +200,12 @@ class StableDiffusionBackbone(FrozenPartsRuntime, DiffusionBackbone):
 
     # --- the enhancer: empty-prompt conditioning, one UNet call, trainable parts -------------
     @torch.no_grad()
-    def _encode_empty_prompt(self) -> None:
-        """Embed the EMPTY prompt once and release the text encoders (they are never needed again)."""
-        pairs = [(self.text_encoder, self.tokenizer)]
+    def _encode_empty_prompt(self, parts: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The EMPTY prompt's embedding (and SDXL's pooled one) from the text encoders in ``parts``; the
+        encoders are never needed again, so the backbone does not keep them."""
+        pairs = [(parts["text_encoder"], parts["tokenizer"])]
         if self.preset.family == "sdxl":
-            pairs.append((self.text_encoder_2, self.tokenizer_2))
+            pairs.append((parts["text_encoder_2"], parts["tokenizer_2"]))
         hidden, pooled = [], None
         for encoder, tokenizer in pairs:
             length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
@@ -209,9 +216,7 @@ class StableDiffusionBackbone(FrozenPartsRuntime, DiffusionBackbone):
                 pooled = out[0]
             else:
                 hidden.append(out[0])
-        self.prompt_embeds = torch.cat(hidden, dim=-1).float()
-        self.pooled_prompt_embeds = pooled.float() if pooled is not None else None
-        self.text_encoder = self.text_encoder_2 = self.tokenizer = self.tokenizer_2 = None
+        return torch.cat(hidden, dim=-1).float(), pooled.float() if pooled is not None else None
 
     def predict(self, z_t: Tensor, t: Tensor) -> Tensor:
         """One UNet call on scaled latents at timesteps ``t`` (B,) with the empty-prompt condition."""
