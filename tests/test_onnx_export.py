@@ -30,7 +30,7 @@ from tadm.inference.codec import Codec
 from tadm.inference.lr_files import LRMeta, read_lr, to_uint8
 from tadm.model import onnx_export
 from tadm.model.onnx_export import Agreement, agreement, export_onnx, lr_metadata, reflect_index
-from tadm.ops.images import pad_to_multiple
+from tadm.ops.images import bicubic_down, bicubic_resize, pad_to_multiple
 from tests.helpers import REPO, SAMPLES
 
 MODEL = REPO / "assets" / "models" / "quickstart_x16.safetensors"
@@ -128,7 +128,8 @@ def test_quickstart_graph_pads_any_size_as_tadm_does(quickstart: tuple[Codec, Pa
 @pytest.mark.xfail(
     strict=True,
     reason="PyTorch (2.14, CPU) antialiased bicubic repeats the first row when the output is one pixel "
-    "wide; if this passes, PyTorch fixed it: drop the caveat from docs/deploy.md",
+    "wide; if this passes, PyTorch fixed it: drop the workaround in tadm/ops/images.py and the caveat in "
+    "docs/deploy.md",
 )
 def test_pytorch_antialiased_bicubic_to_one_pixel_wide() -> None:
     ramp = torch.arange(48.0).view(1, 1, 48, 1)
@@ -136,9 +137,26 @@ def test_pytorch_antialiased_bicubic_to_one_pixel_wide() -> None:
     assert torch.allclose(out.flatten(), torch.tensor([7.8712, 23.5, 39.1288]), atol=1e-3)
 
 
+def test_tadm_bicubic_is_right_on_one_pixel_wide_outputs() -> None:
+    """tadm's own antialiased bicubic (bicubic_resize / bicubic_down) gives Pillow's values where PyTorch's
+    does not, and PyTorch's own result wherever PyTorch is right."""
+    ramp = torch.arange(48.0).view(1, 1, 48, 1) / 48
+    assert torch.allclose(
+        bicubic_resize(ramp, (3, 1)).flatten(), torch.tensor([7.8712, 23.5, 39.1288]) / 48, atol=1e-4
+    )
+    x = torch.rand(2, 3, 64, 32) * 2 - 1
+    rows = bicubic_down(x[..., :16], 16)  # 4 x 1: the rows differ
+    assert rows.shape == (2, 3, 4, 1) and (rows[..., 1:, :] - rows[..., :1, :]).abs().max() > 1e-3
+    for size in [(4, 2), (1, 2), (1, 1), (3, 5)]:
+        expected = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(
+            -1, 1
+        )
+        assert torch.equal(bicubic_resize(x, size), expected), size
+
+
 def test_bicubic_graph_is_right_on_one_pixel_wide_lr_images(tmp_path: Path, one_thread: None) -> None:
     """The bicubic rescaler's graph gives Pillow's antialiased bicubic (the reference PyTorch misses for
-    one-pixel-wide outputs), and tadm's bit for bit elsewhere."""
+    one-pixel-wide outputs; tadm's own bicubic works around it), and tadm's bit for bit everywhere."""
     codec = Codec(Parts(SpaceToDepthBackbone(), Bicubic(scale=16)))
     sess = session(export_onnx(codec, tmp_path / "bicubic.onnx"))
     for h, w in [(48, 16), (90, 9), (40, 1)]:
@@ -153,7 +171,7 @@ def test_bicubic_graph_is_right_on_one_pixel_wide_lr_images(tmp_path: Path, one_
         ref = np.clip(np.round((np.clip(pil, -1, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
         got = run(sess, hr)
         assert agreement(got, ref).max_abs <= 1, (h, w, agreement(got, ref))
-        assert agreement(tadm_lr(codec, hr), ref).max_abs > 8  # PyTorch's first row, repeated
+        assert agreement(tadm_lr(codec, hr), ref).max_abs <= 1, (h, w)  # tadm works around PyTorch's bug
     for h, w in [(48, 32), (37, 90), (130, 17)]:
         hr = noise(h, w, seed=h)
         assert agreement(run(sess, hr), tadm_lr(codec, hr)).differing == 0

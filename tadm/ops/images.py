@@ -14,6 +14,10 @@ def bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     Antialiasing matters at x16/x32: plain bicubic sampling aliases badly, which would make both
     the baseline and the LR-guidance target unrealistically poor.
     """
+    if size[1] == 1 and size[0] > 1:
+        # PyTorch 2.14's antialiased bicubic returns the first output row for every row when the output is one
+        # pixel wide (CPU); the filter is separable, so resize the transposed image (one pixel tall: right)
+        return bicubic_resize(x.transpose(-1, -2), (size[1], size[0])).transpose(-1, -2)
     return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1.0, 1.0)
 
 
