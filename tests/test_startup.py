@@ -78,6 +78,23 @@ def test_list_imports_no_heavy_package_and_names_every_builtin_plugin(tmp_path: 
     assert len(rows) == len(builtins)
 
 
+@pytest.mark.parametrize("command", ["evaluate", "downscale", "upscale"])
+def test_a_commands_help_imports_no_heavy_package(command: str, tmp_path: Path) -> None:
+    """`tadm evaluate --help` took 6 s: the protocol names came with torchmetrics (and scipy)."""
+    code = (
+        "from tadm.commands.main import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+    )
+    out, modules = run_fresh(code, tmp_path)
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    assert f"tadm {command}" in out and "--ckpt" in out
+    if command == "evaluate":
+        assert "--protocol {tadm,pyiqa,basicsr}" in out
+
+
 def test_the_codec_on_the_quickstart_model_imports_no_heavy_package(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "photo.png")

@@ -2,14 +2,14 @@
 
 Both images are taken from [-1, 1] to [0, 1] and rounded to 8 bits first (what a saved PNG
 holds), then converted to Y in [16/255, 235/255]. PSNR/SSIM come from torchmetrics; no border is
-cropped.
+cropped. torchmetrics is imported where it is called: it takes ~4 s to import (scipy, its plotting), and
+``tadm evaluate --help`` reaches this module for the protocol names.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from tadm.ops.images import quantize_unit_8bit, to_unit
 
@@ -28,6 +28,8 @@ def _y(x: Tensor) -> Tensor:
 
 def psnr_y(pred: Tensor, target: Tensor) -> Tensor:
     """Per-image PSNR (dB) on Y; images in [-1, 1]. Identical images give +inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     p, t = _y(pred), _y(target)
     return torch.stack([peak_signal_noise_ratio(p[i], t[i], data_range=1.0) for i in range(p.shape[0])])
 
@@ -38,6 +40,8 @@ def ssim_y(pred: Tensor, target: Tensor) -> Tensor:
     Images smaller than the window get the largest odd window that fits (sigma scaled alike), down
     to 1x1 where SSIM reduces to its luminance term: tiny images get a defined score, not an error.
     """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     p, t = _y(pred), _y(target)
     k = min(11, min(p.shape[-2:]))
     k -= 1 - k % 2
@@ -48,5 +52,7 @@ def ssim_y(pred: Tensor, target: Tensor) -> Tensor:
 
 def psnr_rgb(pred: Tensor, target: Tensor) -> Tensor:
     """Per-image PSNR over RGB in [0,1] (used for the LR image against bicubic)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     p, t = to_unit(pred.float()), to_unit(target.float())
     return torch.stack([peak_signal_noise_ratio(p[i], t[i], data_range=1.0) for i in range(p.shape[0])])
