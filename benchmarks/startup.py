@@ -10,7 +10,7 @@ Every round runs each case once, in this order, as a new process (so the rounds 
 spell of the machine hits every case alike); the table gives the median and the minimum per case:
 
 - ``import torch``: ``python -c "import torch"``, the floor every tadm command pays;
-- ``tadm --help`` and ``tadm list``: the console script next to this Python;
+- ``tadm --help``, ``tadm list`` and ``tadm evaluate --help``: the console script next to this Python;
 - ``codec start``: ``load_codec`` of the shipped quickstart model (``assets/models/quickstart_x16.safetensors``,
   the embedded ``space_to_depth`` backbone) in a fresh process and nothing else: what a codec call pays
   before its first image;
@@ -70,6 +70,7 @@ def cases(work: Path, photo: Path) -> dict[str, list[str]]:
         "import torch": [sys.executable, "-c", "import torch"],
         "tadm --help": [*tadm, "--help"],
         "tadm list": [*tadm, "list"],
+        "tadm evaluate --help": [*tadm, "evaluate", "--help"],
         "codec start": [sys.executable, "-c", load],
         "tadm downscale (4 MP)": [
             *tadm,
