@@ -10,6 +10,7 @@ the memory numbers are benchmarks/train_memory.py's (benchmarks/README.md "One-G
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,31 @@ def test_adamw_8bit_trains_with_8bit_states() -> None:
     assert type(opt).__module__.startswith("bitsandbytes.")
     states = [s["state1"] for s in opt.state.values() if "state1" in s]
     assert states and any(s.dtype == torch.uint8 for s in states)
+
+
+def test_tadm_fit_names_a_missing_optional_package_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Without bitsandbytes, `tadm fit ... --config adamw_8bit.yaml` exits 2 with one line naming the file,
+    the key and tadm's extra (before: jsonargparse's whole usage, then a Union-subtype report)."""
+    from tadm.commands.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    eight_bit = CONFIGS / "hardware" / "adamw_8bit.yaml"
+    recipe = [f"--config={CONFIGS / 'experiments' / 'enhancer_x16.yaml'}", "--config", str(eight_bit)]
+    assert main(["fit", *recipe, "--trainer.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{eight_bit}: model.optimizer.class_path 'bitsandbytes.optim.AdamW8bit'" in err
+    assert "needs the Python package 'bitsandbytes'" in err and "pip install 'tadm[bnb]'" in err
+    plug_in = tmp_path / "plug_in.yaml"
+    plug_in.write_text("model:\n  aligner:\n    class_path: tadm_no_such_pkg.aligners.Mine\n")
+    assert main(["fit", "-c", str(plug_in)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "model.aligner.class_path 'tadm_no_such_pkg.aligners.Mine'" in err
+        and "pip install tadm_no_such_pkg" in err
+    )

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -87,8 +88,74 @@ def _show_tadm_logs() -> None:
         logger.addHandler(handler)
 
 
+def config_files(args: Sequence[str]) -> list[Path]:
+    """The files given with ``--config F`` / ``--config=F`` / ``-c F``, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.partition("=")[2]))
+    return files
+
+
+def _class_paths(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every ``class_path`` string in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            where = f"{key}.{k}" if key else str(k)
+            if k == "class_path" and isinstance(v, str):
+                yield where, v
+            else:
+                yield from _class_paths(v, where)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _class_paths(v, f"{key}[{i}]")
+
+
+def _install_hint(package: str) -> str:
+    """How to install ``package``: tadm's extra that declares it, when one does."""
+    import importlib.metadata
+    import re
+
+    try:
+        requires = importlib.metadata.requires("tadm") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    norm = package.lower().replace("_", "-")
+    for line in requires:
+        name = re.match(r"[A-Za-z0-9_.-]+", line)
+        extra = re.search(r'extra\s*==\s*"([^"]+)"', line)
+        if name and extra and extra.group(1) != "dev" and name.group(0).lower().replace("_", "-") == norm:
+            return f"pip install 'tadm[{extra.group(1)}]'"
+    return f"pip install {package}"
+
+
+def check_config_packages(args: Sequence[str]) -> None:
+    """A ``class_path`` in a --config file whose top-level package is not installed (the 8-bit optimiser's
+    bitsandbytes, a plug-in package) is one line naming the file, the key and what to install, not
+    jsonargparse's whole usage and a Union-subtype report. Files that cannot be read are left to it."""
+    import importlib.util
+
+    import yaml
+
+    for path in config_files(args):
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for key, value in _class_paths(tree):
+            top = value.split(".")[0]
+            if "." in value and importlib.util.find_spec(top) is None:
+                raise ConfigError(
+                    f"{path}: {key} {value!r} needs the Python package {top!r}, which is not installed "
+                    f"({_install_hint(top)})"
+                )
+
+
 def _run_cli(args: Sequence[str] | None) -> None:
     _show_tadm_logs()
+    check_config_packages(sys.argv[1:] if args is None else args)
     load_plugins()
     TADMCLI(
         TADMModule,
