@@ -241,7 +241,8 @@ def test_x16_short_fit_beats_bicubic_on_held_out_photos(one_thread: None) -> Non
     cannot teach the couplings to shrink IRN's N(0, 1) draw below the image's own detail.
     benchmarks/irn_fit.py runs the longer fit through ``tadm fit`` (and IRN's own draw).
     Measured (1 thread, seeds 0-3): +0.16 / +0.18 / +0.19 / +0.15 dB on average, 12 of 13 photos each (the
-    loser: china_sky, a smooth sky, -0.8 to -0.9 dB); at 350 steps it is still below (-0.12 to -0.16 dB)."""
+    loser: china_sky, a smooth sky, -0.8 to -0.9 dB). Half-way (step 350 of 700, in exploratory runs of the
+    same recipe that also flipped the crops) it was still below bicubic (-0.12 to -0.16 dB)."""
     m = IRN(16, num_couplings=[0, 0, 1, 1], coupling_growth=16, z_temperature=0.0)
     _fit(m, steps=700, crop=64, batch=16, lr=1e-3, clip=True, warmup=0.05)
     ours, base = _psnr_vs_bicubic(m, _photos(SAMPLES / "heldout", 16))
