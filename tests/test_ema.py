@@ -405,3 +405,29 @@ def test_two_ddp_ranks_hold_identical_ema_tensors(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _ddp_main(json.loads(sys.argv[1]))
+
+
+def test_the_average_of_bf16_weights_is_kept_in_float32_and_follows_them() -> None:
+    """bf16-true weights: after 2000 updates at 1.0 the weights jump to 1.5; each later update moves the
+    average by (1 - decay) x 0.5 <= 0.0023, under half a bf16 step at 1.0 (0.0039), so a bf16 average never
+    leaves 1.0. Kept in float32 it follows the hand-computed average. Swapping in casts back to bf16; the
+    state holds float32 and loads back as float32."""
+    w = nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    ema = TrainedEMA([("w", w)], decay=0.999)
+    expected = 1.0
+    for u in range(1, 4001):
+        if u == 2001:
+            with torch.no_grad():
+                w.fill_(1.5)
+        ema.update()
+        d = decay_at(u, 0.999)
+        expected = d * expected + (1 - d) * float(w[0])
+    avg = ema.weights()["w"]
+    assert 1.49 < expected < 1.5
+    assert avg.dtype == torch.float32 and torch.allclose(avg, torch.full((8,), expected), atol=1e-4), avg
+    with ema.swapped_in():
+        assert w.dtype == torch.bfloat16 and torch.equal(w.detach(), avg.to(torch.bfloat16))
+    assert torch.equal(w.detach(), torch.full((8,), 1.5, dtype=torch.bfloat16))
+    again = TrainedEMA([("w", w)], decay=0.999)
+    again.load_state_dict(ema.state_dict(), "test")
+    assert again.weights()["w"].dtype == torch.float32 and torch.equal(again.weights()["w"], avg)

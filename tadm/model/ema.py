@@ -17,7 +17,9 @@ Decay per update (``EMAModel.get_decay`` without ``use_ema_warmup``): the ``u``-
 * ``min(decay, (u - s) / (9 + u - s))`` after that: 0.18, 0.25, 0.31 ... so an early average is not
   dominated by the random initial weights; ``decay`` 0.999 is reached after 8991 updates.
 
-``ema = decay_u * ema + (1 - decay_u) * weights``. Under DDP every rank updates its own copy after
+``ema = decay_u * ema + (1 - decay_u) * weights``, accumulated in float32 whatever the weights' dtype: with
+16-bit weights (``bf16-true``) and decay 0.999 an update smaller than half a bf16 step (the weights within
+~500 steps of the average) rounds away, so a bf16 average stops following the weights. Under DDP every rank updates its own copy after
 the optimiser step from the same (all-reduced) weights, so the copies stay identical with no
 communication.
 """
@@ -40,6 +42,11 @@ def check_ema_args(decay: float | None, start_step: int) -> None:
         raise ValueError(f"model.ema_decay must be in (0, 1) (e.g. 0.999) or null for no EMA, got {decay}")
     if start_step < 0:
         raise ValueError(f"model.ema_start_step must be >= 0, got {start_step}")
+
+
+def average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the average of weights of ``dtype`` is kept in: float32 for 16-bit floats (see the module)."""
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else dtype
 
 
 def decay_at(update: int, decay: float, start_step: int = 0) -> float:
@@ -68,6 +75,7 @@ class TrainedEMA:
             raise ValueError("TrainedEMA: parameter names repeat")
         self.params = [p for _, p in named]
         self.ema = EMAModel(self.params, decay=decay, update_after_step=start_step, foreach=True)
+        self.ema.shadow_params = [s.to(average_dtype(s.dtype)) for s in self.ema.shadow_params]
         self.swapped = False
 
     @property
@@ -143,7 +151,7 @@ class TrainedEMA:
                     f"{source}: EMA tensor {name!r} has shape {tuple(value.shape)}, the model's {tuple(p.shape)}"
                 )
         self.ema.shadow_params = [
-            v.detach().to(device=p.device, dtype=p.dtype).clone()
+            v.detach().to(device=p.device, dtype=average_dtype(p.dtype)).clone()
             for v, p in zip(weights.values(), self.params, strict=True)
         ]
         self.ema.optimization_step = int(state["updates"])
