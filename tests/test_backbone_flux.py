@@ -17,7 +17,7 @@ from tadm.config.load import load_codec
 from tadm.errors import CheckpointError
 from tadm.inference.tiling import Tiling, enhancer_tiles
 from tests.helpers import CONFIGS
-from tests.helpers.cli import build_cli, data_args
+from tests.helpers.cli import build_cli, data_args, one_cpu_quiet_args
 from tests.helpers.dit import (
     BACKBONE_YAML,
     check_round_trips,
@@ -128,14 +128,9 @@ def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--model.init_from=null",
             "--model.loss_weights={pixel: 1.0}",
             "--trainer.precision=32-true",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
             "--trainer.max_steps=1",
             "--trainer.accumulate_grad_batches=1",
-            "--trainer.logger=false",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_checkpointing=false",
-            "--trainer.callbacks=[]",
+            *one_cpu_quiet_args(),
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={root}",
             *data_args(crop=64, batch=1),

@@ -21,7 +21,7 @@ from tadm.components.backbones.presets import PRESETS
 from tadm.config.plugins import load_plugins
 from tadm.contracts import ALIGNERS, RESCALERS
 from tests.helpers import CONFIGS, TRAIN, VAL
-from tests.helpers.cli import build_cli, data_args, fit_and_check, stage_args
+from tests.helpers.cli import build_cli, data_args, fit_and_check, one_cpu_quiet_args, stage_args
 
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
 CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
@@ -196,12 +196,7 @@ def test_rescaler_file_swaps_the_rescaler_and_trains_a_step(rescaler: str) -> No
             str(CONFIGS / rescaler),
             "--model.backbone.init_args.preset=tiny-sd21",
             "--trainer.max_steps=1",
-            "--trainer.limit_val_batches=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.logger=false",
-            "--trainer.callbacks=[]",
-            "--trainer.enable_checkpointing=false",
+            *one_cpu_quiet_args(),
             "--data.init_args.num_workers=0",
             *data_args(crop=64, batch=1),
         ]

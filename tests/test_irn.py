@@ -19,7 +19,7 @@ from tadm.inference import pipeline
 from tadm.ops.blocks import HaarDownsampling
 from tadm.ops.images import bicubic_down
 from tests.helpers import CONFIGS, SAMPLES, TRAIN
-from tests.helpers.cli import build_cli, fit_and_check, stage_args
+from tests.helpers.cli import build_cli, fit_and_check, one_cpu_quiet_args, stage_args
 
 #: a slim IRN for the tests: one coupling per x2 stage, narrow dense blocks
 SLIM = dict(num_couplings=1, coupling_growth=8)
@@ -298,12 +298,7 @@ def test_irn_stage1_checkpoint_initialises_the_pixel_prior_on_another_backbone(t
         str(CONFIGS / "experiments" / "irn_x16.yaml"),
         *SLIM_ARGS,
         "--trainer.max_steps=1",
-        "--trainer.limit_val_batches=0",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.logger=false",
-        "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false",
+        *one_cpu_quiet_args(),
         f"--data.init_args.train_dir={TRAIN}",
         "--data.init_args.val_dir=null",
         "--data.init_args.crop_size=64",

@@ -28,6 +28,18 @@ def data_args(crop: int = 64, batch: int = 2) -> list[str]:
     ]
 
 
+def one_cpu_quiet_args() -> list[str]:
+    """Trainer overrides of a test run: one CPU device, no logger, validation, checkpoints or callbacks."""
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.logger=false",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]",
+    ]
+
+
 def stage_args(
     stage: str = "enhancer",
     preset: str = "tiny-sd21",
@@ -44,13 +56,8 @@ def stage_args(
         "--model.rescaler.init_args.num_resblocks=1",
         "--model.init_from=null",
         "--trainer.precision=32-true",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
         "--trainer.accumulate_grad_batches=1",
-        "--trainer.logger=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.callbacks=[]",
+        *one_cpu_quiet_args(),
         *data_args(crop=64, batch=1),
         "--data.init_args.num_workers=0",
     ]
