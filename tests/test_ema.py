@@ -219,6 +219,63 @@ def test_validation_uses_the_ema_and_restores_the_raw_weights_exactly(run: Run) 
     assert any(not torch.equal(m.ema.weights()[n], raw[n]) for n in raw)
 
 
+class ValidationFails(RuntimeError):
+    pass
+
+
+def _failing_step(*args: Any, **kwargs: Any) -> None:
+    raise ValidationFails("a validation batch went wrong")
+
+
+def test_validation_that_raises_leaves_the_raw_weights_in_place(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``RawWeightsOnError`` the averages stayed in the parameters (``ema.swapped`` True)."""
+    m = run.model
+    raw = {n: p.detach().clone() for n, p in m.named_trainable_parameters()}
+    monkeypatch.setattr(m, "validation_step", _failing_step)
+    with pytest.raises(ValidationFails):
+        m.trainer.validate(m, dataloaders=_batches(1), verbose=False)
+    assert not m.ema.swapped
+    assert any(not torch.equal(m.ema.weights()[n], raw[n]) for n in raw)  # the swap would show
+    for n, p in m.named_trainable_parameters():
+        assert torch.equal(p.detach(), raw[n]), n
+
+
+def test_a_fit_stopped_in_validation_keeps_training_the_raw_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation after step 2 raises; a second fit of the same module starts from the raw step-2
+    weights, not from the EMA that validation had swapped in (a notebook user re-running a cell)."""
+    cli = _cli(
+        tmp_path,
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.num_sanity_val_steps=0",
+    )
+    recorder = Recorder()
+    cli.trainer.callbacks.append(recorder)
+    m = cli.model
+    monkeypatch.setattr(m, "validation_step", _failing_step)
+    with pytest.raises(ValidationFails):
+        cli.trainer.fit(m, train_dataloaders=_batches(), val_dataloaders=_batches(1))
+    after_two, ema = recorder.steps[-1], m.ema.weights()
+    assert len(recorder.steps) == 2 and recorder.validated_with.keys() == after_two.keys()
+    assert all(torch.equal(recorder.validated_with[n], ema[n]) for n in ema)  # it ran with the averages
+    assert any(not torch.equal(ema[n], t) for n, t in after_two.items())
+    for n, p in m.named_trainable_parameters():
+        assert torch.equal(p.detach(), after_two[n]), n
+
+    # a module left with the averages in by other means (a trainer without this module's callbacks):
+    # the next fit puts the raw weights back before it starts a new EMA from them
+    m.ema.swap_in()
+    old_ema = m.ema
+    m.on_fit_start()
+    assert m.ema is not old_ema and m.ema.updates == 0 and not old_ema.swapped
+    for n, p in m.named_trainable_parameters():
+        assert torch.equal(p.detach(), after_two[n]), n
+
+
 def test_validating_a_checkpoint_swaps_in_its_ema(run: Run) -> None:
     """``tadm validate --ckpt_path``: no EMA exists before; the checkpoint's is swapped in."""
     stored = torch.load(run.final, weights_only=True)

@@ -18,6 +18,7 @@ from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.tiling import NO_TILING, Tiling
+from tadm.model.callbacks import RawWeightsOnError
 from tadm.model.checkpoints import EMA_KEY, META_KEY, read_checkpoint
 from tadm.model.ema import TrainedEMA, check_ema_args
 from tadm.model.enhancer import HybridScheduler, unet_timestep
@@ -301,8 +302,13 @@ class TADMModule(L.LightningModule):
             self._ema_pending = None
         return ema
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """What every trainer of this module needs: the raw weights back if a run stops mid-evaluation."""
+        return [RawWeightsOnError()]
+
     def on_fit_start(self) -> None:
         """Start the EMA from the current weights, or continue the resumed checkpoint's."""
+        self._ema_out()  # an earlier run stopped with the averages swapped in: train the raw weights
         if self.ema_decay is None:
             if self._ema_pending is not None:
                 log.warning("the resumed checkpoint has an EMA, but model.ema_decay is null: it is dropped")
