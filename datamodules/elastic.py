@@ -16,8 +16,10 @@ modules save that position in units free of the world size (:class:`EpochPositio
   every mid-epoch resume of the shard streams does.
 
 The rest of the epoch is counted in whole batches of the new world: when ``b x N`` is not a multiple of M,
-Lightning's count is rounded up and the epoch's last few samples (fewer than ``M x B``) are left out. A
-change of world size or batch size is announced by an :class:`ElasticResumeWarning`, on rank zero only.
+Lightning's count is rounded up and the epoch's last few samples (fewer than ``M x B``) are left out; under
+gradient accumulation over ``k`` batches it is rounded up to a multiple of ``k`` (fewer than ``M x B x k``
+left out), so the first optimiser step after resuming averages ``k`` batches like every other. A change of
+world size or batch size is announced by an :class:`ElasticResumeWarning`, on rank zero only.
 """
 
 from __future__ import annotations
@@ -119,11 +121,17 @@ class Continuation:
     order_seed: int | None
 
 
-def continuation(saved: EpochPosition, world_size: int, batch_size: int, epoch_batches: int) -> Continuation:
+def continuation(
+    saved: EpochPosition, world_size: int, batch_size: int, epoch_batches: int, accumulate: int = 1
+) -> Continuation:
     """Where the saved epoch goes on with ``world_size`` ranks of ``batch_size`` and ``epoch_batches`` per epoch.
 
     Mid-epoch, Lightning's count becomes the M-rank batches the served samples fill, rounded up (the epoch
-    then leaves out fewer than ``world_size x batch_size`` of its samples), and stays below the epoch's end:
+    then leaves out fewer than ``world_size x batch_size`` of its samples); under gradient accumulation over
+    ``accumulate`` batches, in a changed world it is rounded up to a whole accumulation (Lightning steps when
+    its count is a multiple of ``accumulate``: otherwise the first step after resuming would average fewer
+    batches than every other; the epoch then leaves out fewer than ``world_size x batch_size x accumulate``
+    samples). It stays below the epoch's end:
     Lightning closes an epoch with its end-of-epoch hooks only after running its last batch, so a checkpoint
     inside the new world's last batch runs that batch, padded from the epoch's start as
     ``DistributedSampler`` pads (fewer than ``world_size x batch_size`` samples served twice). A finished
@@ -132,6 +140,8 @@ def continuation(saved: EpochPosition, world_size: int, batch_size: int, epoch_b
     """
     if saved.mid_epoch:
         batches = -(-saved.samples // (world_size * batch_size))
+        if (saved.world_size, saved.batch_size) != (world_size, batch_size):
+            batches = -(-batches // accumulate) * accumulate
         batches = max(0, min(batches, epoch_batches - 1))
         start = saved.samples
     elif saved.batches > 0:
@@ -188,7 +198,8 @@ class ElasticResume:
         if saved is None or trainer is None:
             return None
         world = int(trainer.world_size)
-        rest = continuation(saved, world, batch_size, epoch_batches)
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
+        rest = continuation(saved, world, batch_size, epoch_batches, accumulate)
         same_epoch = int(trainer.current_epoch) == saved.epoch
         if (saved.world_size, saved.batch_size) != (world, batch_size):
             if same_epoch:

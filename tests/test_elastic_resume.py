@@ -74,6 +74,23 @@ def test_continuation_keeps_the_epoch_boundaries_and_an_unchanged_world() -> Non
     assert late.batches == 5 and late.per_rank == 2
 
 
+def test_continuation_in_a_changed_world_resumes_on_a_whole_accumulation() -> None:
+    """Lightning steps when its count is a multiple of accumulate_grad_batches: 1.5 batches of the new world
+    would become 2 (one batch short of a step of 2 accumulated batches, the first step after resuming would
+    average one batch) -> 4 under accumulation over 4; an unchanged world keeps its count."""
+    odd = _position(1, batches=3, epoch_batches=12)  # 6 samples = 1.5 batches of 2 ranks x 2
+    assert continuation(odd, 2, 2, epoch_batches=6).batches == 2
+    assert continuation(odd, 2, 2, epoch_batches=6, accumulate=2).batches == 2  # already whole
+    four = continuation(odd, 2, 2, epoch_batches=6, accumulate=4)
+    assert (four.start, four.batches, four.per_rank) == (6, 4, 4)  # 6 + 2 x 4 = 14 samples: 10 left out
+    three = continuation(_position(3, batches=1, epoch_batches=4), 1, 2, epoch_batches=12, accumulate=2)
+    assert (three.batches, three.per_rank) == (4, 16)  # 6 samples = 3 batches -> 4
+    capped = continuation(_position(1, batches=9, epoch_batches=12), 2, 2, epoch_batches=6, accumulate=4)
+    assert capped.batches == 5  # below the epoch's end, where Lightning steps anyway
+    same = continuation(_position(2, batches=3, epoch_batches=6), 2, 2, epoch_batches=6, accumulate=2)
+    assert same.batches == 3  # a checkpoint mid-accumulation (a SLURM requeue) on its own world: as saved
+
+
 def test_position_round_trips_and_a_damaged_one_names_its_key() -> None:
     saved = _position(2, batches=2, epoch_batches=6)
     assert EpochPosition.from_state_dict(saved.state_dict()) == saved
@@ -206,7 +223,13 @@ class TinyModule(L.LightningModule):
 
 
 def _fit(
-    kind: str, data: dict[str, Any], out: Path, devices: int, max_steps: int, ckpt: str | None = None
+    kind: str,
+    data: dict[str, Any],
+    out: Path,
+    devices: int,
+    max_steps: int,
+    ckpt: str | None = None,
+    accumulate: int = 1,
 ) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -219,6 +242,7 @@ def _fit(
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -281,6 +305,32 @@ def test_a_two_rank_checkpoint_continues_its_epoch_on_one_process(tmp_path: Path
     resumed = torch.load(tmp_path / "b" / "step=6.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 6  # Adam's own count went on too
+
+
+def test_a_resume_on_another_world_steps_on_whole_accumulations(tmp_path: Path, one_thread: None) -> None:
+    """3 ranks x batch 2 had served 6 samples (step 1); one process accumulating 2 batches per step resumes
+    at batch 4 of 6, not 3: its first step again averages 2 batches (from batch 3 it would have stepped
+    after batch 3 alone). Samples 6-9 of the permutation follow; 10-11 are left out."""
+    from tests.helpers.shards import write_images
+
+    write_images(tmp_path / "train", [(32, 32)] * 12)
+    data = {"train_dir": str(tmp_path / "train"), "crop_size": 16, "batch_size": 2}
+    _fit("folder", data, tmp_path / "a", devices=1, max_steps=1, accumulate=2)
+    path = tmp_path / "a" / "step=1.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["ImageFolderDataModule"]
+    assert (state["batches"], state["epoch_batches"]) == (2, 6)
+    checkpoint["ImageFolderDataModule"] = {**state, "world_size": 3, "batches": 1, "epoch_batches": 2}
+    torch.save(checkpoint, path)
+    with pytest.warns(ElasticResumeWarning) as caught:
+        _fit("folder", data, tmp_path / "b", devices=1, max_steps=3, ckpt=str(path), accumulate=2)
+    steps = _steps(tmp_path / "b")
+    assert [(s["step"], s["epoch"], s["idx"]) for s in steps] == [(1, 0, 4), (1, 0, 5), (2, 1, 0), (2, 1, 1)]
+    (text,) = [str(w.message) for w in caught if w.category is ElasticResumeWarning]
+    assert "written by 3 process(es)" in text and "after batch 4 of 6" in text
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(state["order_seed"])).tolist()
+    files = sorted(p.name for p in (tmp_path / "train").iterdir())
+    assert _ids(steps, 0) == [files[i] for i in order[6:10]]
 
 
 # ------------------------------------------------------------------------------------------------------------
