@@ -119,6 +119,33 @@ def test_eval_draws_are_seeded_training_draws_are_not() -> None:
     assert torch.equal(cold.upscale(y), cold.upscale(y))
 
 
+def test_tiles_share_one_draw_of_z_so_tiled_equals_whole() -> None:
+    """The pipeline draws z for the whole LR image once and hands each tile its part. Drawn inside every
+    tile's upscale (the same eval seed), each tile got the same pattern: with no couplings (HR = Haar
+    inverse of LR and z, pixel-local) tiled and whole then differed by ~z itself; now they are equal. With
+    couplings, tiles whose overlap covers the receptive field agree to float rounding."""
+    from tadm.inference.tiling import Tiling
+
+    y = torch.rand(1, 3, 48, 40) * 2 - 1
+    local = IRN(4, num_couplings=0).eval()
+    z = local.upscale_noise(y)
+    assert z is not None and z.shape == (1, 45, 48, 40)
+    tiles = Tiling(lr_tile=16, lr_overlap=4)
+    whole = pipeline.rescale_up(None, local, y)  # type: ignore[arg-type]  # a pixel rescaler needs no backbone
+    assert torch.equal(whole, local.upscale(y, z))
+    assert torch.equal(pipeline.rescale_up(None, local, y, tiles), whole)  # type: ignore[arg-type]
+
+    torch.manual_seed(0)
+    coupled = IRN(4, num_couplings=1, coupling_growth=8).eval()
+    _randomise(coupled)
+    whole = pipeline.rescale_up(None, coupled, y)  # type: ignore[arg-type]
+    tiled = pipeline.rescale_up(None, coupled, y, Tiling(lr_tile=40, lr_overlap=16))  # type: ignore[arg-type]
+    assert (tiled - whole).abs().max() < 1e-4
+    assert IRN(4, num_couplings=0, z_temperature=0.0).upscale_noise(y) is None  # z = 0: nothing to share
+    with pytest.raises(ValueError, match="does not fit the LR batch"):
+        local.upscale(y, z[..., :-1])
+
+
 def test_training_losses_are_irns_terms_in_its_units() -> None:
     """IRN's three terms, recomputed by hand in [0, 1] units (z = 0 and straight-through rounding make
     the reconstruction deterministic); with IRN's N(0, 1) draw the untrained reconstruction is far worse."""

@@ -112,9 +112,16 @@ class IRN(Rescaler):
         lr, _ = self._split(x)
         return quantize_8bit(lr * 2.0 - 1.0, self.training, self.quantization)
 
-    def upscale(self, y: Tensor) -> Tensor:
-        """LR image -> HR image (not clamped: the pipeline clamps what it outputs)."""
-        v = torch.cat([(y + 1.0) / 2.0, self.draw_z(y)], dim=1)
+    def upscale_noise(self, y: Tensor) -> Tensor | None:
+        """z for the whole LR batch (tiles then share one field); None at z_temperature 0 (z = 0)."""
+        return None if self.z_temperature == 0 else self.draw_z(y)
+
+    def upscale(self, y: Tensor, noise: Tensor | None = None) -> Tensor:
+        """LR image (and its z, else drawn here) -> HR image (not clamped: the pipeline clamps it)."""
+        z = self.draw_z(y) if noise is None else noise
+        if z.shape[-2:] != y.shape[-2:] or z.shape[:2] != (y.shape[0], 3 * (self.scale**2 - 1)):
+            raise ValueError(f"z of shape {tuple(z.shape)} does not fit the LR batch {tuple(y.shape)}")
+        v = torch.cat([(y + 1.0) / 2.0, z], dim=1)
         return self.inverse_net(v) * 2.0 - 1.0
 
     def training_losses(

@@ -48,6 +48,17 @@ class Rescaler(nn.Module, ABC):
     def upscale(self, y: Tensor) -> Tensor:
         """LR image -> latent (``space == "latent"``) or HR image (``space == "pixel"``)."""
 
+    def upscale_noise(self, y: Tensor) -> Tensor | None:
+        """The random draw :meth:`upscale` makes for the LR batch ``y``, on ``y``'s grid (B, C, h, w), or
+        None: a deterministic upscale (the default).
+
+        A rescaler that samples when it upscales (IRN's z) overrides this and accepts the draw as
+        ``upscale(y, noise)``. The pipeline then draws once for the whole LR image and hands each tile
+        its part, so an image upscaled in tiles gets the draw it gets upscaled whole; drawn inside
+        ``upscale``, every tile would get the same pattern (the same seed) and tiled != whole.
+        """
+        return None
+
     def training_losses(
         self, x: Tensor, z: Tensor | None, distance: Distance, outputs: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:

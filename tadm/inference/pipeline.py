@@ -128,15 +128,22 @@ def rescale_up(
 ) -> Tensor:
     """LR image -> z_hat (latent rescalers) or the uncropped HR image (pixel rescalers), in tiles."""
     grid = (y.shape[-2], y.shape[-1])
+    noise = rescaler.upscale_noise(y)  # drawn once for the whole image: tiled == whole
+    inputs = [y] if noise is None else [y, noise]
+    factor = rescaler.scale
     if rescaler.space == "latent":
         zf = _rescaler_factor(backbone, rescaler)
         if zf is None:
-            return rescaler.upscale(y)
-        return stitch_tiles(
-            rescaler.upscale, [y], [1], grid, zf, tile=tiling.lr_tile, overlap=tiling.lr_overlap
-        )
+            return rescaler.upscale(*inputs)
+        factor = zf
     return stitch_tiles(
-        rescaler.upscale, [y], [1], grid, rescaler.scale, tile=tiling.lr_tile, overlap=tiling.lr_overlap
+        rescaler.upscale,
+        inputs,
+        [1] * len(inputs),
+        grid,
+        factor,
+        tile=tiling.lr_tile,
+        overlap=tiling.lr_overlap,
     )
 
 
