@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from case_runner import report, run_case  # noqa: E402
 
 from tadm.components.backbones.dit_presets import (  # noqa: E402
     DIT_PRESETS,
@@ -99,7 +100,7 @@ def build_model(name: str):  # type: ignore[no-untyped-def]
     return model, params
 
 
-def run_case(case: str) -> dict:
+def measure(case: str) -> dict:
     if case == "sizes":
         return sizes()
     name, kind = case.split(":")
@@ -190,31 +191,15 @@ def main() -> None:
             home = Path(tempfile.gettempdir()) / "tadm-bench-torch-home"
             write_random_vgg16(home)
             os.environ["TORCH_HOME"] = str(home)
-        print("RESULT " + json.dumps(run_case(args.case)), flush=True)
+        report(measure(args.case))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, HR 512x512, x16")
     for case in CASES:
         t = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--case", case],
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{case}: timed out after {args.timeout} s", flush=True)
+        r, why = run_case(__file__, case, args.timeout)
+        if r is None:
+            print(f"{case}: {why}", flush=True)
             continue
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            why = (
-                "killed (out of memory?)"
-                if proc.returncode < 0
-                else (proc.stderr.strip().splitlines() or ["?"])[-1]
-            )
-            print(f"{case}: failed: rc={proc.returncode} {why}", flush=True)
-            continue
-        r = json.loads(line[7:])
         r["wall_s"] = time.perf_counter() - t
         print(json.dumps(r), flush=True)
 

@@ -13,15 +13,14 @@ once at load time and are then released, so they cost neither step time nor trai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from case_runner import report, run_case
 
 from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
 from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
@@ -65,7 +64,7 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
     return model, unet_params
 
 
-def run_case(case: str) -> dict:
+def measure(case: str) -> dict:
     family, kind, *rest = case.split(":")
     torch.set_num_threads(torch.get_num_threads())
     model, unet_params = build_model(family, checkpointing=rest == ["ckpt"])
@@ -100,31 +99,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     args = ap.parse_args()
     if args.case:
-        print("RESULT " + json.dumps(run_case(args.case)), flush=True)
+        report(measure(args.case))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, HR 512x512, x16")
     print(f"{'case':<24} {'time (s)':>9} {'peak RSS (GB)':>13} {'trainable (M)':>13} {'ckpt/UNet':>9}")
     for case in CASES:
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--case", case],
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{case:<24} timed out after {args.timeout} s", flush=True)
+        r, why = run_case(__file__, case, args.timeout)
+        if r is None:
+            print(f"{case:<24} {why}", flush=True)
             continue
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            why = (
-                "killed (out of memory?)"
-                if proc.returncode < 0
-                else (proc.stderr.strip().splitlines() or ["?"])[-1]
-            )
-            print(f"{case:<24} failed: rc={proc.returncode} {why}", flush=True)
-            continue
-        r = json.loads(line[7:])
         print(
             f"{case:<24} {r['seconds']:>9.1f} {r['peak_rss_GB']:>13.2f} {r['trainable_M']:>13.1f} "
             f"{100 * r['ckpt_over_unet']:>8.1f}%",
