@@ -135,13 +135,13 @@ def measure(case: str) -> dict:
 
 
 def sizes() -> dict:
-    """Trained tensors and the ``tadm export`` file of the full-size models, counted on the meta device."""
+    """Trained tensors and the ``tadm export`` file of the full-size models, counted on the meta device, with
+    the LoRA each backbone adds itself (its default ranks)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from peft import LoraConfig, inject_adapter_in_model
 
     from tadm.components.aligners.tpm import TimestepPredictionModule
-    from tadm.components.backbones.dit import TRANSFORMER_LORA_TARGETS
-    from tadm.components.backbones.stable_diffusion import VAE_DECODER_LORA_REGEX
+    from tadm.components.backbones.flux import FluxBackbone
+    from tadm.components.backbones.sd3 import SD3Backbone
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.model.enhancer import HybridScheduler
 
@@ -152,21 +152,16 @@ def sizes() -> dict:
         "refiner": sum(q.numel() for q in HybridScheduler(latent_channels=16).parameters()),
     }
     for name in ("sd35-medium", "sd35-large", "flux1-dev"):
+        sd3 = DIT_PRESETS[name].family == "sd3"
+        b = (SD3Backbone if sd3 else FluxBackbone)(name)
         with torch.device("meta"):
-            cls = SD3Transformer2DModel if name.startswith("sd35") else FluxTransformer2DModel
-            tr = cls(**FULL_SIZE_TRANSFORMERS[name])
-            vae = AutoencoderKL(**FULL_SIZE_DIT_VAE)
-            full = sum(q.numel() for q in tr.parameters())
-            exclude = [f"transformer_blocks.{i}.attn.add_q_proj" for i, blk in enumerate(tr.transformer_blocks)
-                       if getattr(blk, "context_pre_only", False)]  # fmt: skip
-            inject_adapter_in_model(
-                LoraConfig(r=32, lora_alpha=32, target_modules=list(TRANSFORMER_LORA_TARGETS), exclude_modules=exclude or None),
-                tr,
-            )  # fmt: skip
-            inject_adapter_in_model(
-                LoraConfig(r=16, lora_alpha=16, target_modules=VAE_DECODER_LORA_REGEX), vae
+            b.transformer = (SD3Transformer2DModel if sd3 else FluxTransformer2DModel)(
+                **FULL_SIZE_TRANSFORMERS[name]
             )
-        lora = sum(q.numel() for m in (tr, vae) for n, q in m.named_parameters() if "lora_" in n)
+            b.vae = AutoencoderKL(**FULL_SIZE_DIT_VAE)
+            full = sum(q.numel() for q in b.transformer.parameters())
+            b._add_lora()
+        lora = sum(q.numel() for m in (b.transformer, b.vae) for n, q in m.named_parameters() if "lora_" in n)
         trained = lora + small["tpm"] + small["refiner"]
         export_mb = (2 * trained + 4 * small["dfrm"]) / 1e6  # bf16, the DFRM in fp32 (tadm export's default)
         out[name] = {
