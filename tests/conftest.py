@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +12,21 @@ import torch
 
 from tadm.config.plugins import load_plugins
 from tests.helpers import REPO, SAMPLES
+from tests.helpers.disk import low_disk_warning
 from tests.helpers.vgg import write_random_vgg16
 
 load_plugins()
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
     torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say so up front when the disk is nearly full: a full disk fails dozens of tests with OSError far
+    from the cause (a CI run did, with other checkouts filling the disk it shared)."""
+    warning = low_disk_warning(Path(session.config.option.basetemp or tempfile.gettempdir()))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if warning and reporter is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        reporter.write_line(warning, yellow=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

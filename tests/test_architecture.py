@@ -142,12 +142,6 @@ def test_no_test_module_imports_another() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-def test_a_passing_tests_temporary_files_are_deleted(request: pytest.FixtureRequest) -> None:
-    """The suite writes GBs of checkpoints and saved models into tmp_path; pytest's default keeps every
-    test's for 3 sessions, which filled a CI disk."""
-    assert request.config.getini("tmp_path_retention_policy") == "failed"
-
-
 def test_wheel_installs_only_the_tadm_package(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
