@@ -226,8 +226,9 @@ def add_color_fix_argument(ap: argparse.ArgumentParser) -> None:
 
 
 def tiling_from_args(args: argparse.Namespace) -> Tiling:
-    """The tiling the command-line options describe (an unset --lr-overlap: 16, or below half a smaller tile)."""
-    from tadm.inference.tiling import Tiling
+    """The tiling the command-line options describe (an unset --lr-overlap: Tiling's default, or the most
+    a smaller --lr-tile allows)."""
+    from tadm.inference.tiling import Tiling, max_stitch_overlap
 
     return Tiling(
         latent_tile=args.latent_tile,
@@ -237,7 +238,9 @@ def tiling_from_args(args: argparse.Namespace) -> Tiling:
         vae_overlap=args.vae_overlap if args.vae_tile > 0 else 0,
         vae_norm=args.vae_norm,
         lr_tile=args.lr_tile,
-        lr_overlap=min(16, max(0, (args.lr_tile - 1) // 2)) if args.lr_overlap is None else args.lr_overlap,
+        lr_overlap=min(Tiling.lr_overlap, max_stitch_overlap(args.lr_tile))
+        if args.lr_overlap is None
+        else args.lr_overlap,
     )
 
 

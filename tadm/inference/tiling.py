@@ -243,13 +243,18 @@ def stitch_tiles(
     return out
 
 
+def max_stitch_overlap(tile: int) -> int:
+    """The most context a stitched tile can carry on each side: below half the tile (see ``stitch_tiles``)."""
+    return max(0, (tile - 1) // 2)
+
+
 def _stitch_overlap_error(tile_name: str, tile: int, overlap_name: str, overlap: int) -> str:
     """A stitched tile carries its overlap of context on both sides: with 2 x overlap >= tile nothing is left
     to advance by, and the tiles would step one pixel at a time (a 64x48 LR image at tile 32, overlap 16:
     561 tiles, 70x the time of one)."""
     return (
         f"{overlap_name} must be below half of {tile_name}: each tile carries {overlap_name} of context on both "
-        f"sides, so {tile_name}={tile} allows at most {max(0, (tile - 1) // 2)}, got {overlap}"
+        f"sides, so {tile_name}={tile} allows at most {max_stitch_overlap(tile)}, got {overlap}"
     )
 
 
