@@ -19,9 +19,9 @@ Decay per update (``EMAModel.get_decay`` without ``use_ema_warmup``): the ``u``-
 
 ``ema = decay_u * ema + (1 - decay_u) * weights``, accumulated in float32 whatever the weights' dtype: with
 16-bit weights (``bf16-true``) and decay 0.999 an update smaller than half a bf16 step (the weights within
-~500 steps of the average) rounds away, so a bf16 average stops following the weights. Under DDP every rank updates its own copy after
-the optimiser step from the same (all-reduced) weights, so the copies stay identical with no
-communication.
+~500 steps of the average) rounds away, so a bf16 average stops following the weights. Under DDP every
+rank updates its own copy after the optimiser step from the same (all-reduced) weights, so the copies
+stay identical with no communication.
 """
 
 from __future__ import annotations
