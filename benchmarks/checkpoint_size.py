@@ -36,7 +36,7 @@ def build_model(unet_rank: int, vae_rank: int):  # type: ignore[no-untyped-def]
     from tadm.components.aligners.tpm import TimestepPredictionModule
     from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     torch.manual_seed(0)
     b = StableDiffusionBackbone(preset="sd21-base", unet_lora_rank=unet_rank, vae_lora_rank=vae_rank)

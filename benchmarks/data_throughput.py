@@ -123,8 +123,8 @@ def step_rows(repeats: int) -> list[tuple[str, float]]:
     from diffusers import AutoencoderKL
 
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.model.losses import weighted_sum
-    from tadm.model.module import TADMModule
+    from tadm.training.losses import weighted_sum
+    from tadm.training.lightning_module import TADMModule
 
     torch.manual_seed(0)
     backbone = StableDiffusionBackbone("tiny-sd15")

@@ -16,7 +16,7 @@ import time
 import torch
 
 from tadm.components.rescalers.dfrm import DFRM
-from tadm.model.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
+from tadm.training.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 
 VARIANTS = {
     "paper": {},

@@ -74,7 +74,7 @@ def build_model(name: str):  # type: ignore[no-untyped-def]
     from tadm.components.backbones.flux import FluxBackbone
     from tadm.components.backbones.sd3 import SD3Backbone
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     preset, cfg = transformer_config(name)
     p = DIT_PRESETS[preset]

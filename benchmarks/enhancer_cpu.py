@@ -36,7 +36,7 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
     from tadm.components.aligners.tpm import TimestepPredictionModule
     from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     # LPIPS / DISTS on a random VGG16 where torchvision looks for the ImageNet one (offline; the stage-2
     # loss's cost is the same, its numbers are not perceptual)

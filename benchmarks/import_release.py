@@ -274,12 +274,12 @@ def step_phases(ckpt: str, backbone: str, lr: str, output: str) -> dict[str, Any
     import resource
 
     t_start = time.perf_counter()
-    import tadm.config.load as load_mod
+    import tadm.model.loading as load_mod
     import tadm.inference.lr_files as lr_files
     from tadm.commands.main import main
     from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
     from tadm.inference.codec import Codec
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     order = ["imports", "read checkpoint", "build model (all below)", "  backbone weights (incl. prompt)"]
     order += ["    empty prompt", "  LoRA layers", "load trained tensors", "model id hash"]

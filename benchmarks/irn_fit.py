@@ -50,7 +50,7 @@ def override(args: argparse.Namespace, work: Path) -> dict:
             },
             "callbacks": [
                 {
-                    "class_path": "tadm.model.callbacks.RunCheckpoint",
+                    "class_path": "tadm.training.callbacks.RunCheckpoint",
                     "init_args": {"save_last": True, "enable_version_counter": False},
                 }
             ],
@@ -69,7 +69,7 @@ def override(args: argparse.Namespace, work: Path) -> dict:
                 "init_args": {"lr": args.lr, "betas": [0.9, 0.999]},
             },
             "lr_scheduler": {
-                "class_path": "tadm.model.schedules.WarmupCosineLR",
+                "class_path": "tadm.training.schedules.WarmupCosineLR",
                 "init_args": {"warmup_steps": max(1, args.steps // 20)},
             },
         },

@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--full-size-sd", action="store_true", help="also the full-size SD 2.1 VAE + paper DFRM")
     ap.add_argument("--sd-size", type=int, default=512, help="image side for --full-size-sd")
     args = ap.parse_args()
-    from tadm.config.load import load_codec
+    from tadm.model.loading import load_codec
 
     codec = load_codec(args.ckpt)
     print(f"## {args.ckpt}")

@@ -65,7 +65,7 @@ def make_photo(folder: Path) -> Path:
 
 def cases(work: Path, photo: Path) -> dict[str, list[str]]:
     tadm = tadm_command()
-    load = f"from tadm.config.load import load_codec; load_codec({str(QUICKSTART)!r})"
+    load = f"from tadm.model.loading import load_codec; load_codec({str(QUICKSTART)!r})"
     return {
         "import torch": [sys.executable, "-c", "import torch"],
         "tadm --help": [*tadm, "--help"],

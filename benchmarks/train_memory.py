@@ -103,7 +103,7 @@ def build(args: argparse.Namespace) -> Any:
     sys.path.insert(0, str(ROOT))
     from tadm.commands.lightning import TADMCLI
     from tadm.config.plugins import load_plugins
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
     from tests.helpers.vgg import write_random_vgg16
 
     home = Path(tempfile.mkdtemp(prefix="tadm-train-memory-"))

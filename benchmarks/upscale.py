@@ -45,7 +45,7 @@ def build_codec(
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.inference.codec import Codec
     from tadm.inference.tiling import Tiling
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -43,7 +43,7 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_sources_are_found_through_the_real_folders() -> None:
     names = {p.relative_to(REPO).as_posix() for p in SOURCES}
     assert "components/rescalers/dfrm.py" in names and "datamodules/webdataset.py" in names
-    assert "tadm/model/module.py" in names and len(names) == len(SOURCES)
+    assert "tadm/training/lightning_module.py" in names and len(names) == len(SOURCES)
     assert (REPO / "tadm" / "components").is_symlink() and (REPO / "tadm" / "datamodules").is_symlink()
 
 
@@ -67,7 +67,7 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("planted", "broken"),
     [
-        ({"tadm/contracts/upward.py": "import tadm.model.module\n"}, "Layers point down BROKEN"),
+        ({"tadm/contracts/upward.py": "import tadm.training.lightning_module\n"}, "Layers point down BROKEN"),
         (
             {"tadm/components/aligners/uses_rescaler.py": "import tadm.components.rescalers.dfrm\n"},
             "Plug-in kinds are independent of each other BROKEN",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tadm.commands.main import main
 from tadm.components.backbones.flux import FluxBackbone
-from tadm.config.load import load_codec
+from tadm.model.loading import load_codec
 from tadm.errors import CheckpointError
 from tadm.inference.tiling import Tiling, enhancer_tiles
 from tests.helpers import CONFIGS

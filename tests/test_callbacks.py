@@ -1,4 +1,4 @@
-"""tadm.model.callbacks on one process: the final step is saved, checkpoints live beside the logger's
+"""tadm.training.callbacks on one process: the final step is saved, checkpoints live beside the logger's
 run, and the report needs no collective (the DDP runs are in tests/test_ddp_webdataset.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from tadm.model.callbacks import RoundTripReport, RunCheckpoint, checkpoint_dir
+from tadm.training.callbacks import RoundTripReport, RunCheckpoint, checkpoint_dir
 
 
 class Tiny(L.LightningModule):

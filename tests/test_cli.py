@@ -54,7 +54,7 @@ def _run_short(tmp: Path, config: str, name: str) -> Path:
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                         "init_args": {"dirpath": str(tmp / name / "ckpt"), "save_last": True},
                     },
-                    {"class_path": "tadm.model.callbacks.RoundTripReport"},
+                    {"class_path": "tadm.training.callbacks.RoundTripReport"},
                 ]
             ),
             *_data(),

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image, PngImagePlugin
 
 from tadm.commands.main import main
-from tadm.config.load import load_codec
+from tadm.model.loading import load_codec
 from tadm.datamodules.image_io import load_image
 from tadm.errors import CheckpointError
 from tadm.inference.lr_files import read_lr

@@ -154,14 +154,14 @@ def test_the_reference_is_the_bicubic_upscale_of_the_lr_image(photo: Tensor, ref
 def test_the_option_reaches_the_codec_and_bad_values_are_argparse_errors(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tadm.config.load
+    import tadm.model.loading
     from tadm.commands.common import add_color_fix_argument, add_model_arguments, load_from_args
     from tadm.commands.main import main
 
     ap = argparse.ArgumentParser()
     add_model_arguments(ap)
     add_color_fix_argument(ap)
-    monkeypatch.setattr(tadm.config.load, "load_codec", lambda ckpt, **kw: kw)
+    monkeypatch.setattr(tadm.model.loading, "load_codec", lambda ckpt, **kw: kw)
     assert load_from_args(ap.parse_args(["--ckpt", "c"]))["color_fix"] == "none"  # type: ignore[index]
     for method in COLOR_FIXES:
         kw = load_from_args(ap.parse_args(["--ckpt", "c", "--color-fix", method]))

@@ -379,7 +379,7 @@ def test_a_checkpoint_without_ema_gives_raw_weights_and_refuses_ema(run: Run, tm
 
 def test_the_codec_loads_the_ema_unless_told_raw(run: Run) -> None:
     from tadm.commands.common import add_model_arguments
-    from tadm.config.load import load_codec
+    from tadm.model.loading import load_codec
 
     ema, (raw, _) = run.model.ema.weights(), read_checkpoint(run.final, weights="raw")
     codecs = {w: load_codec(run.final, weights=w) for w in (None, "raw")}

@@ -76,7 +76,7 @@ def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: P
         "--trainer.max_steps=1",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_checkpointing=true",
-        "--trainer.callbacks+=tadm.model.callbacks.RunCheckpoint",
+        "--trainer.callbacks+=tadm.training.callbacks.RunCheckpoint",
         "--trainer.callbacks.save_last=true",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -23,8 +23,8 @@ from PIL import Image
 
 from tadm.commands.main import main
 from tadm.components.backbones.tiny import build_tiny_components
-from tadm.config.load import load_codec
-from tadm.config.release import (
+from tadm.model.loading import load_codec
+from tadm.model.release_import import (
     RELEASE_ALIGNER,
     RELEASE_BACKBONE,
     RELEASE_ENHANCER,
@@ -35,7 +35,7 @@ from tadm.config.release import (
 from tadm.contracts import quantize_8bit
 from tadm.errors import CheckpointError
 from tadm.model.checkpoints import read_checkpoint
-from tadm.model.schedules import PiecewiseConstantLR
+from tadm.training.schedules import PiecewiseConstantLR
 from tests.helpers import CONFIGS, SAMPLES
 from tests.helpers.release import (
     SCALING,

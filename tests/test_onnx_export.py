@@ -22,7 +22,7 @@ from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 from tadm.components.rescalers.bicubic import Bicubic
 from tadm.components.rescalers.dfrm import DFRM
-from tadm.config.load import load_codec
+from tadm.model.loading import load_codec
 from tadm.contracts import Rescaler
 from tadm.datamodules.image_io import load_image
 from tadm.errors import CheckpointError

@@ -11,8 +11,8 @@ from tadm.components.rescalers.bicubic import Bicubic
 from tadm.components.rescalers.dfrm import DFRM
 from tadm.evaluation.metrics import psnr_y, rgb_to_y, ssim_y
 from tadm.inference import pipeline
-from tadm.model.losses import get_distance, weighted_sum
-from tadm.model.module import TADMModule
+from tadm.training.losses import get_distance, weighted_sum
+from tadm.training.lightning_module import TADMModule
 from tadm.ops.images import crop_to, pad_to_multiple
 
 

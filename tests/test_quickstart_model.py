@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from tadm.config.load import load_codec
+from tadm.model.loading import load_codec
 from tadm.evaluation.metrics import psnr_y
 from tadm.inference.codec import Codec
 from tadm.inference.pipeline import bicubic_round_trip

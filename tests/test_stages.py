@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from tadm.contracts import ALIGNERS, TimestepAligner
-from tadm.model.module import TADMModule
+from tadm.training.lightning_module import TADMModule
 from tadm.ops.diffusion import abar_at, x0_from_output
 from tests.helpers import CONFIGS
 from tests.helpers.cli import build_cli, fit_and_check, stage_args

@@ -27,7 +27,7 @@ from tadm.config.build import RescalerModel, build_module
 from tadm.contracts import ALL_REGISTRIES
 from tadm.errors import CheckpointError
 from tadm.model.checkpoints import read_checkpoint
-from tadm.model.module import TADMModule
+from tadm.training.lightning_module import TADMModule
 from tests.helpers import REPO
 
 QUICKSTART = REPO / "assets" / "models" / "quickstart_x16.safetensors"

@@ -27,7 +27,7 @@ from tadm.inference.tiling import (
     tile_weight,
     timestep_map,
 )
-from tadm.model.module import TADMModule
+from tadm.training.lightning_module import TADMModule
 
 
 @pytest.mark.parametrize(
@@ -228,12 +228,12 @@ def test_synced_group_norm_statistics_are_the_whole_images(photo: Tensor) -> Non
 def test_vae_norm_is_a_command_line_option(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    import tadm.config.load
+    import tadm.model.loading
     from tadm.commands.common import add_model_arguments, load_from_args
 
     ap = argparse.ArgumentParser()
     add_model_arguments(ap)
-    monkeypatch.setattr(tadm.config.load, "load_codec", lambda ckpt, *, tiling, **kw: tiling)
+    monkeypatch.setattr(tadm.model.loading, "load_codec", lambda ckpt, *, tiling, **kw: tiling)
     assert load_from_args(ap.parse_args(["--ckpt", "c"])).vae_norm == "synced"  # type: ignore[attr-defined]
     tiling = load_from_args(ap.parse_args(["--ckpt", "c", "--vae-norm", "per_tile"]))
     assert tiling.vae_norm == "per_tile"  # type: ignore[attr-defined]

@@ -415,14 +415,14 @@ def latent_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 def _tiny_module(backbone: Any) -> Any:
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     rescaler = DFRM(scale=16, width=16, num_resblocks=1, pixel_width=8, num_couplings=1, coupling_growth=8)
     return TADMModule(backbone=backbone, rescaler=rescaler, scale=16)
 
 
 def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(latent_shards: tuple[Path, Any]) -> None:
-    from tadm.model.losses import weighted_sum
+    from tadm.training.losses import weighted_sum
 
     root, backbone = latent_shards
     module = _tiny_module(backbone)
@@ -497,7 +497,7 @@ def test_cached_latent_shards_train_through_the_cli_without_encoding(
 ) -> None:
     """configs/data/webdataset.yaml composed after an experiment: a fast_dev_run from cached latents."""
     from tadm.commands.lightning import TADMCLI
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
     from tests.helpers import REPO
 
     root, _ = latent_shards

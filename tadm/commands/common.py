@@ -246,7 +246,7 @@ def tiling_from_args(args: argparse.Namespace) -> Tiling:
 
 def load_from_args(args: argparse.Namespace) -> Codec:
     """The codec the command-line options describe."""
-    from tadm.config.load import load_codec
+    from tadm.model.loading import load_codec
 
     return load_codec(
         args.ckpt,

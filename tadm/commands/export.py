@@ -75,7 +75,7 @@ def export_command(argv: Sequence[str]) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     """The downscale path of ``args.ckpt`` as ``args.output`` (.onnx), checked against PyTorch."""
-    from tadm.config.load import load_codec
+    from tadm.model.loading import load_codec
     from tadm.model.onnx_export import check_target, export_onnx
 
     check_target(args.output, args.overwrite)  # before the (slow) loading

@@ -1,5 +1,5 @@
 """``tadm import-release --dfrm DFRM --tadm model_sr_x16.pkl --output tadm_x16.safetensors``: the authors'
-released weights as a tadm checkpoint (see :mod:`tadm.config.release`)."""
+released weights as a tadm checkpoint (see :mod:`tadm.model.release_import`)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def import_release_command(argv: Sequence[str]) -> int:
     """``tadm import-release`` entry point: 0 written, 2 unusable input or output (nothing written)."""
     args = _parser().parse_args(list(argv))
     target = writable_file(args.output)
-    from tadm.config.release import RELEASE_VAE, import_release
+    from tadm.model.release_import import RELEASE_VAE, import_release
 
     if args.vae is None:
         vae = None if args.backbone_preset.startswith("tiny-") else RELEASE_VAE

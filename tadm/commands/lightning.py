@@ -19,8 +19,8 @@ from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
 from tadm.errors import ConfigError, TadmError
-from tadm.model.callbacks import checkpoint_dir
-from tadm.model.module import TADMModule
+from tadm.training.callbacks import checkpoint_dir
+from tadm.training.lightning_module import TADMModule
 
 
 class TADMCLI(LightningCLI):

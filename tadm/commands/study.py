@@ -165,7 +165,7 @@ def _run_cell(cell: Cell, fit: bool) -> CellOutcome:
             cell.name,
             "failed",
             f"fit wrote no last.ckpt under '{cell.directory}': the base config needs a checkpoint callback "
-            "with save_last (tadm.model.callbacks.RunCheckpoint)",
+            "with save_last (tadm.training.callbacks.RunCheckpoint)",
             time.perf_counter() - start,
         )
     state["checkpoint"] = str(checkpoint)

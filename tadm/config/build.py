@@ -55,7 +55,7 @@ def link_model_arguments(parser: Any, with_data: bool = True) -> None:
 class RescalerModel(nn.Module):
     """A stage-1 (``rescaler``) model for inference, without Lightning: the backbone and the rescaler.
 
-    What :class:`~tadm.model.module.TADMModule` is in stage 1 for the codec (the same state-dict keys,
+    What :class:`~tadm.training.lightning_module.TADMModule` is in stage 1 for the codec (the same state-dict keys,
     trainable set, checks and loading; ``tests/test_startup.py`` compares the two tensor for tensor and
     output for output), without training, logging or the enhancer.
     """
@@ -122,7 +122,7 @@ def _model_parser() -> Any:
     """A parser for the ``model:`` section of a run config, with the CLI's links."""
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from tadm.model.module import TADMModule
+    from tadm.training.lightning_module import TADMModule
 
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_lightning_class_args(TADMModule, "model")

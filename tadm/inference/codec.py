@@ -1,6 +1,6 @@
 """A trained model as an image codec: HR -> 8-bit LR -> HR, tiled, on any device and precision.
 
-:class:`Codec` wraps a model that is already built and loaded (``tadm.config.load.load_codec`` builds
+:class:`Codec` wraps a model that is already built and loaded (``tadm.model.loading.load_codec`` builds
 one from a checkpoint). Two ids identify what a checkpoint can decode:
 
 - ``rescaler_id``: hash of the rescaler's weights, class and scale. An LR image can be upscaled by

@@ -1,6 +1,6 @@
 """What a checkpoint's trained tensors are and how they load over a frozen backbone.
 
-One place for the rules :class:`~tadm.model.module.TADMModule` (training, Lightning) and the codec's
+One place for the rules :class:`~tadm.training.lightning_module.TADMModule` (training, Lightning) and the codec's
 Lightning-free stage-1 model (:class:`tadm.config.build.RescalerModel`) share, so the two cannot drift:
 which state-dict keys are frozen (never stored), which checkpoints fit a model, and the errors for ones
 that do not. Torch only: the codec imports it without Lightning.

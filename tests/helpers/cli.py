@@ -8,7 +8,7 @@ import lightning as L
 
 from tadm.commands.lightning import TADMCLI
 from tadm.config.plugins import load_plugins
-from tadm.model.module import TADMModule
+from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS, TRAIN, VAL
 
 

@@ -18,7 +18,7 @@ from tadm.components.aligners.tpm import TimestepPredictionModule
 from tadm.components.rescalers.dfrm import DFRM
 from tadm.config.plugins import load_plugins
 from tadm.contracts import BACKBONES
-from tadm.model.module import TADMModule
+from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS, SAMPLES
 
 TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux"}

@@ -18,11 +18,11 @@ from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.tiling import NO_TILING, Tiling
-from tadm.model.callbacks import RawWeightsOnError
+from tadm.training.callbacks import RawWeightsOnError
 from tadm.model.checkpoints import EMA_KEY, META_KEY, read_checkpoint
 from tadm.model.ema import TrainedEMA, check_ema_args
 from tadm.model.enhancer import HybridScheduler, unet_timestep
-from tadm.model.losses import (
+from tadm.training.losses import (
     DEFAULT_STAGE1_WEIGHTS,
     DEFAULT_STAGE2_WEIGHTS,
     DistanceName,
@@ -85,7 +85,7 @@ class TADMModule(L.LightningModule):
                 both. A term with weight 0 is not computed.
             distance: ``mse`` (default, the release) or ``l1`` (the paper's latent terms).
             optimizer: optimizer factory; default AdamW(lr 1e-4, betas (0.9, 0.999), weight decay 1e-2).
-            lr_scheduler: LR scheduler factory, e.g. ``tadm.model.schedules.WarmupCosineLR`` (its ``total_steps``
+            lr_scheduler: LR scheduler factory, e.g. ``tadm.training.schedules.WarmupCosineLR`` (its ``total_steps``
                 defaults to the trainer's run length); none (constant LR) by default.
             lr_scheduler_interval: step the scheduler every optimiser ``step`` or every ``epoch``.
             init_from: a previous stage's checkpoint whose weights initialise this run (weights only;

@@ -29,9 +29,7 @@ import yaml
 
 from tadm.errors import InputError
 from tadm.ops.files import atomic_write, atomic_write_text
-
-SUMMARY = "summary.json"
-STUDY_MANIFEST = "study.json"
+from tadm.studies.study_plan import EVAL_DIR, MANIFEST, SUMMARY, flatten
 #: config keys that differ between any two runs without being what the runs compare
 IGNORED_KEYS = ("trainer.logger", "trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar")
 #: the table: (header, Row attribute, digits; None for text / integers)
@@ -172,25 +170,25 @@ def write_comparison(comparison: Comparison, output: str | os.PathLike[str]) -> 
 
 def _expand(path: Path, notes: list[str]) -> list[tuple[str | None, Path]]:
     """A study folder -> its evaluated cells (notes for the others); a run folder or file -> its summary."""
-    if (path / STUDY_MANIFEST).is_file():
+    if (path / MANIFEST).is_file():
         return _study_cells(path, notes)
-    for candidate in (path, path / SUMMARY, path / "eval" / SUMMARY):
+    for candidate in (path, path / SUMMARY, path / EVAL_DIR / SUMMARY):
         if candidate.is_file() and candidate.name == SUMMARY:
             return [(None, candidate)]
     if not path.exists():
         raise InputError(f"'{path}' does not exist")
     raise InputError(
-        f"'{path}' holds no {SUMMARY} (nor eval/{SUMMARY}, nor a study's {STUDY_MANIFEST}): "
+        f"'{path}' holds no {SUMMARY} (nor {EVAL_DIR}/{SUMMARY}, nor a study's {MANIFEST}): "
         "pass a `tadm evaluate --output` folder or a `tadm study` output folder"
     )
 
 
 def _study_cells(folder: Path, notes: list[str]) -> list[tuple[str | None, Path]]:
     try:
-        manifest = json.loads((folder / STUDY_MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         cells = list(manifest["cells"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"'{folder / STUDY_MANIFEST}' is not a study manifest ({err})") from err
+        raise InputError(f"'{folder / MANIFEST}' is not a study manifest ({err})") from err
     out: list[tuple[str | None, Path]] = []
     for cell in cells:
         summary = folder / cell["summary"]
@@ -268,7 +266,7 @@ def _row_names(study_names: list[str | None], summaries: list[Path], docs: list[
 
 def _run_folder(summary: Path) -> str:
     folder = summary.parent
-    return folder.parent.name if folder.name == "eval" else folder.name
+    return folder.parent.name if folder.name == EVAL_DIR else folder.name
 
 
 def _run_config(doc: dict[str, Any], summary: Path) -> dict[str, Any] | None:
@@ -286,17 +284,8 @@ def _run_config(doc: dict[str, Any], summary: Path) -> dict[str, Any] | None:
                 loaded = yaml.safe_load(candidate.read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):
                 return None
-            return _flatten(loaded) if isinstance(loaded, dict) else None
+            return flatten(loaded) if isinstance(loaded, dict) else None
     return None
-
-
-def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(doc, dict) or (prefix and not doc):
-        return {prefix: doc}
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _differences(configs: list[dict[str, Any]]) -> list[str]:

@@ -4,7 +4,7 @@ The release ships two files per scale: the DFRM (``torch.save({"state_dict": ...
 pickle ``model_sr_x16.pkl`` (``src/tadm.py`` ``save_model``: LoRA target modules and ranks, then the
 state dicts of the UNet (LoRA + conv_in), the VAE decoder's LoRA, the TPM and the Refiner). Both are
 read with ``torch.load(weights_only=True)``, which runs no code; a file that needs more is refused.
-Their tensors are renamed (:mod:`tadm.config.release_keys`), checked against the model the release
+Their tensors are renamed (:mod:`tadm.model.release_keys`), checked against the model the release
 preset describes (every missing, unknown or misshapen tensor named, in the release's own names), and
 written as a ``tadm export`` safetensors file whose stored config is that preset, so every command
 rebuilds the release's arithmetic without flags. Nothing is written unless everything fits.
@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor
 
 from tadm.config.build import build_module
-from tadm.config.release_keys import (
+from tadm.model.release_keys import (
     SECTION_MAPS,
     dfrm_key_map,
     dfrm_scale,

@@ -20,7 +20,8 @@ stays short whatever an axis file says), so two cells that differ in one axis va
 value's settings; two axes may not set the same key (a cell would then depend on the axes' order), which
 :func:`load_study` refuses. Paths are relative to the working
 directory, as in ``tadm fit --config``. This module only plans (it builds the ``tadm fit`` / ``tadm evaluate``
-argument lists of each cell); ``tadm study`` runs them.
+argument lists of each cell); ``tadm study`` runs them, and :mod:`tadm.studies.run_comparison` reads the
+results through the names defined here (:data:`MANIFEST`, :data:`EVAL_DIR`, :data:`SUMMARY`, :func:`flatten`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ STUDY_KEYS = {"base", "set", "output", "axes", "evaluate"}
 EVALUATE_KEYS = {"inputs", "protocol", "args"}
 #: where a cell's ``tadm evaluate`` report goes, inside the cell folder
 EVAL_DIR = "eval"
+#: the report's file that ``tadm compare`` reads (``tadm evaluate`` writes it: :mod:`tadm.evaluation.report`)
+SUMMARY = "summary.json"
 #: the study's manifest in its output folder (read by ``tadm compare``)
 MANIFEST = "study.json"
 
@@ -87,7 +90,7 @@ class Cell:
 
     @property
     def summary(self) -> Path:
-        return self.eval_dir / "summary.json"
+        return self.eval_dir / SUMMARY
 
 
 @dataclass(frozen=True)
