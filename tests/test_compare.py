@@ -20,10 +20,10 @@ from torch import Tensor
 from tadm.commands.evaluate import bicubic_with_lr
 from tadm.commands.main import main
 from tadm.datamodules.inputs import EvalImage
-from tadm.evaluation.compare import MixedRunsError, compare_runs, write_comparison
 from tadm.evaluation.engine import Metrics, evaluate, png_bits
 from tadm.evaluation.protocols import get_protocol
 from tadm.inference.pipeline import bicubic_round_trip
+from tadm.studies.run_comparison import MixedRunsError, compare_runs, write_comparison
 
 TADM = {"name": "tadm", "crop_border": 0, "description": "..."}
 BASICSR = {"name": "basicsr", "crop_border": 16, "description": "..."}

@@ -94,7 +94,7 @@ def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: P
 
 def test_study_file_puts_the_plugin_beside_the_tpm(monkeypatch: pytest.MonkeyPatch) -> None:
     """The example's study file plans one cell per aligner (``tadm study plan`` needs no plug-in installed)."""
-    from tadm.config.study import load_study
+    from tadm.studies.study_plan import load_study
 
     monkeypatch.chdir(REPO)  # study paths are relative to the working directory
     cells = {c.name: c for c in load_study("examples/tadm-example-aligner/study.yaml").cells()}

@@ -21,8 +21,8 @@ import yaml
 
 import tadm.commands.study as study_cmd
 from tadm.commands.main import main
-from tadm.config.study import AxisValue, Cell, Study, flatten, load_study
 from tadm.errors import ConfigError
+from tadm.studies.study_plan import AxisValue, Cell, Study, flatten, load_study
 from tests.helpers import CONFIGS, REPO, SAMPLES
 
 STUDIES = sorted(p.relative_to(REPO).as_posix() for p in (CONFIGS / "studies").glob("*.yaml"))

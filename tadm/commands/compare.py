@@ -4,7 +4,8 @@
     tadm compare reports/a reports/b --output reports/ab  # `tadm evaluate --output` folders
 
 Rows are named by what differs between the runs; runs scored under different protocols or on different
-images are refused (``--allow-mixed`` shows them flagged instead). The logic: :mod:`tadm.evaluation.compare`.
+images are refused (``--allow-mixed`` shows them flagged instead). The logic:
+:mod:`tadm.studies.run_comparison`.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 def compare_command(argv: Sequence[str]) -> int:
     """Compare evaluated runs: one table and the perception-distortion and quality-vs-time plots."""
     args = _parser().parse_args(list(argv))
-    from tadm.evaluation.compare import STUDY_MANIFEST, compare_runs, write_comparison
+    from tadm.studies.run_comparison import compare_runs, write_comparison
+    from tadm.studies.study_plan import MANIFEST
 
     comparison = compare_runs(args.runs, allow_mixed=args.allow_mixed)
     output = args.output
     if output is None:
-        one_study = len(args.runs) == 1 and (args.runs[0] / STUDY_MANIFEST).is_file()
+        one_study = len(args.runs) == 1 and (args.runs[0] / MANIFEST).is_file()
         output = args.runs[0] if one_study else Path("comparison")
     written = write_comparison(comparison, output)
     print(comparison.markdown())

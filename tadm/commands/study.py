@@ -9,7 +9,7 @@ exit status is 1 when any cell failed. Resumable: a cell whose evaluation finish
 with the same commands and config files) is kept; one whose training finished is only evaluated; anything
 else is trained again from scratch (a half-written run is not resumed: with ``seed_everything`` the rerun
 gives the run an uninterrupted one would). The end is ``tadm compare`` on the study folder. The study file
-format: :mod:`tadm.config.study` and docs/studies.md.
+format: :mod:`tadm.studies.study_plan` and docs/studies.md.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tadm.commands.common import EXIT_FAILED, EXIT_OK, command
-from tadm.config.study import MANIFEST, Cell, Study, load_study
 from tadm.ops.files import atomic_write_text
+from tadm.studies.study_plan import MANIFEST, Cell, Study, load_study
 
 #: the cell's state file: the key its results belong to and each stage's exit status and time
 CELL_STATE = "cell.json"

@@ -30,6 +30,7 @@ import yaml
 from tadm.errors import InputError
 from tadm.ops.files import atomic_write, atomic_write_text
 from tadm.studies.study_plan import EVAL_DIR, MANIFEST, SUMMARY, flatten
+
 #: config keys that differ between any two runs without being what the runs compare
 IGNORED_KEYS = ("trainer.logger", "trainer.default_root_dir", "ckpt_path", "trainer.enable_progress_bar")
 #: the table: (header, Row attribute, digits; None for text / integers)
