@@ -343,7 +343,7 @@ def test_an_unusable_output_is_an_error_before_the_model_loads(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import tadm.commands.codec as codec_commands
+    import tadm.commands.downscale_upscale as codec_commands
 
     def no_model(args: object) -> None:
         raise AssertionError("the model must not load before the output is checked")

@@ -25,15 +25,17 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "list": Command(
-        "tadm.commands.plugins:list_command", "every plug-in: kind, short name, class, description"
+        "tadm.commands.list_plugins:list_command", "every plug-in: kind, short name, class, description"
     ),
     "shard": Command(
         "tadm.commands.shard:shard_command", "pack images into WebDataset shards (optionally latents)"
     ),
     "downscale": Command(
-        "tadm.commands.codec:downscale_command", "HR images -> 8-bit LR PNGs (a checkpoint)"
+        "tadm.commands.downscale_upscale:downscale_command", "HR images -> 8-bit LR PNGs (a checkpoint)"
     ),
-    "upscale": Command("tadm.commands.codec:upscale_command", "LR PNGs -> HR images at their original size"),
+    "upscale": Command(
+        "tadm.commands.downscale_upscale:upscale_command", "LR PNGs -> HR images at their original size"
+    ),
     "evaluate": Command(
         "tadm.commands.evaluate:evaluate_command", "metrics of a checkpoint on images, in a report"
     ),
