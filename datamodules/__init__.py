@@ -7,3 +7,12 @@ write into checkpoints and resume on any number of processes (``elastic``), and 
 
 May import only the bottom layer (:mod:`tadm.contracts`, :mod:`tadm.ops`, :mod:`tadm.errors`).
 """
+
+# Python started in the repository's root also finds this folder as ``datamodules``; its modules would load
+# twice under two names (each plug-in registered twice, two copies of every class): one name only.
+if __name__ != "tadm.datamodules":
+    raise ImportError(
+        f"import tadm.datamodules, not {__name__}: the repository's top-level datamodules/ folder is "
+        "the package tadm.datamodules; importing it under a second name would load (and register) its "
+        "modules twice"
+    )

@@ -168,3 +168,49 @@ def test_wheel_installs_only_the_tadm_package(tmp_path: Path) -> None:
     assert tops == {"tadm"}, tops
     assert "tadm/components/rescalers/dfrm.py" in names and "tadm/datamodules/webdataset.py" in names
     assert "tadm/contracts/rescaler.py" in names
+
+
+def test_no_two_source_files_share_a_basename() -> None:
+    """A module's name tells you which wing you are in: no basename twice (``__init__``/``__main__`` apart)."""
+    by_name: dict[str, list[str]] = {}
+    for path in SOURCES:
+        if path.name not in ("__init__.py", "__main__.py"):
+            by_name.setdefault(path.name, []).append(path.relative_to(REPO).as_posix())
+    repeated = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not repeated, f"basenames used twice: {repeated}"
+    assert "list_plugins.py" in by_name and "run_comparison.py" in by_name  # the search saw the tree
+
+
+#: run with the repository's root first on sys.path, as in a checkout
+_ONE_NAME = """
+import sys
+sys.path.insert(0, {repo!r})
+import tadm.components.aligners.tpm, tadm.datamodules.shards
+print("tadm:", tadm.components.aligners.tpm.__name__, tadm.datamodules.shards.__name__)
+for name in ("components", "datamodules"):
+    try:
+        __import__(name + (".aligners.tpm" if name == "components" else ".shards"))
+    except ImportError as err:
+        print(f"{{name}}: {{type(err).__name__}}: {{err}}")
+    else:
+        print(f"{{name}}: imported")
+"""
+
+
+def test_components_and_datamodules_import_under_one_name_only() -> None:
+    """The top-level folders import as ``tadm.components`` / ``tadm.datamodules`` only: a checkout could
+    otherwise import ``components.aligners.tpm`` beside ``tadm.components.aligners.tpm`` (a second module
+    object, each plug-in registered twice)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_NAME.format(repo=str(REPO))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "tadm: tadm.components.aligners.tpm tadm.datamodules.shards", result.stdout
+    for line, name in zip(lines[1:], ("components", "datamodules"), strict=True):
+        assert line.startswith(f"{name}: ImportError: import tadm.{name}, not {name}: "), line
+        assert "twice" in line, line
