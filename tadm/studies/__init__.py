@@ -1,5 +1,6 @@
-"""Studies: a study file -> its cells and their commands, and the comparison of finished runs' reports
-(``tadm study`` and ``tadm compare``).
+"""Studies, behind ``tadm study`` and ``tadm compare``: ``study_plan`` (a study file -> its cells and their
+commands, and the names of the files a run leaves) and ``run_comparison`` (finished runs' reports -> one
+table and plots).
 
 May import :mod:`tadm.model` and everything below it; never the commands, training or the test kit.
 """
