@@ -262,7 +262,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
-    """The README recipe: `tadm shard`, then the same YAML (its callbacks and logger included) under two
+    """The recipe of docs/data.md: `tadm shard`, then the same YAML (its callbacks and logger included) under two
     `torchrun --nnodes 2` launches; both exit 0."""
     from tadm.commands.main import main
     from tests.helpers.shards import all_keys

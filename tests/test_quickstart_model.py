@@ -111,7 +111,7 @@ def test_smooth_gradients_come_back_within_a_few_levels(codec: Codec, name: str)
     assert psnr_y(rt.reconstruction, x) >= RAMP_PSNR, psnr_y(rt.reconstruction, x)
 
 
-# tolerances in 8-bit levels (see the module docstring and README's quickstart section)
+# tolerances in 8-bit levels (see the module docstring and docs/quickstart.md)
 LR_MEAN_LEVELS = 2.0
 REC_MEAN_LEVELS = 2.0
 REC_ABS_LEVELS = 2.0
