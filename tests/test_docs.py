@@ -1,5 +1,6 @@
 """The docs say only what the code does: every ``tadm`` command line in README.md and docs/*.md is one the
-real command accepts, and every relative link points to a file that exists.
+real command accepts, every relative link points to a file that exists, and every repository path and
+``tadm.`` name the docs show in code exists.
 
 A newcomer copies commands from the docs; a renamed option or a moved page should fail here, not in a
 reader's terminal. Each command's options are read from its own ``--help``, run in-process through the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import re
 import shlex
@@ -38,6 +40,21 @@ COMMAND_POSITION = {"-m", "srun", "time", "exec", "=", "&&", "||", ";", "|"}
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 SPAN = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+#: code spans starting with one of these name a file or folder of the repository
+TOP_FOLDERS = (
+    "tadm/",
+    "components/",
+    "datamodules/",
+    "configs/",
+    "tests/",
+    "benchmarks/",
+    "docs/",
+    "assets/",
+)
+#: `configs/A/X.yaml`, `runs/<name>/`, `*.png`, `...`: a pattern, not a path
+PLACEHOLDER = re.compile(r"[<>*{}\[\]]|\.\.\.|(^|/)[A-Z]{1,2}(\.|/|$)")
+#: dotted names that are entry-point groups tadm reads, not modules
+ENTRY_POINT_GROUPS = {"tadm.plugins"}
 
 
 class CommandLine(NamedTuple):
@@ -215,6 +232,39 @@ def missing_links(doc: Path, text: str) -> list[str]:
     ]
 
 
+def _is_dotted_name(text: str) -> bool:
+    return bool(re.fullmatch(r"tadm(\.[A-Za-z_]\w*)+", text)) and text not in ENTRY_POINT_GROUPS
+
+
+def _resolves(name: str) -> bool:
+    """Whether ``tadm.a.b.C`` is a module, or an attribute reached from the longest importable module."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def missing_names(text: str, where: str) -> list[str]:
+    """Repository paths and ``tadm.`` names in code spans that do not exist."""
+    found = []
+    for match in re.finditer(r"`([^`\s]+)`", text):
+        name = match.group(1).rstrip(",.:;")
+        if name.startswith(TOP_FOLDERS) and not PLACEHOLDER.search(name):
+            if not (REPO / name.split("::")[0]).exists():
+                found.append(f"{where}: `{name}` is not a file or folder of the repository")
+        elif _is_dotted_name(name) and not _resolves(name):
+            found.append(f"{where}: `{name}` cannot be imported")
+    return found
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_command_line_is_one_tadm_accepts(doc: Path) -> None:
     found = command_lines(doc.read_text(), str(doc.relative_to(REPO)))
@@ -272,3 +322,24 @@ def test_the_link_checker_catches_a_missing_file() -> None:
     assert missing_links(REPO / "docs" / "index.md", text) == [
         "docs/index.md: (no_such_page.md) points to nothing"
     ]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_path_and_name_shown_exists(doc: Path) -> None:
+    wrong = missing_names(doc.read_text(), str(doc.relative_to(REPO)))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_name_checker_catches_what_is_gone() -> None:
+    text = (
+        "`tadm/model/enhancer.py` `configs/quickstart.yaml`, `tests/test_tiling.py::LocalToyBackbone` "
+        "`tadm.ops.diffusion.FlowTime` `tadm.plugins` `configs/A/X.yaml` `runs/<name>/` "
+        "`tadm/model/no_such_module.py` `tadm.no_such_wing.Model` `tadm.ops.diffusion.NoSuchTime`"
+    )
+    assert missing_names(text, "planted.md") == [
+        "planted.md: `tadm/model/no_such_module.py` is not a file or folder of the repository",
+        "planted.md: `tadm.no_such_wing.Model` cannot be imported",
+        "planted.md: `tadm.ops.diffusion.NoSuchTime` cannot be imported",
+    ]
+    sources = "".join(path.read_text() for path in (REPO / "tadm").rglob("*.py"))
+    assert all(f'"{group}"' in sources for group in ENTRY_POINT_GROUPS)  # the groups tadm really reads
