@@ -9,16 +9,30 @@ the functions that build a diffusion backbone), which ``tests/test_startup.py`` 
 The built-in data modules import Lightning: only LightningCLI, which resolves ``data: class_path``
 among the imported data modules, asks for them (``load_plugins(data=True)``, the default).
 
-Why a patch: jsonargparse resolves a dot-less ``class_path`` by class *name* among the imported
-subclasses and has no public hook for aliases, so :func:`_install_short_name_resolver` wraps its
-resolver (``jsonargparse._typehints.resolve_class_path_by_name``) to try registered short names first.
-``tests/test_registry.py`` fails if a jsonargparse release moves that function.
+Why a wrapper around a private function: jsonargparse resolves a dot-less ``class_path`` by the class's
+own ``__name__`` among the imported subclasses of the type hint (documented under "Class type and
+sub-classes"); its public API, checked through 4.53, has no hook that gives a class another name:
+
+- ``jsonargparse.typing.class_from_function(cls, name="dfrm")`` makes a *new*, selectable class named
+  ``dfrm``; the parsed ``class_path``, which run configs and checkpoints store, would then name that
+  stand-in (``<module>.dfrm``) instead of the plug-in's class (``tadm.components.rescalers.dfrm.DFRM``),
+  and an unknown name would no longer list the registered ones;
+- ``jsonargparse.typing.register_type`` replaces subclass parsing for the whole kind (no ``init_args``,
+  no ``--*.help``); ``set_parsing_settings`` and ``add_instantiator`` do not touch resolution.
+
+So :func:`_install_short_name_resolver` wraps ``jsonargparse._typehints.resolve_class_path_by_name``
+(in every jsonargparse module that bound it by name) to try the registered short names first and
+defer to jsonargparse otherwise. A private function can change in any release, so ``pyproject.toml``
+pins jsonargparse to the releases tested (floor and ceiling), ``tests/test_registry.py`` fails when
+the installed release is outside that range or a short name stops resolving in YAML, on the command
+line or in ``--*.help``, and the wrapper raises a clear error if the function is gone.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -92,11 +106,21 @@ def _registry_for(base: Any) -> Any:
     return None
 
 
+#: jsonargparse's resolver of a dot-less ``class_path`` (private; the module docstring says why)
+RESOLVER_NAME = "resolve_class_path_by_name"
+
+
 def _install_short_name_resolver() -> None:
     """Let jsonargparse accept registered short names as ``class_path`` (see the module docstring)."""
-    from jsonargparse import _from_config, _typehints
+    import jsonargparse
+    from jsonargparse import _typehints
 
-    original = _typehints.resolve_class_path_by_name
+    original = getattr(_typehints, RESOLVER_NAME, None)
+    if original is None:
+        raise ImportError(
+            f"jsonargparse {jsonargparse.__version__} has no _typehints.{RESOLVER_NAME}, which tadm wraps "
+            "to resolve plug-in short names; install the jsonargparse release pyproject.toml pins"
+        )
     if getattr(original, "_tadm_wrapped", False):
         return
 
@@ -116,6 +140,8 @@ def _install_short_name_resolver() -> None:
         return resolved
 
     resolve._tadm_wrapped = True  # type: ignore[attr-defined]
-    _typehints.resolve_class_path_by_name = resolve
-    if hasattr(_from_config, "resolve_class_path_by_name"):
-        _from_config.resolve_class_path_by_name = resolve
+    # modules that imported the function by name hold their own reference: replace it in each of them
+    # (vars(), not getattr: jsonargparse's deprecated module aliases warn on attribute access)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "jsonargparse" and vars(module).get(RESOLVER_NAME) is original:
+            setattr(module, RESOLVER_NAME, resolve)
