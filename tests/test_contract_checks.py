@@ -44,7 +44,7 @@ load_plugins(data=False)
 
 #: each built-in, small: the arguments it is checked with (a new built-in without an entry fails a test)
 RESCALER_ARGS: dict[str, dict] = {
-    "dfrm": dict(scale=16, width=16, num_resblocks=1, num_couplings=2, coupling_growth=8),
+    "dfrm": dict(scale=16, width=16, pixel_width=4, num_resblocks=1, num_couplings=2, coupling_growth=8),
     "irn": dict(scale=16, num_couplings=1, coupling_growth=8),
     "bicubic": dict(scale=16),
 }

@@ -32,7 +32,7 @@ def tiny_backbone() -> DiffusionBackbone:
 
 
 def slim_rescaler(backbone: DiffusionBackbone, scale: int = 16) -> Rescaler:
-    """A DFRM of 60 k parameters built for ``backbone``'s latent (read before any weight loads)."""
+    """A DFRM of 0.17 M parameters built for ``backbone``'s latent (read before any weight loads)."""
     from tadm.components.rescalers.dfrm import DFRM
 
     return DFRM(
@@ -40,6 +40,7 @@ def slim_rescaler(backbone: DiffusionBackbone, scale: int = 16) -> Rescaler:
         latent_channels=backbone.latent_channels,
         latent_factor=backbone.downsample_factor,
         width=16,
+        pixel_width=4,
         num_resblocks=1,
         num_couplings=2,
         coupling_growth=8,
