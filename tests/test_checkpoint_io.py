@@ -66,7 +66,7 @@ def test_exported_file_initialises_a_model(stage2_ckpt: Path, tmp_path: Path) ->
     out = export_checkpoint(stage2_ckpt, tmp_path / "tadm.safetensors")
     state, _ = read_checkpoint(stage2_ckpt)
     model = _cli(_args(tmp_path, stage="joint", extra=[f"--model.init_from={out}"])).model
-    loaded = model.state_dict()
+    loaded = model.model.state_dict()
     for k, v in state.items():
         want = v if k.startswith("rescaler.") else _bf16(v).to(v.dtype)
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], want), k

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tadm.errors import CheckpointError
 from tadm.model.checkpoints import EMA_KEY, export_checkpoint, exported_weights, read_checkpoint
 from tadm.model.ema import TrainedEMA, check_ema_args, decay_at
+from tadm.training.ema_callback import EMAWeights
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_TIMEOUT_S = 240
@@ -230,7 +231,7 @@ def _failing_step(*args: Any, **kwargs: Any) -> None:
 def test_validation_that_raises_leaves_the_raw_weights_in_place(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without ``RawWeightsOnError`` the averages stayed in the parameters (``ema.swapped`` True)."""
+    """Without ``EMAWeights.on_exception`` the averages stayed in the parameters (``ema.swapped`` True)."""
     m = run.model
     raw = {n: p.detach().clone() for n, p in m.named_trainable_parameters()}
     monkeypatch.setattr(m, "validation_step", _failing_step)
@@ -270,7 +271,7 @@ def test_a_fit_stopped_in_validation_keeps_training_the_raw_weights(
     # the next fit puts the raw weights back before it starts a new EMA from them
     m.ema.swap_in()
     old_ema = m.ema
-    m.on_fit_start()
+    EMAWeights().on_fit_start(cli.trainer, m)
     assert m.ema is not old_ema and m.ema.updates == 0 and not old_ema.swapped
     for n, p in m.named_trainable_parameters():
         assert torch.equal(p.detach(), after_two[n]), n
@@ -317,7 +318,7 @@ def test_resuming_an_ema_of_other_tensors_is_refused(run: Run) -> None:
         m.ema = None
         m.on_load_checkpoint(ckpt)
         with pytest.raises(CheckpointError, match="does not match this model's trained parameters"):
-            m.on_fit_start()
+            EMAWeights().on_fit_start(m.trainer, m)
     finally:
         m.ema, m._ema_pending = ema, None
 

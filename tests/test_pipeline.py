@@ -6,14 +6,16 @@ import pytest
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from tadm.components.aligners.fixed import FixedTimestep
 from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
 from tadm.components.rescalers.bicubic import Bicubic
 from tadm.components.rescalers.dfrm import DFRM
 from tadm.evaluation.metrics import psnr_y, rgb_to_y, ssim_y
 from tadm.inference import pipeline
-from tadm.training.losses import get_distance, weighted_sum
-from tadm.training.lightning_module import TADMModule
+from tadm.model import TADMModel
 from tadm.ops.images import crop_to, pad_to_multiple
+from tadm.training.lightning_module import TADMModule
+from tadm.training.losses import get_distance, weighted_sum
 
 
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (5, 3), (37, 71), (64, 64)])
@@ -90,18 +92,26 @@ def test_l1_option_and_unweighted_term_is_an_error() -> None:
 
 def test_module_rejects_mismatches_and_unknown_stages() -> None:
     tiny = dict(width=8, num_resblocks=1, pixel_width=4, num_couplings=1, coupling_growth=4)
-    with pytest.raises(ValueError, match="expects 4 latent channels .* produces 192"):
-        TADMModule(SpaceToDepthBackbone(), DFRM(16, latent_channels=4, **tiny))
-    with pytest.raises(ValueError, match="rescaler scale 32 differs"):
-        TADMModule(SpaceToDepthBackbone(), Bicubic(32), scale=16)
+    for cls in (TADMModel, TADMModule):  # the plain model checks; the training module inherits its checks
+        with pytest.raises(ValueError, match="expects 4 latent channels .* produces 192"):
+            cls(SpaceToDepthBackbone(), DFRM(16, latent_channels=4, **tiny))
+        with pytest.raises(ValueError, match="rescaler scale 32 differs"):
+            cls(SpaceToDepthBackbone(), Bicubic(32), scale=16)
+        with pytest.raises(ValueError, match="needs model.aligner"):
+            cls(SpaceToDepthBackbone(), Bicubic(16), stage="enhancer")
+        with pytest.raises(ValueError, match="unknown stage"):
+            cls(SpaceToDepthBackbone(), Bicubic(16), stage="stage4")  # type: ignore[arg-type]
+    model = TADMModel(SpaceToDepthBackbone(), Bicubic(16), stage="enhancer", aligner=FixedTimestep())
     with pytest.raises(ValueError, match="cannot provide"):  # no UNet in a weight-free autoencoder
-        TADMModule(SpaceToDepthBackbone(), Bicubic(16), stage="enhancer")
-    with pytest.raises(ValueError, match="unknown stage"):
-        TADMModule(SpaceToDepthBackbone(), Bicubic(16), stage="stage4")  # type: ignore[arg-type]
+        model.load_parts()
+    module = TADMModule(SpaceToDepthBackbone(), Bicubic(16), stage="enhancer", aligner=FixedTimestep())
+    with pytest.raises(ValueError, match="cannot provide"):  # when a trainer configures it
+        module.configure_model()
 
 
 def test_module_evaluation_logs_baseline_and_lr_fidelity() -> None:
     m = TADMModule(SpaceToDepthBackbone(), Bicubic(16)).eval()
+    m.configure_model()
     x = torch.rand(1, 3, 40, 56) * 2 - 1
     out = m.evaluate_batch(x)
     # the bicubic rescaler IS the baseline: identical metrics, and its LR equals the bicubic LR

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from tadm.contracts import ALIGNERS, TimestepAligner
-from tadm.training.lightning_module import TADMModule
 from tadm.ops.diffusion import abar_at, x0_from_output
+from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS
 from tests.helpers.cli import build_cli, fit_and_check, stage_args
 
@@ -60,7 +60,7 @@ def test_enhancer_at_init_equals_the_fixed_branch() -> None:
     m = _cli(_args(extra=["--config", str(CONFIGS / "aligner" / "tpm.yaml")])).model.eval()
     z_hat = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        z0, t = m.enhance(z_hat)
+        z0, t = m.model.enhance(z_hat)
         out = m.backbone.predict(z_hat, t)
         ref = x0_from_output(z_hat, out, abar_at(m.backbone.alphas_cumprod, 50.0), m.backbone.prediction_type)
     assert m.backbone.prediction_type == "v_prediction"
@@ -69,7 +69,8 @@ def test_enhancer_at_init_equals_the_fixed_branch() -> None:
 
 
 def _snapshot(m: TADMModule) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in m.named_parameters()}
+    """The plain model's parameters, under the names checkpoints store."""
+    return {k: v.detach().clone() for k, v in m.model.named_parameters()}
 
 
 @pytest.mark.parametrize("stage", ["enhancer", "joint"])
@@ -79,7 +80,7 @@ def test_frozen_stay_frozen_and_trainable_change(stage: str) -> None:
     before = _snapshot(m)
     cli.trainer.fit(m, datamodule=cli.datamodule)
     after = _snapshot(m)
-    trainable = {n for n, p in m.named_parameters() if any(p is q for q in m.trainable_parameters())}
+    trainable = {n for n, _ in m.named_trainable_parameters()}
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     frozen_changed = changed - trainable
     assert not frozen_changed, sorted(frozen_changed)[:5]
@@ -138,7 +139,7 @@ def test_stage2_checkpoint_holds_only_trained_parts_and_names_backbone(tmp_path:
     # a stage-3 model initialised from it gets the trained LoRA ...
     m3 = _cli(_args(stage="joint", extra=[f"--model.init_from={tmp_path / 'last.ckpt'}"])).model
     k = next(k for k in keys if ".lora_B." in k and k.startswith("backbone.unet."))
-    torch.testing.assert_close(m3.state_dict()[k], ckpt["state_dict"][k])
+    torch.testing.assert_close(m3.model.state_dict()[k], ckpt["state_dict"][k])
     # ... and a model on another backbone refuses it, naming both
     with pytest.raises(ValueError, match=r"tiny-sd21.*tiny-sdxl"):
         _cli(_args(stage="joint", preset="tiny-sdxl", extra=[f"--model.init_from={tmp_path / 'last.ckpt'}"]))

@@ -2,8 +2,8 @@
 ``space_to_depth`` backbone) import neither Lightning nor diffusers, transformers or peft, in a fresh
 process (``sys.modules`` after the command; the time they save is ``benchmarks/startup.py``'s, never
 asserted here). And what they skip loses nothing: ``tadm --help`` names every command, ``tadm list`` every
-plug-in, and the codec's Lightning-free stage-1 model is the TADMModule's, tensor for tensor and output for
-output.
+plug-in, and the codec's model is the plain :class:`~tadm.model.TADMModel` the training module wraps,
+tensor for tensor and output for output.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import yaml
 from PIL import Image
 
 from tadm.commands.main import COMMANDS, LIGHTNING_COMMANDS, main
-from tadm.config.build import RescalerModel, build_module
 from tadm.contracts import ALL_REGISTRIES
 from tadm.errors import CheckpointError
+from tadm.model import TADMModel
 from tadm.model.checkpoints import read_checkpoint
 from tadm.training.lightning_module import TADMModule
 from tests.helpers import REPO
@@ -111,13 +111,33 @@ def test_the_codec_on_the_quickstart_model_imports_no_heavy_package(tmp_path: Pa
         assert img.size == (80, 48)
 
 
-def test_the_lightning_free_stage1_model_is_the_tadm_module() -> None:
-    """Same tensors under the same names, the same trainable set, checks and outputs: the codec may build
-    either (``build_module(..., lightweight=False)`` forces the LightningModule)."""
+def _training_module(config: str) -> TADMModule:
+    """The LightningModule a run config describes, built as ``tadm fit`` builds it (no losses)."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from tadm.config.build import link_model_arguments
+    from tadm.config.plugins import load_plugins
+
+    load_plugins(data=False)
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(TADMModule, "model")
+    link_model_arguments(parser, with_data=False)
+    model_cfg = {**yaml.safe_load(config)["model"], "loss_weights": {}}
+    for key in ("optimizer", "lr_scheduler"):
+        model_cfg.pop(key, None)
+    module = parser.instantiate(parser.parse_object({"model": model_cfg})).model
+    module.configure_model()
+    return module
+
+
+def test_the_codec_model_is_the_one_the_training_module_wraps() -> None:
+    """Same tensors under the same names, the same trainable set, checks and outputs; and a checkpoint the
+    training module writes holds exactly the plain model's trained tensors under the model's own names."""
     state, meta = read_checkpoint(QUICKSTART)
-    plain = build_module(meta["config"], "quickstart")
-    full = build_module(meta["config"], "quickstart", lightweight=False)
-    assert isinstance(plain, RescalerModel) and isinstance(full, TADMModule)
+    plain = TADMModel.from_config(meta["config"], "quickstart")
+    module = _training_module(meta["config"])
+    full = module.model
+    assert type(plain) is type(full) is TADMModel
     for model in (plain, full):
         model.load_trained_state(state, "quickstart")
         model.check_compatible(meta, "quickstart")
@@ -125,20 +145,25 @@ def test_the_lightning_free_stage1_model_is_the_tadm_module() -> None:
     assert plain.state_dict().keys() == full.state_dict().keys()
     for key, value in plain.state_dict().items():
         assert torch.equal(value, full.state_dict()[key]), key
-    names = {id(p): n for n, p in full.named_parameters()}
-    plain_names = {id(p): n for n, p in plain.named_parameters()}
-    assert [plain_names[id(p)] for p in plain.trainable_parameters()] == [
-        names[id(p)] for p in full.trainable_parameters()
+    assert [n for n, _ in plain.named_trainable_parameters()] == [
+        n for n, _ in module.named_trainable_parameters()
     ]
-    assert plain._frozen_keys() == full._frozen_keys()
-    assert (plain.stage, plain.scale, plain.aligner, plain.enhance_fn) == (full.stage, full.scale, None, None)
+    assert plain.frozen_keys() == full.frozen_keys()
+    assert (plain.stage, plain.scale, plain.aligner, plain.enhance_fn) == (
+        module.stage,
+        module.scale,
+        None,
+        None,
+    )
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"].keys() == state.keys()
+    assert checkpoint["tadm"] == {**plain.checkpoint_meta(None), "config": None}
     x = torch.rand(1, 3, 64, 96) * 2 - 1
     with torch.no_grad():
-        y = plain.rescaler.downscale(x, plain.backbone.encode(x))
+        y = plain.downscale(x)
         assert torch.equal(y, full.rescaler.downscale(x, full.backbone.encode(x)))
-        assert torch.equal(
-            plain.backbone.decode(plain.rescaler.upscale(y)), full.backbone.decode(full.rescaler.upscale(y))
-        )
+        assert torch.equal(plain.upscale(y), full.backbone.decode(full.rescaler.upscale(y)))
 
 
 def test_every_command_in_the_help_table_exists_and_the_lightning_names_are_lightnings() -> None:
@@ -160,12 +185,17 @@ def test_help_and_a_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: tadm COMMAND" in err and "a command is required" in err
 
 
-def test_a_stage1_config_with_an_aligner_still_builds_the_tadm_module() -> None:
-    """Only a plain stage-1 config is built without Lightning; anything more is the LightningModule's."""
+def test_a_config_with_an_aligner_builds_the_plain_model_too(tmp_path: Path) -> None:
+    """Any stage's config builds the plain model, none of them through Lightning (one class per job)."""
     _, meta = read_checkpoint(QUICKSTART)
     cfg = yaml.safe_load(meta["config"])
     cfg["model"]["aligner"] = {"class_path": "fixed"}
-    assert isinstance(build_module(yaml.safe_dump(cfg), "quickstart + aligner"), TADMModule)
+    config = yaml.safe_dump(cfg)
+    model = TADMModel.from_config(config, "quickstart + aligner")
+    assert type(model) is TADMModel and type(model.aligner).__name__ == "FixedTimestep"
+    code = f"from tadm.model import TADMModel\nTADMModel.from_config({config!r}, 'q')\n"
+    _, modules = run_fresh(code, tmp_path)
+    assert not modules & {"lightning", "pytorch_lightning"}, sorted(modules & set(HEAVY))
 
 
 def _outcome(call: Callable[[], None]) -> str:
@@ -177,18 +207,17 @@ def _outcome(call: Callable[[], None]) -> str:
 
 
 @pytest.mark.parametrize("rescaler", ["stored", "bicubic"])
-def test_the_lightweight_model_accepts_and_refuses_what_the_tadm_module_does(rescaler: str) -> None:
+def test_the_plain_model_accepts_and_refuses_what_the_training_module_does(rescaler: str) -> None:
     """Differential: the same checkpoint metadata and tensors, each with the same verdict and message from
-    both models, for the quickstart's latent DFRM and for a pixel rescaler (whose stage-1 checkpoints fit
-    any backbone)."""
+    the codec's model and the training module's, for the quickstart's latent DFRM and for a pixel
+    rescaler (whose stage-1 checkpoints fit any backbone)."""
     state, meta = read_checkpoint(QUICKSTART)
     cfg = yaml.safe_load(meta["config"])
     if rescaler != "stored":
         cfg["model"]["rescaler"] = {"class_path": rescaler}
         state = {}
     config = yaml.safe_dump(cfg)
-    plain, full = build_module(config, "q"), build_module(config, "q", lightweight=False)
-    assert isinstance(plain, RescalerModel) and isinstance(full, TADMModule)
+    plain, full = TADMModel.from_config(config, "q"), _training_module(config)
     metas = [
         meta,
         None,
@@ -207,7 +236,7 @@ def test_the_lightweight_model_accepts_and_refuses_what_the_tadm_module_does(res
         assert verdicts[-1] == _outcome(lambda m=m: full.check_compatible(m, "q")), m
     for st in states:
         verdicts.append(_outcome(lambda st=st: plain.load_trained_state(st, "q")))
-        assert verdicts[-1] == _outcome(lambda st=st: full.load_trained_state(st, "q")), sorted(st)[:3]
+        assert verdicts[-1] == _outcome(lambda st=st: full.model.load_trained_state(st, "q")), sorted(st)[:3]
     # the cases are not vacuous: both verdicts occur, and the pixel rescaler ignores the backbone
     assert "accepted" in verdicts and any("has weights this model does not" in v for v in verdicts)
     other_backbone = verdicts[2]

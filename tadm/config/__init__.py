@@ -1,6 +1,7 @@
 """Config building: YAML -> objects. Plug-in discovery and short names (:mod:`~tadm.config.plugins`),
-argument links and the model / backbone a config describes (:mod:`~tadm.config.build`), and a
-checkpoint rebuilt for inference (:mod:`~tadm.model.loading`).
+the argument links every parser shares, and a class or a backbone built from a run config
+(:mod:`~tadm.config.build`).
 
-May import the core (model, inference, evaluation) and everything below it; never the commands.
+May import inference, evaluation and everything below them; never the model, training, studies or
+commands (the model class to build is passed in).
 """

@@ -1,28 +1,29 @@
-"""YAML -> objects, in one place: the argument links every parser shares, the model of a run config,
-and the backbone alone (``tadm shard --latents``).
+"""YAML -> objects, in one place: the argument links every parser shares, a model class from a run
+config, and the backbone alone (``tadm shard --latents``).
 
 Values written once and linked (LightningCLI's ``link_arguments``): ``model.scale`` into the rescaler
 and the data module, the backbone's latent layout into the rescaler.
 
-A stage-1 run config is rebuilt for inference as a :class:`RescalerModel`, not as the LightningModule:
-importing Lightning (with torchmetrics, torchvision, scipy and transformers behind it) costs seconds a
-codec call on a stage-1 checkpoint, the shipped quickstart model's, has no use for
-(``benchmarks/startup.py``).
+The model class is passed in (:class:`tadm.model.TADMModel`, a layer above): config building knows
+jsonargparse and the plug-ins, not the model. Plain jsonargparse, no Lightning: importing Lightning
+(with torchmetrics, torchvision, scipy and transformers behind it) costs seconds a codec call on the
+shipped quickstart model has no use for (``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from torch import Tensor, nn
 
 from tadm.config.plugins import load_plugins
-from tadm.contracts import DiffusionBackbone, Rescaler
+from tadm.contracts import DiffusionBackbone
 from tadm.errors import CheckpointError, TadmError
-from tadm.model.trained_state import check_compatible, frozen_backbone_keys, load_trained_state
+
+ModelT = TypeVar("ModelT")
 
 
 def link_model_arguments(parser: Any, with_data: bool = True) -> None:
@@ -52,93 +53,24 @@ def link_model_arguments(parser: Any, with_data: bool = True) -> None:
     )
 
 
-class RescalerModel(nn.Module):
-    """A stage-1 (``rescaler``) model for inference, without Lightning: the backbone and the rescaler.
+def build_from_config(
+    model_cls: type[ModelT],
+    config_yaml: str,
+    source: str,
+    backbone_pretrained: str | None = None,
+    then: Callable[[ModelT], Any] | None = None,
+) -> ModelT:
+    """The ``model_cls`` a run config describes (YAML text, e.g. a checkpoint's stored config), built for
+    inference: only the ``model:`` keys ``model_cls.__init__`` takes are read, so a training run's losses,
+    optimiser, ``init_from`` and logging options are left to training.
 
-    What :class:`~tadm.training.lightning_module.TADMModule` is in stage 1 for the codec (the same state-dict keys,
-    trainable set, checks and loading; ``tests/test_startup.py`` compares the two tensor for tensor and
-    output for output), without training, logging or the enhancer.
+    ``backbone_pretrained`` replaces the backbone's ``pretrained`` folder / hub id; ``then`` runs on the built
+    object (e.g. loading its frozen weights) under the same error handling. Every way the config can
+    fail to rebuild (unreadable YAML, a class that no longer exists, a backbone that cannot be loaded here)
+    is a :class:`CheckpointError` naming ``source``. Plain jsonargparse, no Lightning: the codec imports this.
     """
-
-    stage = "rescaler"
-    aligner = None
-    enhancer = None
-    enhance_fn = None  # no one-step enhancer in stage 1
-
-    def __init__(self, backbone: DiffusionBackbone, rescaler: Rescaler, scale: int = 16) -> None:
-        """
-        Args:
-            backbone: the backbone whose latent space the rescaler works in (its VAE only is loaded).
-            rescaler: the trained rescaler.
-            scale: HR -> LR factor, linked into the rescaler.
-        """
-        super().__init__()
-        if rescaler.scale != scale:
-            raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
-        self.backbone, self.rescaler, self.scale = backbone, rescaler, scale
-        backbone.load_for_stage(self.stage)
-        want = rescaler.latent_channels
-        if rescaler.space == "latent" and want is not None and want != backbone.latent_channels:
-            raise ValueError(
-                f"rescaler expects {want} latent channels but backbone {backbone.backbone_id} "
-                f"produces {backbone.latent_channels}"
-            )
-        backbone.requires_grad_(False)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = [p for p in self.rescaler.parameters() if p.requires_grad]
-        return params + self.backbone.trainable_parameters(self.stage)
-
-    def _frozen_keys(self) -> set[str]:
-        """State-dict keys checkpoints do not store: the frozen backbone."""
-        return frozen_backbone_keys(self.backbone, self.stage)
-
-    def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
-        """Refuse a checkpoint trained on another backbone or at another scale, as ``TADMModule`` does."""
-        check_compatible(
-            meta,
-            source,
-            backbone_id=self.backbone.backbone_id,
-            scale=self.scale,
-            pixel_rescaler=self.rescaler.space == "pixel",
-        )
-
-    def load_trained_state(self, state: dict[str, Tensor], source: str) -> None:
-        """Load the stored tensors over the frozen backbone; a missing trained tensor is an error."""
-        load_trained_state(self, state, source, self._frozen_keys(), require_all=True)
-
-
-def _rescaler_model_parser() -> Any:
-    """A parser for the ``model:`` section of a stage-1 run config, with the CLI's links; no Lightning."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(RescalerModel, "model")
-    link_model_arguments(parser, with_data=False)
-    return parser
-
-
-def _model_parser() -> Any:
-    """A parser for the ``model:`` section of a run config, with the CLI's links."""
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from tadm.training.lightning_module import TADMModule
-
-    parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_lightning_class_args(TADMModule, "model")
-    link_model_arguments(parser, with_data=False)
-    return parser
-
-
-def build_module(
-    config_yaml: str, source: str, backbone_pretrained: str | None = None, lightweight: bool = True
-) -> Any:
-    """Rebuild the TADMModule a run config describes, for inference (no losses, no init_from).
-
-    A stage-1 config without aligner or enhancer becomes a :class:`RescalerModel` unless ``lightweight``
-    is false. Every way the stored config can fail to rebuild (unreadable YAML, a class that no longer
-    exists, a backbone that cannot be loaded here) is a :class:`CheckpointError` naming the checkpoint.
-    """
     load_plugins(data=False)
     try:
         cfg = yaml.safe_load(config_yaml) or {}
@@ -149,23 +81,18 @@ def build_module(
     model_cfg = dict(cfg.get("model") or {}) if isinstance(cfg, dict) else {}
     if not model_cfg:
         raise CheckpointError(f"checkpoint {source} holds no model config; was it written by tadm?")
-    model_cfg["init_from"] = None  # its weights are about to be loaded from this very checkpoint
-    model_cfg["loss_weights"] = {}  # inference needs no loss networks (and no VGG weights)
-    for key in ("optimizer", "lr_scheduler"):
-        model_cfg.pop(key, None)
     if backbone_pretrained is not None:
         model_cfg["backbone"] = _with_pretrained(model_cfg.get("backbone"), backbone_pretrained, source)
-    stage1 = model_cfg.get("stage", "rescaler") == "rescaler"
-    if lightweight and stage1 and not model_cfg.get("aligner") and not model_cfg.get("enhancer"):
-        model_cfg = {k: v for k, v in model_cfg.items() if k in ("backbone", "rescaler", "scale")}
-        parser = _rescaler_model_parser()
-    else:
-        parser = _model_parser()
+    accepted = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
+    model_cfg = {k: v for k, v in model_cfg.items() if k in accepted}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(model_cls, "model")
+    link_model_arguments(parser, with_data=False)
     try:
-        ns = parser.parse_object({"model": model_cfg})
-        # jsonargparse 4.49 renamed instantiate_classes to instantiate
-        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-        return instantiate(ns).model
+        model = parser.instantiate(parser.parse_object({"model": model_cfg})).model
+        if then is not None:
+            then(model)
+        return model
     except OSError as err:
         backbone = (model_cfg.get("backbone") or {}).get("init_args", {})
         raise CheckpointError(
@@ -190,7 +117,6 @@ def _first_line(err: BaseException) -> str:
 def _with_pretrained(backbone_cfg: Any, pretrained: str, source: str) -> dict[str, Any]:
     """The stored backbone config with ``pretrained`` replaced; an error when that backbone takes none."""
     import importlib
-    import inspect
 
     from tadm.contracts import BACKBONES
 
@@ -248,17 +174,9 @@ def build_backbone(configs: Sequence[str], overrides: Sequence[str] = ()) -> Any
             cfg = _parse_onto(parser, {"backbone": section}, cfg)
         except Exception as exc:
             raise TadmError(f"invalid model.backbone in {source}: {exc}") from exc
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    return instantiate(cfg).backbone
+    return parser.instantiate(cfg).backbone
 
 
 def _parse_onto(parser: Any, obj: dict[str, Any], base: Any) -> Any:
-    """``parse_object`` onto an earlier result (jsonargparse renamed ``cfg_base`` to ``namespace`` in 4.50)."""
-    if base is None:
-        return parser.parse_object(obj)
-    try:
-        return parser.parse_object(obj, namespace=base)
-    except ValueError as exc:
-        if "Unexpected keyword" not in str(exc):
-            raise
-        return parser.parse_object(obj, cfg_base=base)
+    """``parse_object`` onto an earlier result, so later configs override earlier ones."""
+    return parser.parse_object(obj) if base is None else parser.parse_object(obj, namespace=base)

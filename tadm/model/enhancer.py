@@ -19,7 +19,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 
 from tadm.ops.blocks import Activation, ConvBlock, ResBlock
@@ -79,6 +78,9 @@ class Refiner(nn.Module):
         super().__init__()
         self.head = ConvBlock(2 * latent_channels, width)
         self.blocks = nn.ModuleList(ResBlock(width, activation) for _ in range(num_blocks))
+        # diffusers is imported here, not at the top: a stage-1 model (the codec) never builds a Refiner
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift)
         self.time_embedding = TimestepEmbedding(time_dim, width)
         self.tail = nn.Conv2d(width, latent_channels, 3, padding=1)

@@ -1,21 +1,18 @@
-"""A checkpoint -> a ready :class:`~tadm.inference.codec.Codec`: rebuild the model from the run config
-the checkpoint stores, load the trained tensors over the frozen backbone, move and prepare it."""
+"""A checkpoint -> a ready :class:`~tadm.inference.codec.Codec`: the :class:`~tadm.model.TADMModel` it
+holds (:meth:`~tadm.model.TADMModel.from_checkpoint`), moved, prepared and wrapped with tiling,
+precision and the ids LR files carry."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from tadm.config.build import build_module
-from tadm.errors import CheckpointError
 from tadm.inference.codec import Codec, Precision, tensor_hash
 from tadm.inference.tiling import Tiling
 from tadm.model.checkpoints import read_checkpoint
+from tadm.model.tadm_model import TADMModel
 from tadm.ops.color_fix import ColorFix, check_color_fix
-
-log = logging.getLogger(__name__)
 
 
 def load_codec(
@@ -48,21 +45,8 @@ def load_codec(
     check_color_fix(color_fix)  # before the (slow) loading
     source = str(ckpt)
     state, meta = read_checkpoint(ckpt, weights)
-    if "weights" in meta:
-        log.info("%s: using its %s weights", source, meta["weights"])
-    if not meta.get("config"):
-        raise CheckpointError(
-            f"checkpoint {source} has no stored run config; it cannot be rebuilt for inference"
-        )
-    module = build_module(meta["config"], source, backbone_pretrained)
-    if backbone_pretrained is None:
-        module.check_compatible(meta, source)
-    else:
-        log.warning(
-            "backbone replaced by %s: the checkpoint's backbone id is not checked", backbone_pretrained
-        )
-    module.load_trained_state(state, source)
-    module.to(torch.device(device)).eval()
-    module.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
+    model = TADMModel.from_state(state, meta, source, backbone_pretrained)
+    model.to(torch.device(device)).eval()
+    model.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
     model_id = str(meta.get("model_id") or tensor_hash(state))
-    return Codec(module, tiling or Tiling(), precision, model_id=model_id, source=source, color_fix=color_fix)
+    return Codec(model, tiling or Tiling(), precision, model_id=model_id, source=source, color_fix=color_fix)

@@ -24,7 +24,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from tadm.config.build import build_module
+from tadm.errors import CheckpointError
+from tadm.model.checkpoints import META_KEY, export_state
 from tadm.model.release_keys import (
     SECTION_MAPS,
     dfrm_key_map,
@@ -33,8 +34,7 @@ from tadm.model.release_keys import (
     lora_module,
     release_name,
 )
-from tadm.errors import CheckpointError
-from tadm.model.checkpoints import META_KEY, export_state
+from tadm.model.tadm_model import TADMModel
 from tadm.ops.files import atomic_write
 
 #: the release's variant of every part; ``configs/experiments/release/*.yaml`` set the same values
@@ -331,20 +331,16 @@ def import_release(
     )
     config = header + yaml.safe_dump({"model": model_cfg}, sort_keys=False)
     try:
-        module = build_module(config, source)
+        model = TADMModel.from_config(config, source)
     except CheckpointError as err:
         raise CheckpointError(
             f"{err} (tadm import-release checks the LoRA tensors against the backbone: give local copies "
             "with --backbone-pretrained /path/to/stable-diffusion-2-1 and --vae /path/to/sd-vae-ft-mse)"
         ) from err
-    check_against_model(state, module, files.scale, source)
-    module.load_trained_state(state, source)
+    check_against_model(state, model, files.scale, source)
+    model.load_trained_state(state, source)
     meta = {
-        "backbone_id": module.backbone.backbone_id,
-        "rescaler": f"{type(module.rescaler).__module__}.{type(module.rescaler).__qualname__}",
-        "stage": "enhancer",
-        "scale": files.scale,
-        "config": config,
+        **model.checkpoint_meta(config),
         "imported_from": {
             "dfrm": {"file": files.dfrm_path.name, "sha256": _sha256(files.dfrm_path)},
             "tadm": {"file": files.tadm_path.name, "sha256": _sha256(files.tadm_path)},

@@ -152,21 +152,3 @@ class RoundTripReport(L.Callback):
         ckpt = trainer.checkpoint_callback
         if isinstance(ckpt, ModelCheckpoint) and (ckpt.last_model_path or ckpt.best_model_path):
             console.print(f"Checkpoint: {ckpt.last_model_path or ckpt.best_model_path}", soft_wrap=True)
-
-
-class RawWeightsOnError(L.Callback):
-    """Puts the trained weights back when a run stops with an exception while the EMA is swapped in.
-
-    Validation, test and predict run with the EMA averages in the parameters and restore the raw
-    weights at the epoch's end; an exception (or Ctrl+C) mid-epoch skips that end, and a module used
-    again in the same process (a notebook, a second ``trainer.fit``) would carry on from the
-    averages with its trained weights lost. ``TADMModule.configure_callbacks`` adds this to every
-    trainer, so a user's own ``Trainer`` gets it too.
-    """
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        ema = getattr(pl_module, "ema", None)
-        if ema is not None:
-            ema.swap_out()

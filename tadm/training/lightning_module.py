@@ -1,8 +1,17 @@
-"""TADMModule: the one LightningModule; ``stage`` picks trainable parts and losses."""
+"""TADMModule: the LightningModule that trains a :class:`~tadm.model.TADMModel` in its three stages.
+
+The model itself (its parts, ``downscale`` / ``upscale``, the one-step enhancement, which tensors each stage
+trains, loading) is the plain ``nn.Module`` in :mod:`tadm.model`; this wrapper owns only training: losses,
+optimisers and schedules, validation metrics and images, the EMA (as a callback, :mod:`~tadm.training.
+ema_callback`), and the checkpoint format. Building it is cheap: the frozen backbone and ``init_from`` load
+in :meth:`TADMModule.configure_model`, when a trainer runs it.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -18,10 +27,13 @@ from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.tiling import NO_TILING, Tiling
-from tadm.training.callbacks import RawWeightsOnError
-from tadm.model.checkpoints import EMA_KEY, META_KEY, read_checkpoint
+from tadm.model.checkpoints import EMA_KEY, META_KEY
 from tadm.model.ema import TrainedEMA, check_ema_args
-from tadm.model.enhancer import HybridScheduler, unet_timestep
+from tadm.model.enhancer import HybridScheduler
+from tadm.model.tadm_model import AlignerLatents, Stage, TADMModel
+from tadm.ops.color_fix import ColorFix, check_color_fix
+from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
+from tadm.training.ema_callback import EMAWeights
 from tadm.training.losses import (
     DEFAULT_STAGE1_WEIGHTS,
     DEFAULT_STAGE2_WEIGHTS,
@@ -29,24 +41,35 @@ from tadm.training.losses import (
     get_distance,
     weighted_sum,
 )
-from tadm.model.trained_state import check_compatible, frozen_backbone_keys, load_trained_state
-from tadm.ops.color_fix import ColorFix, check_color_fix
-from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["rescaler", "enhancer", "joint"]
-#: which latent the aligner reads (see ``TADMModule``'s ``aligner_latents``)
-AlignerLatents = Literal["scaled", "unscaled", "release"]
-ALIGNER_LATENTS: tuple[str, ...] = ("scaled", "unscaled", "release")
+#: the prefix of the model's tensors in this module's state dict; checkpoints store them without it
+MODEL_PREFIX = "model."
+
+
+@contextmanager
+def _cpu_fp32() -> Iterator[None]:
+    """Build on the CPU in float32, as the backbone always loaded (in ``__init__`` before): Lightning runs
+    ``configure_model`` inside its device and precision contexts (``bf16-true`` makes bf16 the default
+    dtype, which would run the text encoder for the empty-prompt embedding in bf16); the strategy and the
+    precision plugin move and cast the module afterwards, as they always did."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 class TADMModule(L.LightningModule):
-    """TADM's three training stages on one model.
+    """TADM's three training stages on one :class:`~tadm.model.TADMModel` (``self.model``).
 
     ``rescaler`` (stage 1) trains the rescaler alone; ``enhancer`` (stage 2) freezes it and trains
     the one-step diffusion enhancer (UNet LoRA + conv_in, VAE-decoder LoRA, aligner, Refiner);
-    ``joint`` (stage 3) trains everything with both stages' losses.
+    ``joint`` (stage 3) trains everything with both stages' losses. The model's arguments and the
+    training ones share one flat ``model:`` section in YAML.
     """
 
     def __init__(
@@ -111,23 +134,12 @@ class TADMModule(L.LightningModule):
                 begins (``s`` above; default 0).
         """
         super().__init__()
-        if stage not in ("rescaler", "enhancer", "joint"):
-            raise ValueError(f"unknown stage {stage!r}; choose rescaler, enhancer or joint")
-        if rescaler.scale != scale:
-            raise ValueError(f"rescaler scale {rescaler.scale} differs from model scale {scale}")
-        if aligner_latents not in ALIGNER_LATENTS:
-            raise ValueError(
-                f"unknown aligner_latents {aligner_latents!r}; choose one of {list(ALIGNER_LATENTS)}"
-            )
         check_color_fix(color_fix)
         check_ema_args(ema_decay, ema_start_step)
         self.save_hyperparameters(
             ignore=["backbone", "rescaler", "aligner", "enhancer", "optimizer", "lr_scheduler", "eval_tiling"]
         )
-        self.backbone = backbone
-        self.rescaler = rescaler
-        self.stage = stage
-        self.scale = scale
+        self.model = TADMModel(backbone, rescaler, stage, scale, aligner, enhancer, aligner_latents)
         if loss_weights is None:
             loss_weights = {
                 "rescaler": DEFAULT_STAGE1_WEIGHTS,
@@ -139,97 +151,70 @@ class TADMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.init_from = init_from
         self.num_log_images = num_log_images
         self.eval_tiling = eval_tiling
-        self.aligner_latents = aligner_latents
         self.color_fix = color_fix
         self.ema_decay = ema_decay
         self.ema_start_step = ema_start_step
-        #: the EMA of the trained tensors while fitting (or loaded to evaluate a checkpoint that has one)
+        #: the EMA of the trained tensors while fitting (or loaded to evaluate a checkpoint that has one);
+        #: its lifecycle is :class:`~tadm.training.ema_callback.EMAWeights`
         self.ema: TrainedEMA | None = None
         self._ema_pending: dict[str, Any] | None = None  # from on_load_checkpoint, before the EMA exists
         #: the run's full config (YAML), set by the CLI and stored in every checkpoint
         self.run_config: str | None = None
         self.strict_loading = False  # frozen backbone weights are not stored; checked in on_load_checkpoint
-
-        backbone.load_for_stage(stage)
-        self._check_latent_layout()
-        self.aligner = aligner
-        self.enhancer = enhancer
         self.perceptual: PerceptualLoss | None = None
-        if stage == "rescaler":
-            backbone.requires_grad_(False)
-        else:
-            self._setup_enhancer()
-        rescaler.requires_grad_(stage != "enhancer")
-        if stage == "enhancer":
-            rescaler.eval()  # Lightning keeps per-module modes: the frozen rescaler never sees train mode
-        if init_from:
-            self.load_weights(init_from)
-
-    def _setup_enhancer(self) -> None:
-        if self.aligner is None:
-            raise ValueError(f"stage {self.stage!r} needs model.aligner (e.g. class_path: tpm)")
-        if self.enhancer is None:
-            self.enhancer = HybridScheduler(latent_channels=self.backbone.latent_channels)
-        # the TPM and the Refiner follow the backbone's latent channels (4 on SD, 16 on SD 3 / FLUX) unless
-        # given a number, which must match; before init_from, so weights load into the final shapes
-        self.aligner.match_latent_channels(self.backbone.latent_channels)
-        self.enhancer.match_latent_channels(self.backbone.latent_channels)
-        time = self.backbone.time_convention
-        if time is None:
-            raise ValueError(f"backbone {self.backbone.backbone_id} has no noise schedule: it cannot enhance")
-        self.aligner.attach_time(time)  # maps its configured range (TADM's units) into the backbone's
         w = self.loss_weights
-        if w.get("lpips", 0) or w.get("dists", 0):
+        if stage != "rescaler" and (w.get("lpips", 0) or w.get("dists", 0)):
             self.perceptual = PerceptualLoss(w.get("lpips", 0.0), w.get("dists", 0.0))
+        self._configured = False
 
-    def _check_latent_layout(self) -> None:
-        want = self.rescaler.latent_channels
-        if self.rescaler.space == "latent" and want is not None and want != self.backbone.latent_channels:
-            raise ValueError(
-                f"rescaler expects {want} latent channels but backbone {self.backbone.backbone_id} "
-                f"produces {self.backbone.latent_channels}"
-            )
+    def configure_model(self) -> None:
+        """Load the frozen backbone parts the stage needs, then ``init_from``'s weights (once per module:
+        Lightning calls this before every fit / validate / test / predict, before restoring ``--ckpt_path``)."""
+        if self._configured:
+            return
+        with _cpu_fp32():
+            self.model.load_parts()
+            if self.init_from:
+                self.model.load_weights(self.init_from)
+        self._configured = True
 
-    # ------------------------------------------------------------------ training
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = (
-            [p for p in self.rescaler.parameters() if p.requires_grad] if self.stage != "enhancer" else []
-        )
-        params += self.backbone.trainable_parameters(self.stage)
-        if self.stage != "rescaler":
-            assert self.aligner is not None and self.enhancer is not None
-            params += [p for p in self.aligner.parameters() if p.requires_grad]
-            params += self.enhancer.trainable_parameters()
-        return params
-
-    # ------------------------------------------------------------------ the enhancer
-    def enhance(self, z_hat: Tensor, z_true: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One-step diffusion on the reconstructed latent: (z0_hat, the aligner's t)."""
-        assert self.aligner is not None and self.enhancer is not None
-        t = self.aligner(self.aligner_input(z_hat), z_true)
-        out = self.backbone.predict(z_hat, unet_timestep(t))
-        time = self.backbone.time_convention
-        assert time is not None
-        return self.enhancer(z_hat, out, t, time), t
-
-    def aligner_input(self, z_hat: Tensor) -> Tensor:
-        """z_hat as the aligner reads it (``aligner_latents``): scaled, or divided by the scaling factor."""
-        raw = self.aligner_latents == "unscaled" or (self.aligner_latents == "release" and self.training)
-        return z_hat / self.backbone.scaling_factor if raw else z_hat
+    # the model's parts, as callbacks, the CLI and the data links reach them
+    @property
+    def backbone(self) -> DiffusionBackbone:
+        return self.model.backbone
 
     @property
-    def enhance_fn(self) -> pipeline.Enhance | None:
-        """The z_hat -> (z0_hat, t) step of stages 2/3 (None in stage 1), in the pipeline's signature."""
-        return None if self.stage == "rescaler" else self.enhance
+    def rescaler(self) -> Rescaler:
+        return self.model.rescaler
 
-    def train(self, mode: bool = True) -> TADMModule:
-        super().train(mode)
-        if self.stage == "enhancer":  # frozen: its LR image is the exact 8-bit one the enhancer will see
-            self.rescaler.eval()
-        return self
+    @property
+    def aligner(self) -> TimestepAligner | None:
+        return self.model.aligner
 
+    @property
+    def enhancer(self) -> HybridScheduler | None:
+        return self.model.enhancer
+
+    @property
+    def stage(self) -> str:
+        return self.model.stage
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimiser gets: the model's trainable set for this stage."""
+        return self.model.trainable_parameters()
+
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """:meth:`trainable_parameters` named as checkpoints and the EMA store them (``rescaler.*``, ...)."""
+        return self.model.named_trainable_parameters()
+
+    # ------------------------------------------------------------------ training
     def _latent(self, batch: dict[str, Any]) -> Tensor | None:
         if self.rescaler.space != "latent":
             return None
@@ -257,7 +242,7 @@ class TADMModule(L.LightningModule):
             if self.rescaler.space == "pixel":  # pixel rescaling + SD prior: the VAE encodes its image
                 with torch.set_grad_enabled(self.stage == "joint"):  # joint: gradients reach the rescaler
                     z_hat = self.backbone.encode(z_hat.clamp(-1.0, 1.0))
-            z0, t = self.enhance(z_hat, z)
+            z0, t = self.model.enhance(z_hat, z)
             x_hat = self.backbone.decode(z0)
             if w.get("pixel", 0):
                 terms["pixel"] = self.distance(x_hat, x)
@@ -289,79 +274,22 @@ class TADMModule(L.LightningModule):
             "lr_scheduler": {"scheduler": sched, "interval": self.lr_scheduler_interval},
         }
 
-    # ----------------------------------------------------------------------- EMA
-    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """:meth:`trainable_parameters` with their state-dict names (the keys of the EMA)."""
-        names = {id(p): n for n, p in self.named_parameters()}
-        return [(names[id(p)], p) for p in self.trainable_parameters()]
-
-    def _new_ema(self, decay: float, start_step: int) -> TrainedEMA:
-        ema = TrainedEMA(self.named_trainable_parameters(), decay, start_step)
-        if self._ema_pending is not None:
-            ema.load_state_dict(self._ema_pending, "the checkpoint being resumed")
-            self._ema_pending = None
-        return ema
-
     def configure_callbacks(self) -> list[L.Callback]:
-        """What every trainer of this module needs: the raw weights back if a run stops mid-evaluation."""
-        return [RawWeightsOnError()]
-
-    def on_fit_start(self) -> None:
-        """Start the EMA from the current weights, or continue the resumed checkpoint's."""
-        self._ema_out()  # an earlier run stopped with the averages swapped in: train the raw weights
-        if self.ema_decay is None:
-            if self._ema_pending is not None:
-                log.warning("the resumed checkpoint has an EMA, but model.ema_decay is null: it is dropped")
-                self._ema_pending = None
-            self.ema = None
-            return
-        self.ema = self._new_ema(self.ema_decay, self.ema_start_step)
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimiser step, then the EMA update: once per step (not per batch under gradient
-        accumulation), from weights every DDP rank shares, so the ranks' EMAs stay identical; and before
-        any ``on_train_batch_end`` (where ``ModelCheckpoint`` saves), so a checkpoint of step N holds
-        the EMA of step N and a resumed run continues it exactly."""
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update()
-
-    def _ema_in(self) -> None:
-        """Evaluate with the EMA when there is one (fitting, or a checkpoint that has one)."""
-        if self.ema is None and self._ema_pending is not None:  # tadm validate/test/predict --ckpt_path
-            pending = self._ema_pending
-            self.ema = self._new_ema(float(pending.get("decay", 0.999)), int(pending.get("start_step", 0)))
-        if self.ema is not None:
-            self.ema.swap_in()
-
-    def _ema_out(self) -> None:
-        if self.ema is not None:
-            self.ema.swap_out()
-
-    def on_validation_epoch_start(self) -> None:
-        self._ema_in()
-
-    def on_validation_epoch_end(self) -> None:
-        self._ema_out()
-
-    def on_test_epoch_start(self) -> None:
-        self._ema_in()
-
-    def on_test_epoch_end(self) -> None:
-        self._ema_out()
-
-    def on_predict_epoch_start(self) -> None:
-        self._ema_in()
-
-    def on_predict_epoch_end(self) -> None:
-        self._ema_out()
+        """What every trainer of this module needs, a user's own ``Trainer`` included: the EMA's lifecycle
+        (a no-op without ``ema_decay``), which also puts the raw weights back if a run stops mid-evaluation."""
+        return [EMAWeights()]
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
         tiling = self.eval_tiling or NO_TILING
         rt = pipeline.round_trip(
-            self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling, color_fix=self.color_fix
+            self.backbone,
+            self.rescaler,
+            x,
+            enhance=self.model.enhance_fn,
+            tiling=tiling,
+            color_fix=self.color_fix,
         )
         base = pipeline.bicubic_round_trip(x, self.scale)
         xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
@@ -399,7 +327,12 @@ class TADMModule(L.LightningModule):
         x = batch["image"]
         tiling = self.eval_tiling or NO_TILING
         rt = pipeline.round_trip(
-            self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling, color_fix=self.color_fix
+            self.backbone,
+            self.rescaler,
+            x,
+            enhance=self.model.enhance_fn,
+            tiling=tiling,
+            color_fix=self.color_fix,
         )
         return {
             "path": batch.get("path"),
@@ -431,35 +364,29 @@ class TADMModule(L.LightningModule):
 
     # --------------------------------------------------------------- checkpoints
     def _frozen_keys(self) -> set[str]:
-        """State-dict keys not stored in checkpoints: the frozen backbone and loss networks."""
-        keys = frozen_backbone_keys(self.backbone, self.stage)
+        """State-dict keys (of this module) not stored in checkpoints: the frozen backbone and loss networks."""
+        keys = {MODEL_PREFIX + k for k in self.model.frozen_keys()}
         if self.perceptual is not None:  # frozen loss networks come from their own packages
             keys |= {f"perceptual.{k}" for k in self.perceptual.state_dict()}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the model's trained tensors under the model's own names (``rescaler.*``, ``backbone.*``
+        LoRA, ...: the keys an export and :meth:`TADMModel.load_trained_state` use), never frozen ones."""
         frozen = self._frozen_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["state_dict"] = {
+            k.removeprefix(MODEL_PREFIX): v
+            for k, v in checkpoint["state_dict"].items()
+            if k not in frozen and k.startswith(MODEL_PREFIX)
+        }
         if self.ema is not None:  # the raw weights stay "state_dict" even if saved during validation
             checkpoint["state_dict"].update(self.ema.raw_weights())
             checkpoint[EMA_KEY] = self.ema.state_dict()
-        checkpoint[META_KEY] = {
-            "backbone_id": self.backbone.backbone_id,
-            "rescaler": f"{type(self.rescaler).__module__}.{type(self.rescaler).__qualname__}",
-            "stage": self.stage,
-            "scale": self.scale,
-            "config": self.run_config,
-        }
+        checkpoint[META_KEY] = self.model.checkpoint_meta(self.run_config)
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
         """Refuse a checkpoint trained on another backbone or at another scale (:mod:`tadm.model.trained_state`)."""
-        check_compatible(
-            meta,
-            source,
-            backbone_id=self.backbone.backbone_id,
-            scale=self.scale,
-            pixel_rescaler=self.rescaler.space == "pixel",
-        )
+        self.model.check_compatible(meta, source)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_compatible(checkpoint.get(META_KEY), "being resumed")
@@ -467,22 +394,9 @@ class TADMModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint[EMA_KEY], "the checkpoint being resumed")
         elif EMA_KEY in checkpoint:  # loaded once the EMA exists (on_fit_start, or to evaluate)
             self._ema_pending = checkpoint[EMA_KEY]
-        missing = sorted(set(self.state_dict()) - self._frozen_keys() - set(checkpoint["state_dict"]))
+        stored = {MODEL_PREFIX + k: v for k, v in checkpoint["state_dict"].items()}
+        missing = sorted(set(self.state_dict()) - self._frozen_keys() - set(stored))
         if missing:
-            raise KeyError(
-                f"checkpoint lacks trained weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-            )
-
-    def load_weights(self, path: str) -> None:
-        """Weights-only initialisation from another run's checkpoint (``init_from``): its EMA when it has
-        one (the weights its validation scored), else its raw weights."""
-        state, meta = read_checkpoint(path)
-        if meta.get("weights") == "ema":
-            log.info("init_from %s: its EMA weights", path)
-        self.check_compatible(meta, path)
-        self.load_trained_state(state, path, require_all=False)
-
-    def load_trained_state(self, state: dict[str, Tensor], source: str, require_all: bool = True) -> None:
-        """Load stored (trained) tensors over the frozen backbone (:mod:`tadm.model.trained_state`): missing
-        trained tensors are an error when ``require_all`` (inference), a warning otherwise (``init_from``)."""
-        load_trained_state(self, state, source, self._frozen_keys(), require_all)
+            names = [k.removeprefix(MODEL_PREFIX) for k in missing]
+            raise KeyError(f"checkpoint lacks trained weights: {names[:8]}{' ...' if len(names) > 8 else ''}")
+        checkpoint["state_dict"] = stored  # what Lightning loads next, into this module
