@@ -1,6 +1,7 @@
 """A plug-in in a package of its own (examples/tadm-example-aligner) works once installed, with no change
-to tadm: its entry point in group ``tadm.plugins`` registers the short name, ``tadm list`` shows it and
-``tadm fit`` trains with it chosen by that name in YAML.
+to tadm: its entry point in group ``tadm.plugins`` registers the short name, ``tadm list`` shows it,
+``tadm fit`` trains with it chosen by that name in YAML, and the package's own tests (tadm.testing's
+contract checks, in one line) pass against the installed package.
 
 The package is really built and installed (``pip install --no-deps --target``, about 2 s) into a temporary
 folder that the subprocesses get on ``PYTHONPATH``: importlib.metadata finds its ``.dist-info`` there
@@ -90,6 +91,23 @@ def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: P
     assert state["aligner.linear.weight"].shape == (1, 8) and state["aligner.linear.bias"].shape == (1,)
     assert torch.isfinite(state["aligner.linear.weight"]).all()
     assert f"class_path: {CLASS}" in meta["config"]
+
+
+def test_the_package_passes_its_own_contract_tests(site: Path, tmp_path: Path) -> None:
+    """The example's ``tests/`` run as its author runs them (``pytest tests``, outside this repository)
+    against the installed package: ``tadm.testing.check_aligner`` on its aligner passes."""
+    tests = site.parent / "source" / "tests"
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", done.stdout), done.stdout[-1000:]
 
 
 def test_study_file_puts_the_plugin_beside_the_tpm(monkeypatch: pytest.MonkeyPatch) -> None:
