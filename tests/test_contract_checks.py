@@ -85,6 +85,16 @@ def test_builtin_rescaler_passes(name: str) -> None:
     assert all(p.grad is None for p in rescaler.parameters())
 
 
+def test_rescaler_for_another_backbone_passes() -> None:
+    """The quickstart's rescaler (bicubic residuals on the 192-channel space_to_depth latent) is checked and
+    stepped on its own backbone, which serves stage 1 only."""
+    space_to_depth = BACKBONES.get("space_to_depth")
+    rescaler = slim_dfrm(latent_channels=192, bicubic_skip=True, detail_residual=True)
+    assert check_rescaler(rescaler, backbone=space_to_depth, stages=("rescaler",)) == list(
+        RESCALER_PROPERTIES
+    )
+
+
 @pytest.mark.parametrize("name", sorted(ALIGNER_ARGS))
 def test_builtin_aligner_passes(name: str) -> None:
     aligner = ALIGNERS.get(name)(**ALIGNER_ARGS[name])
