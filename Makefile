@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QS_CKPT := runs/quickstart/checkpoints/last.ckpt
 
-.PHONY: setup quickstart quickstart-model study-demo test test-slow lint format clean
+.PHONY: setup quickstart quickstart-model study-demo test test-all lint format clean
 
 setup: $(STAMP)
 
@@ -30,18 +30,18 @@ quickstart-model: quickstart
 
 # A 4-cell study on the CPU (configs/studies/demo.yaml, docs/studies.md): trains and evaluates each
 # cell, then prints the comparison table; plots in runs/studies/demo/*.png. A rerun keeps finished cells.
-# One torch thread: the README's numbers (deterministic for a machine and thread count), and faster on a busy 2-core machine.
+# One torch thread: docs/studies.md's numbers (deterministic for a machine and thread count), and faster on a busy 2-core machine.
 study-demo: export OMP_NUM_THREADS = 1
 study-demo: setup
 	$(BIN)/tadm study run configs/studies/demo.yaml
 
-# Two workers (one torch thread each) and the slowest tests listed at the end.
+# The fast suite (what CI runs): two workers (one torch thread each), the slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=15
 
-# Slow tests are skipped when CI=true; run them locally with this target.
-test-slow: setup
-	CI= $(BIN)/python -m pytest -q -m slow --durations=5
+# Every test, the slow ones included (run it before every stop; they are skipped when CI=true).
+test-all: setup
+	CI= $(BIN)/python -m pytest -q -n 2 --durations=15
 
 # The evaluation protocols checked against pyiqa itself (tests/test_protocols.py; `make test` skips that
 # check). pyiqa declares ~40 dependencies (bitsandbytes, datasets, pyarrow, numba, timm, ...) but its PSNR
