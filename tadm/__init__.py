@@ -3,9 +3,11 @@
 The package is built in layers; imports point down only (``pyproject.toml``'s import-linter
 contracts, checked by ``make test``):
 
-    commands/     tadm fit/list/shard/downscale/upscale/evaluate/export
-    config/       YAML -> objects: plug-in discovery, argument links, models rebuilt from checkpoints
-    model/        the LightningModule (stages 1-3), enhancer, losses, callbacks, checkpoints
+    testing/      the public test kit: backbone twins, contract checks (never imported by the rest)
+    commands/     tadm fit/list/shard/downscale/upscale/evaluate/export/study/compare ...
+    training/     the LightningModule (stages 1-3), EMA callback, callbacks, losses  |  studies/  study plans, comparisons
+    model/        TADMModel (a plain nn.Module), enhancer, checkpoints, exports, codec loading
+    config/       YAML -> objects: plug-in discovery, argument links
     inference/    round-trip pipeline, tiling, heat maps, LR files, codec   |  evaluation/  metrics, reports
     components/   plug-ins: rescalers/, backbones/, aligners/              |  datamodules/ data, shards, inputs
     contracts/    Rescaler, DiffusionBackbone, TimestepAligner + registries
