@@ -38,8 +38,8 @@ from tadm.datamodules.bad_input import (
     SkipCounter,
     check_policy,
 )
-from tadm.datamodules.image_folder import reflect_pad
 from tadm.datamodules.image_io import ImageReadError, decode_image, decode_uint8, uint8_to_unit
+from tadm.datamodules.image_transforms import reflect_pad
 from tadm.datamodules.placement import RankPlan, Reader, UnevenPlacementWarning, worker_batches, worker_slot
 from tadm.datamodules.shards import LATENT_FIELD, SampleError, image_field, iter_shard, sample_meta
 

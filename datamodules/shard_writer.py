@@ -316,7 +316,7 @@ class _Packer:
     def _encode(self, image: Any, i: int) -> tuple[np.ndarray, list[list[int]]]:
         import torch
 
-        from tadm.datamodules.image_folder import reflect_pad
+        from tadm.datamodules.image_transforms import reflect_pad
 
         opts = self.latents
         assert opts is not None

@@ -16,13 +16,9 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, default_collate
 
 from tadm.datamodules.bad_input import InputSkippedWarning
-from tadm.datamodules.image_folder import (
-    ImageFolderDataModule,
-    ImageFolderDataset,
-    random_crop_flip,
-    reflect_pad,
-)
+from tadm.datamodules.image_folder import ImageFolderDataModule, ImageFolderDataset
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
+from tadm.datamodules.image_transforms import random_crop_flip, reflect_pad
 from tests.helpers.loggers import MetricsLogger
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""What the data modules do to a decoded image: mirror padding to a size, training crops and flips, and
+the colour augmentations (shuffled channels, synthetic flat colours and gradients) that teach a small
+training set colours it never showed. Shared by the image-folder and WebDataset data modules and by
+``tadm shard``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reflect_pad(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Mirror-pad a (C, H, W) tensor, centered, up to at least ``height`` x ``width``.
+
+    ``torch.nn.functional.pad(mode="reflect")`` refuses pads wider than the image; this repeats the
+    reflection as often as needed (like ``numpy.pad(mode="reflect")``), so a 30-pixel image still becomes a
+    256 crop. Mirroring keeps local statistics natural, unlike zero or constant padding.
+    """
+    _, h, w = image.shape
+    if h < height:
+        image = image.index_select(1, _reflect_indices(h, height))
+    if w < width:
+        image = image.index_select(2, _reflect_indices(w, width))
+    return image
+
+
+def _reflect_indices(size: int, target: int) -> torch.Tensor:
+    """Source index for each of ``target`` positions, the ``size`` originals centered among them."""
+    if size == 1:
+        return torch.zeros(target, dtype=torch.long)
+    period = 2 * (size - 1)
+    k = (torch.arange(target) - (target - size) // 2).remainder(period)
+    return torch.where(k >= size, period - k, k)
+
+
+def random_crop_flip(image: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Random ``crop_size`` square (after mirror-padding small images) and a coin-flip horizontal flip."""
+    image = reflect_pad(image, crop_size, crop_size)
+    _, h, w = image.shape
+    top = int(torch.randint(0, h - crop_size + 1, ()).item())
+    left = int(torch.randint(0, w - crop_size + 1, ()).item())
+    crop = image[:, top : top + crop_size, left : left + crop_size]
+    if bool(torch.rand(()) < 0.5):
+        crop = crop.flip(-1)
+    return crop.contiguous()
+
+
+def shuffle_channels(image: torch.Tensor) -> torch.Tensor:
+    """The RGB channels in a random order (uniform over the 6): hues move to other hue families while
+    brightness structure, texture and saturation stay those of a real photo."""
+    return image[torch.randperm(3)].contiguous()
+
+
+def smooth_field(size: int) -> torch.Tensor:
+    """A ``size`` square in [-1, 1] that is flat (half the time) or a bilinear gradient between four
+    corner colours, each channel drawn uniformly and, with probability 1/2, pushed to the nearest end
+    of its range: saturated primaries and secondaries, black and white are as likely as mid tones."""
+    n = 1 if bool(torch.rand(()) < 0.5) else 2
+    corners = torch.rand(3, n, n) * 2 - 1
+    saturate = torch.rand(3, n, n) < 0.5
+    corners = torch.where(saturate, corners.sign(), corners)
+    field = torch.nn.functional.interpolate(
+        corners[None], size=(size, size), mode="bilinear", align_corners=True
+    )
+    return field[0].clamp(-1.0, 1.0).contiguous()
