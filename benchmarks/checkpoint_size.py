@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tadm.components.backbones.presets import FULL_SIZE_UNETS, FULL_SIZE_VAE
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS, FULL_SIZE_VAE
 
 PARTS = (  # (label, predicate on a stored key)
     ("DFRM (rescaler, trained in stage 1)", lambda k: k.startswith("rescaler.")),
@@ -54,6 +54,7 @@ def build_model(unet_rank: int, vae_rank: int):  # type: ignore[no-untyped-def]
         aligner=TimestepPredictionModule(),
         loss_weights={"pixel": 2.0},  # no LPIPS/DISTS networks: they are never stored either
     )
+    model.configure_model()  # what a trainer does first (the parts are in place: wires the enhancer)
     model.run_config = "# the run's YAML config is stored here (a few KB)\n"
     return model, unet_params
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from tadm.components.backbones.presets import FULL_SIZE_VAE
-from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 from tadm.datamodules.image_folder import ImageFolderDataModule
 from tadm.datamodules.shard_writer import LatentOptions, pack_shards
 from tadm.datamodules.webdataset import WebDatasetDataModule
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (2048, 1365)  # "2K" photo, 3:2
@@ -123,13 +123,14 @@ def step_rows(repeats: int) -> list[tuple[str, float]]:
     from diffusers import AutoencoderKL
 
     from tadm.components.rescalers.dfrm import DFRM
-    from tadm.training.losses import weighted_sum
     from tadm.training.lightning_module import TADMModule
+    from tadm.training.losses import weighted_sum
 
     torch.manual_seed(0)
-    backbone = StableDiffusionBackbone("tiny-sd15")
+    backbone = StableDiffusionTwin("tiny-sd15")
     backbone.vae = AutoencoderKL(**SD_VAE).eval().requires_grad_(False)  # full-size architecture, random
     module = TADMModule(backbone=backbone, rescaler=DFRM(scale=16), scale=16)
+    module.configure_model()
     opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
     x = torch.rand(1, 3, CROP, CROP) * 2 - 1
     with torch.no_grad():
@@ -174,7 +175,7 @@ def main() -> None:
         if not (root / "shards" / "index.json").exists():
             pack_shards(root / "photos", root / "shards", maxcount=4, progress=False)
         if not (root / "latent_shards" / "index.json").exists():
-            tiny = StableDiffusionBackbone("tiny-sd15")
+            tiny = StableDiffusionTwin("tiny-sd15")
             tiny.load_for_stage("rescaler")
             opts = LatentOptions(tiny, crop=CROP, crops_per_image=4, flips=True)
             pack_shards(root / "photos", root / "latent_shards", maxcount=4, latents=opts, progress=False)

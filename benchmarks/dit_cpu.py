@@ -35,11 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from case_runner import report, run_case  # noqa: E402
 
-from tadm.components.backbones.dit_presets import (  # noqa: E402
-    DIT_PRESETS,
-    FULL_SIZE_DIT_VAE,
-    FULL_SIZE_TRANSFORMERS,
-)
+from tadm.components.backbones.flow_transformers.flow_presets import FLOW_PRESETS  # noqa: E402
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_DIT_VAE, FULL_SIZE_TRANSFORMERS  # noqa: E402
 
 #: empty-prompt embedding shapes: (T5 tokens + CLIP tokens, width), pooled width
 PROMPT = {"sd3": ((77 + 256, 4096), 2048), "flux": ((512, 4096), 768)}
@@ -71,13 +68,12 @@ def build_model(name: str):  # type: ignore[no-untyped-def]
     )
 
     from tadm.components.aligners.tpm import TimestepPredictionModule
-    from tadm.components.backbones.flux import FluxBackbone
-    from tadm.components.backbones.sd3 import SD3Backbone
+    from tadm.components.backbones.flow_transformers import FluxBackbone, SD3Backbone
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.training.lightning_module import TADMModule
 
     preset, cfg = transformer_config(name)
-    p = DIT_PRESETS[preset]
+    p = FLOW_PRESETS[preset]
     torch.manual_seed(0)
     cls, tcls = (
         (SD3Backbone, SD3Transformer2DModel) if p.family == "sd3" else (FluxBackbone, FluxTransformer2DModel)
@@ -97,6 +93,7 @@ def build_model(name: str):  # type: ignore[no-untyped-def]
     model = TADMModule(
         b, DFRM(scale=16, latent_channels=16), stage="enhancer", aligner=TimestepPredictionModule()
     )
+    model.configure_model()  # what a trainer does first (the parts are in place: wires the enhancer)
     return model, params
 
 
@@ -140,8 +137,7 @@ def sizes() -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
     from tadm.components.aligners.tpm import TimestepPredictionModule
-    from tadm.components.backbones.flux import FluxBackbone
-    from tadm.components.backbones.sd3 import SD3Backbone
+    from tadm.components.backbones.flow_transformers import FluxBackbone, SD3Backbone
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.model.enhancer import HybridScheduler
 
@@ -152,7 +148,7 @@ def sizes() -> dict:
         "refiner": sum(q.numel() for q in HybridScheduler(latent_channels=16).parameters()),
     }
     for name in ("sd35-medium", "sd35-large", "flux1-dev"):
-        sd3 = DIT_PRESETS[name].family == "sd3"
+        sd3 = FLOW_PRESETS[name].family == "sd3"
         b = (SD3Backbone if sd3 else FluxBackbone)(name)
         with torch.device("meta"):
             b.transformer = (SD3Transformer2DModel if sd3 else FluxTransformer2DModel)(
@@ -181,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.case:
         if args.case != "sizes":  # LPIPS / DISTS load torchvision's VGG16: a random stand-in, offline
-            from tests.helpers.vgg import write_random_vgg16
+            from tadm.testing.twins.vgg16_stand_in import write_random_vgg16
 
             home = Path(tempfile.gettempdir()) / "tadm-bench-torch-home"
             write_random_vgg16(home)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from case_runner import report, run_case
 
-from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
-from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS as UNETS
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE as VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
@@ -41,7 +41,7 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
     # LPIPS / DISTS on a random VGG16 where torchvision looks for the ImageNet one (offline; the stage-2
     # loss's cost is the same, its numbers are not perceptual)
     sys.path.insert(0, str(ROOT))
-    from tests.helpers.vgg import write_random_vgg16
+    from tadm.testing.twins.vgg16_stand_in import write_random_vgg16
 
     os.environ["TORCH_HOME"] = str(ROOT / "runs" / "bench_torch_home")
     write_random_vgg16(Path(os.environ["TORCH_HOME"]))
@@ -61,6 +61,7 @@ def build_model(family: str, checkpointing: bool):  # type: ignore[no-untyped-de
         stage="enhancer",
         aligner=TimestepPredictionModule(),
     )
+    model.configure_model()  # what a trainer does first (the parts are in place: wires the enhancer)
     return model, unet_params
 
 

@@ -20,8 +20,8 @@ temporary folder is used and deleted at the end):
    then the real ``tadm import-release`` (subprocess) -> ``imported.safetensors`` (fp32, its default).
 3. ``native/last.ckpt``: what ``tadm fit --config configs/experiments/enhancer_x16.yaml --config
    configs/backbone/sd21.yaml`` (tadm's own stage-2 recipe, release preset off) writes, on the same folder
-   and at the same UNet LoRA rank 48, built with ``build_module`` and saved through
-   ``TADMModule.on_save_checkpoint`` (trained tensors + meta; no optimiser state, which ``tadm export``
+   and at the same UNet LoRA rank 48, built with ``TADMModel.from_config`` and saved as
+   ``TADMModule.on_save_checkpoint`` saves it (trained tensors + meta; no optimiser state, which ``tadm export``
    drops anyway); then the real ``tadm export --dtype fp32`` -> ``native.safetensors``: the same format,
    dtype and tensor shapes as the imported file. What differs is what the import stores: the release's
    variants in the config (LoRA alpha, ReLU TPM / Refiner, unscaled DFRM latents) and its VAE folder.
@@ -122,7 +122,7 @@ def clip_tokenizer(bpe: str | None, folder: Path) -> tuple[Any, str]:
     the .gz, the open-clip-torch wheel, or found in an installed ``open_clip``); else a byte-level stand-in."""
     from transformers import CLIPTokenizer
 
-    from tadm.components.backbones.tiny import _bytes_to_unicode, tiny_tokenizer
+    from tadm.testing.twins.random_text_encoders import _bytes_to_unicode, tiny_tokenizer
 
     raw: bytes | None = None
     member = "open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -161,7 +161,7 @@ def step_backbone(work: Path, bpe: str | None) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tadm.components.backbones.presets import FULL_SIZE_UNETS, FULL_SIZE_VAE
+    from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS, FULL_SIZE_VAE
 
     info: dict[str, Any] = {}
 
@@ -243,11 +243,10 @@ def step_native(work: Path) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from tadm.config.build import build_module
+    from tadm.model import TADMModel
 
     config = native_config(work)
-    module = build_module(config, "benchmark native model")  # as the CLI builds it (no loss networks)
-    module.run_config = config
+    module = TADMModel.from_config(config, "benchmark native model")  # as the codec builds it
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # "trained": the zero-initialised tensors (LoRA B, Refiner tail) made non-zero
         for p in module.trainable_parameters():
@@ -257,9 +256,10 @@ def step_native(work: Path) -> dict[str, Any]:
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": L.__version__,
-        "state_dict": module.state_dict(),
+        # what TADMModule.on_save_checkpoint stores: the trained tensors (no frozen backbone) and the meta
+        "state_dict": {k: v for k, v in module.state_dict().items() if k not in module.frozen_keys()},
+        "tadm": module.checkpoint_meta(config),
     }
-    module.on_save_checkpoint(checkpoint)  # drops the frozen backbone, adds the tadm meta
 
     def write(tmp: Path) -> None:
         torch.save(checkpoint, tmp / "last.ckpt")
@@ -274,12 +274,12 @@ def step_phases(ckpt: str, backbone: str, lr: str, output: str) -> dict[str, Any
     import resource
 
     t_start = time.perf_counter()
-    import tadm.model.loading as load_mod
     import tadm.inference.lr_files as lr_files
+    import tadm.model.loading as load_mod
     from tadm.commands.main import main
     from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
     from tadm.inference.codec import Codec
-    from tadm.training.lightning_module import TADMModule
+    from tadm.model import TADMModel
 
     order = ["imports", "read checkpoint", "build model (all below)", "  backbone weights (incl. prompt)"]
     order += ["    empty prompt", "  LoRA layers", "load trained tensors", "model id hash"]
@@ -309,11 +309,11 @@ def step_phases(ckpt: str, backbone: str, lr: str, output: str) -> dict[str, Any
         setattr(owner, name, wrapper)
 
     timed(load_mod, "read_checkpoint", "read checkpoint")
-    timed(load_mod, "build_module", "build model (all below)")
+    timed(TADMModel, "from_config", "build model (all below)")
     timed(StableDiffusionBackbone, "load", "  backbone weights (incl. prompt)")
     timed(StableDiffusionBackbone, "_encode_empty_prompt", "    empty prompt")
     timed(StableDiffusionBackbone, "_add_lora", "  LoRA layers")
-    timed(TADMModule, "load_trained_state", "load trained tensors")
+    timed(TADMModel, "load_trained_state", "load trained tensors")
     timed(load_mod, "tensor_hash", "model id hash")
     timed(Codec, "upscale", "upscale 512x512 (parts below)")
     timed(lr_files, "write_png", "write PNG")

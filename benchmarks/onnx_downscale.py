@@ -56,9 +56,9 @@ class Parts(nn.Module):
 def full_size_sd_codec() -> Codec:
     from diffusers import AutoencoderKL
 
-    from tadm.components.backbones.presets import FULL_SIZE_VAE
     from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
     from tadm.components.rescalers.dfrm import DFRM
+    from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE
 
     torch.manual_seed(0)
     backbone = StableDiffusionBackbone(preset="sd21")

@@ -10,9 +10,9 @@ FULL-SIZE SD 2.1 architecture (random weights, no download), measured on the CPU
 The model, its optimiser, the micro-batch (``data.init_args.batch_size`` crops of ``crop_size`` px) and the
 precision all come from the composed YAML, parsed by tadm's own CLI; only the weights are replaced: the
 backbone's loader is swapped for one that builds the real diffusers UNet / VAE architectures with random
-weights (``FULL_SIZE_*`` in ``components/backbones/presets.py``) and a random empty-prompt embedding (the
+weights (``FULL_SIZE_*`` in ``tadm/testing/twins/full_size_architectures.py``) and a random empty-prompt embedding (the
 text encoder runs once at load time and is freed, so it costs training nothing), and LPIPS / DISTS get a
-random VGG16 (``tests/helpers/vgg.py``). ``bf16-mixed`` runs the step under CPU autocast to bfloat16, as
+random VGG16 (``tadm/testing/twins/vgg16_stand_in.py``). ``bf16-mixed`` runs the step under CPU autocast to bfloat16, as
 Lightning does; fp32 weights, as Lightning keeps them.
 
 After a warm-up micro-step (forward + backward of one micro-batch) and optimiser step, and a timed
@@ -64,8 +64,9 @@ def full_size_loader() -> None:
     """Make ``stable_diffusion`` backbones build the real architectures with random weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from tadm.components.backbones import sd_loading, stable_diffusion
-    from tadm.components.backbones.presets import FULL_SIZE_UNETS, FULL_SIZE_VAE, TEXT_SUBFOLDERS
+    from tadm.components.backbones.stable_diffusion import unet_backbone, unet_weight_loading
+    from tadm.components.backbones.stable_diffusion.unet_presets import TEXT_SUBFOLDERS
+    from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS, FULL_SIZE_VAE
 
     def load(self: Any, todo: list[str]) -> dict[str, Any]:
         if self.preset.family not in ("sd21", "sdxl"):
@@ -94,8 +95,8 @@ def full_size_loader() -> None:
         pooled = torch.randn(1, 1280) if self.preset.family == "sdxl" else None
         return torch.randn(1, 77, self.preset.context_dim), pooled
 
-    sd_loading.SDWeightLoader.load = load  # type: ignore[method-assign]
-    stable_diffusion.StableDiffusionBackbone._encode_empty_prompt = empty_prompt  # type: ignore[method-assign]
+    unet_weight_loading.UNetWeightLoader.load = load  # type: ignore[method-assign]
+    unet_backbone.StableDiffusionBackbone._encode_empty_prompt = empty_prompt  # type: ignore[method-assign]
 
 
 def build(args: argparse.Namespace) -> Any:
@@ -103,8 +104,8 @@ def build(args: argparse.Namespace) -> Any:
     sys.path.insert(0, str(ROOT))
     from tadm.commands.lightning import TADMCLI
     from tadm.config.plugins import load_plugins
+    from tadm.testing.twins.vgg16_stand_in import write_random_vgg16
     from tadm.training.lightning_module import TADMModule
-    from tests.helpers.vgg import write_random_vgg16
 
     home = Path(tempfile.mkdtemp(prefix="tadm-train-memory-"))
     write_random_vgg16(home)

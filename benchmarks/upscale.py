@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from tadm.components.backbones.presets import FULL_SIZE_UNETS as UNETS
-from tadm.components.backbones.presets import FULL_SIZE_VAE as VAE
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS as UNETS
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE as VAE
 
 CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 
@@ -45,7 +45,7 @@ def build_codec(
     from tadm.components.rescalers.dfrm import DFRM
     from tadm.inference.codec import Codec
     from tadm.inference.tiling import Tiling
-    from tadm.training.lightning_module import TADMModule
+    from tadm.model import TADMModel
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -59,9 +59,7 @@ def build_codec(
     ctx, pooled = CONTEXT[preset]
     b.prompt_embeds = torch.randn(1, 77, ctx)
     b.pooled_prompt_embeds = torch.randn(1, pooled) if pooled else None
-    model = TADMModule(
-        b, DFRM(scale=16), stage="enhancer", aligner=TimestepPredictionModule(), loss_weights={}
-    )
+    model = TADMModel(b, DFRM(scale=16), stage="enhancer", aligner=TimestepPredictionModule()).load_parts()
     model.to(dev).eval()
     if channels_last:
         b.unet.to(memory_format=torch.channels_last)

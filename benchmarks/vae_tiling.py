@@ -32,13 +32,14 @@ from tadm.evaluation.metrics import psnr_y
 from tadm.inference import pipeline
 from tadm.inference.groupnorm_sync import collect_group_stats
 from tadm.inference.tiling import NO_TILING, Tiling
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 
 
 def train_tiny_vae(steps: int, crop: int = 96, batch: int = 8, seed: int = 0) -> StableDiffusionBackbone:
     """The tiny-sd21 backbone with its VAE trained to reconstruct photo crops (L1 + MSE + tiny KL)."""
-    bb = StableDiffusionBackbone("tiny-sd21")
+    bb = StableDiffusionTwin("tiny-sd21")
     bb.load(["vae"])
     vae = bb.vae
     assert vae is not None
@@ -99,7 +100,7 @@ def full_size_timing(size: int, tile: int, overlap: int, device: str = "cpu") ->
     autocast, one warm-up per mode)."""
     from diffusers import AutoencoderKL
 
-    from tadm.components.backbones.presets import FULL_SIZE_VAE
+    from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE
 
     torch.manual_seed(0)
     bb = StableDiffusionBackbone("sd21-base")
@@ -149,7 +150,7 @@ def main() -> None:
     torch.manual_seed(0)
     cache = Path(args.vae_cache) if args.vae_cache else None
     if cache is not None and cache.exists():
-        bb = StableDiffusionBackbone("tiny-sd21")
+        bb = StableDiffusionTwin("tiny-sd21")
         bb.load(["vae"])
         assert bb.vae is not None
         bb.vae.load_state_dict(torch.load(cache, weights_only=True))

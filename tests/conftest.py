@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tadm.config.plugins import load_plugins
+from tadm.testing.twins.vgg16_stand_in import write_random_vgg16
 from tests.helpers import REPO, SAMPLES
 from tests.helpers.disk import low_disk_warning
-from tests.helpers.vgg import write_random_vgg16
 
 load_plugins()
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
@@ -32,7 +32,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         return
-    skip = pytest.mark.skip(reason="slow test: skipped when CI=true; run locally with `make test-slow`")
+    skip = pytest.mark.skip(reason="slow test: skipped when CI=true; run locally with `make test-all`")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

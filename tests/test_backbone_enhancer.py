@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
 FAMILIES = ["tiny-sd15", "tiny-sd21", "tiny-sdxl"]
 
@@ -14,7 +15,7 @@ FAMILIES = ["tiny-sd15", "tiny-sd21", "tiny-sdxl"]
 def enhancer_backbones() -> dict[str, StableDiffusionBackbone]:
     out = {}
     for preset in FAMILIES:
-        b = StableDiffusionBackbone(preset=preset)
+        b = StableDiffusionTwin(preset=preset)
         b.load_for_stage("enhancer")
         out[preset] = b
     return out
@@ -37,7 +38,7 @@ def test_empty_prompt_cached_and_text_encoders_released(preset: str, enhancer_ba
 def test_predict_shape_and_lora_starts_as_identity(preset: str, enhancer_backbones) -> None:
     """Gaussian-initialised LoRA has B = 0, so the adapted UNet equals the base UNet at start."""
     b = enhancer_backbones[preset]
-    base = StableDiffusionBackbone(preset=preset)
+    base = StableDiffusionTwin(preset=preset)
     base.load(["vae", "unet", "text"])  # same seeded weights, no LoRA
     z = torch.randn(2, 4, 8, 8)
     t = torch.tensor([20.0, 150.0])
@@ -84,7 +85,7 @@ def test_lora_alpha_sets_the_peft_scale(enhancer_backbones) -> None:
         return unet, vae
 
     assert scales(enhancer_backbones["tiny-sd21"]) == (1.0, 1.0)
-    release = StableDiffusionBackbone(
+    release = StableDiffusionTwin(
         preset="tiny-sd21", unet_lora_rank=48, vae_lora_rank=16, unet_lora_alpha=8, vae_lora_alpha=8
     )
     release.load_for_stage("enhancer")

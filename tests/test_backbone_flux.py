@@ -12,10 +12,11 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from tadm.commands.main import main
-from tadm.components.backbones.flux import FluxBackbone
-from tadm.model.loading import load_codec
+from tadm.components.backbones.flow_transformers import FluxBackbone
 from tadm.errors import CheckpointError
 from tadm.inference.tiling import Tiling, enhancer_tiles
+from tadm.model.loading import load_codec
+from tadm.testing.twins import twin_args
 from tests.helpers import CONFIGS
 from tests.helpers.cli import build_cli, data_args, one_cpu_quiet_args
 from tests.helpers.dit import (
@@ -124,7 +125,7 @@ def flux_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(CONFIGS / "experiments" / "enhancer_x16.yaml"),
             "--config",
             str(BACKBONE_YAML["flux"]),
-            "--model.backbone.init_args.preset=tiny-flux",
+            *twin_args("tiny-flux"),
             "--model.init_from=null",
             "--model.loss_weights={pixel: 1.0}",
             "--trainer.precision=32-true",

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from tadm.commands.main import main
-from tadm.components.backbones import dit_tiny
-from tadm.components.backbones.prompt_embedding import write_prompt_embedding
-from tadm.components.backbones.sd3 import SD3Backbone
+from tadm.components.backbones.flow_transformers import SD3Backbone
+from tadm.components.backbones.flow_transformers.prompt_embedding_file import write_prompt_embedding
 from tadm.errors import ConfigError
+from tadm.testing.twins import flow_twins, write_twin_config
 from tests.helpers.dit import (
     BACKBONE_YAML,
     check_round_trips,
@@ -41,8 +41,10 @@ def test_full_size_preset_reports_its_latent_before_any_weights() -> None:
     assert not bb.has_diffusion and bb.time_convention is None and bb.max_sequence_length == 256
     with pytest.raises(ValueError, match="flux preset, not sd3"):
         SD3Backbone("flux1-dev")
-    with pytest.raises(ValueError, match="known presets: sd35-medium, sd35-large, tiny-sd3"):
+    with pytest.raises(ValueError, match="known presets: sd35-medium, sd35-large$"):
         SD3Backbone("sd3-turbo")
+    with pytest.raises(ValueError, match="known presets: sd35-medium, sd35-large$"):
+        SD3Backbone("tiny-sd3")  # the twin's preset is the twin's alone
 
 
 def test_stage1_loads_only_the_vae_and_latents_carry_scaling_and_shift() -> None:
@@ -191,9 +193,9 @@ def test_prompt_embedding_file_round_trips_bit_exactly_and_replaces_the_encoders
     assert bb.transformer is None and bb.vae is None  # only the text encoders were loaded, then freed
 
     built: list[set[str]] = []
-    real = dit_tiny.build_tiny_dit_components
+    real = flow_twins.build_tiny_dit_components
     monkeypatch.setattr(
-        "tadm.components.backbones.dit_loading.build_tiny_dit_components",
+        "tadm.testing.twins.flow_twins.build_tiny_dit_components",
         lambda preset, parts=None, seed=None: built.append(set(parts)) or real(preset, parts, seed),
     )
     reader = tiny_backbone("sd3", prompt_embedding=str(path))
@@ -225,7 +227,8 @@ def test_prompt_embedding_file_round_trips_bit_exactly_and_replaces_the_encoders
 
 def test_embed_prompt_command_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sd3.safetensors"
-    args = ["embed-prompt", "--backbone", str(BACKBONE_YAML["sd3"]), "--backbone-arg", "preset=tiny-sd3"]
+    twin_yaml = write_twin_config("tiny-sd3", tmp_path / "twin.yaml")
+    args = ["embed-prompt", "--backbone", str(BACKBONE_YAML["sd3"]), str(twin_yaml)]
     assert main([*args, "--output", str(out)]) == 0
     assert "prompt_embeds (1, 85, 64)" in capsys.readouterr().out
     twin = tiny_backbone("sd3")
@@ -240,8 +243,7 @@ def test_embed_prompt_command_writes_the_file(tmp_path: Path, capsys: pytest.Cap
                 "embed-prompt",
                 "--backbone",
                 sd,
-                "--backbone-arg",
-                "preset=tiny-sd21",
+                str(write_twin_config("tiny-sd21", tmp_path / "sd_twin.yaml")),
                 "-o",
                 str(tmp_path / "x"),
             ]

@@ -9,10 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tadm.components.backbones.presets import PRESETS, get_preset
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
-from tadm.components.backbones.tiny import build_tiny_components, save_tiny_pipeline, save_tiny_vae
+from tadm.components.backbones.stable_diffusion.unet_presets import PRESETS
 from tadm.contracts import BACKBONES
+from tadm.testing.twins.unet_twins import (
+    StableDiffusionTwin,
+    build_tiny_components,
+    get_twin_preset,
+    save_tiny_pipeline,
+    save_tiny_vae,
+)
 
 # tiny preset -> (full-size preset of the same family, VAE scaling, prediction type in its scheduler)
 CASES = {
@@ -132,23 +138,26 @@ def test_fallbacks_before_loading() -> None:
     assert BACKBONES.get("stable_diffusion") is StableDiffusionBackbone
     with pytest.raises(RuntimeError, match="not loaded"):
         bb.encode(_images(1))
-    with pytest.raises(ValueError, match="known presets"):
+    with pytest.raises(ValueError, match="known presets: sd15, sd21, sd21-base, sdxl$"):
         StableDiffusionBackbone(preset="sd3")
+    with pytest.raises(ValueError, match="known presets: sd15, sd21, sd21-base, sdxl$"):
+        StableDiffusionBackbone(preset="tiny-sd21")  # the twin's preset is the twin's alone
     with pytest.raises(ValueError, match="unknown backbone parts"):
         bb.load(["vea"])
 
 
 def test_tiny_preset_builds_in_memory_and_leaves_global_rng_alone() -> None:
     state = torch.get_rng_state()
-    bb = StableDiffusionBackbone(preset="tiny-sd21")
+    bb = StableDiffusionTwin(preset="tiny-sd21")
     bb.load(["vae", "unet", "text"])  # (LoRA added by load_for_stage draws from the seeded global RNG)
     assert torch.equal(torch.get_rng_state(), state)
     assert bb.prediction_type == "v_prediction"
     assert bb.backbone_id.startswith("stable_diffusion:tiny-sd21:random-seed")
-    other = StableDiffusionBackbone(preset="tiny-sd21")
+    other = StableDiffusionTwin(preset="tiny-sd21")
     other.load(["vae"])
     assert torch.equal(bb.vae.encoder.conv_in.weight, other.vae.encoder.conv_in.weight)
-    assert get_preset("tiny-sdxl").family == "sdxl"
+    assert get_twin_preset("tiny-sdxl").family == "sdxl"
+    assert isinstance(bb, StableDiffusionBackbone)  # the real backbone, with parts built from small configs
 
 
 def test_separate_vae_is_used(pipelines: dict[str, Path], tmp_path: Path) -> None:
@@ -214,7 +223,7 @@ def test_a_failing_prompt_embedding_keeps_nothing_of_the_call(monkeypatch: pytes
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("encoder failed")
 
-    bb = StableDiffusionBackbone("tiny-sd21")
+    bb = StableDiffusionTwin("tiny-sd21")
     with monkeypatch.context() as m:
         m.setattr(CLIPTextModel, "forward", broken)
         with pytest.raises(RuntimeError, match="encoder failed"):
@@ -231,13 +240,13 @@ def test_weights_of_another_family_are_refused_naming_the_preset_to_use(
 ) -> None:
     """An SDXL folder under an SD 2.1 preset: caught at load time, not deep inside the UNet's forward."""
     with pytest.raises(ValueError, match=r"family sd21\) does not match .*StableDiffusionXLPipeline.*'sdxl'"):
-        StableDiffusionBackbone("tiny-sd21", pretrained=str(pipelines["tiny-sdxl"])).load(["vae"])
+        StableDiffusionBackbone("sd21", pretrained=str(pipelines["tiny-sdxl"])).load(["vae"])
     bare = tmp_path / "no-index"
     shutil.copytree(pipelines["tiny-sdxl"], bare)
     (bare / "model_index.json").unlink()  # only the UNet itself can tell
     with pytest.raises(ValueError, match="an SDXL UNet .*Use preset 'sdxl' .*configs/backbone/sdxl.yaml"):
-        StableDiffusionBackbone("tiny-sd21", pretrained=str(bare)).load(["unet"])
+        StableDiffusionBackbone("sd21", pretrained=str(bare)).load(["unet"])
     with pytest.raises(
         ValueError, match="names a StableDiffusionPipeline. Use preset 'sd15' or 'sd21' or 'sd21-base'"
     ):
-        StableDiffusionBackbone("tiny-sdxl", pretrained=str(pipelines["tiny-sd15"])).load(["vae"])
+        StableDiffusionBackbone("sdxl", pretrained=str(pipelines["tiny-sd15"])).load(["vae"])

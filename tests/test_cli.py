@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tadm.commands.main import main
+from tadm.testing.twins import twin_args
 from tests.helpers import CONFIGS, VAL
 from tests.helpers.cli import build_cli, data_args
 
@@ -94,7 +95,7 @@ def test_checkpoint_holds_no_frozen_backbone_weights_and_checks_backbone(tmp_pat
         "fit",
         "--config",
         exp,
-        "--model.backbone.init_args.preset=tiny-sd15",
+        *twin_args("tiny-sd15"),
         "--model.rescaler.init_args.width=16",
         "--model.rescaler.init_args.num_resblocks=1",
         "--trainer.max_steps=1",

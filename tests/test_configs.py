@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from tadm.commands.main import main
-from tadm.components.backbones.dit_presets import DIT_PRESETS
-from tadm.components.backbones.presets import PRESETS
+from tadm.components.backbones.flow_transformers.flow_presets import FLOW_PRESETS
+from tadm.components.backbones.stable_diffusion.unet_presets import PRESETS
 from tadm.config.plugins import load_plugins
 from tadm.contracts import ALIGNERS, RESCALERS
+from tadm.testing.twins import TWIN_CLASS_PATHS, twin_args
 from tests.helpers import CONFIGS, TRAIN, VAL
 from tests.helpers.cli import build_cli, data_args, fit_and_check, one_cpu_quiet_args, stage_args
 
@@ -47,7 +48,7 @@ def _preset(rel: str) -> str | None:
 
 
 #: every named preset: the UNet families' and the DiT families' (SD 3, FLUX)
-ALL_PRESETS = {**PRESETS, **DIT_PRESETS}
+ALL_PRESETS = {**PRESETS, **FLOW_PRESETS}
 #: one backbone file per family: the experiments run on each family's tiny twin
 FAMILY_FILES = {ALL_PRESETS[p].family: f for f in reversed(_files("backbone")) if (p := _preset(f))}
 
@@ -67,7 +68,7 @@ def test_every_config_file_has_a_rule() -> None:
 def test_every_backbone_family_has_a_tiny_twin() -> None:
     assert set(FAMILY_FILES) == {"sd15", "sd21", "sdxl", "sd3", "flux"}
     for family in FAMILY_FILES:
-        assert f"tiny-{family}" in ALL_PRESETS, (
+        assert f"tiny-{family}" in TWIN_CLASS_PATHS, (
             f"family {family} needs a tiny-{family} preset for the config tests"
         )
 
@@ -111,7 +112,7 @@ def _dit_slow(experiment: str, family: str) -> bool:
     tests/test_backbone_sd3.py and test_backbone_flux.py train every stage (and x32) directly, so the
     recipes' stage 2/3 on them would add ~1 minute to `make test` for no new coverage."""
     fast = {"experiments/rescaler_x16.yaml"}
-    return family in {p.family for p in DIT_PRESETS.values()} and experiment not in fast
+    return family in {p.family for p in FLOW_PRESETS.values()} and experiment not in fast
 
 
 @pytest.mark.parametrize(("experiment", "family"), _experiment_cases())
@@ -127,7 +128,7 @@ def test_experiment_trains_a_step_on_each_family(experiment: str, family: str) -
             str(CONFIGS / experiment),
             "--config",
             str(CONFIGS / FAMILY_FILES[family]),
-            f"--model.backbone.init_args.preset=tiny-{family}",
+            *twin_args(f"tiny-{family}"),
             "--trainer.fast_dev_run=1",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
@@ -194,7 +195,7 @@ def test_rescaler_file_swaps_the_rescaler_and_trains_a_step(rescaler: str) -> No
             str(CONFIGS / "experiments" / "rescaler_x16.yaml"),
             "--config",
             str(CONFIGS / rescaler),
-            "--model.backbone.init_args.preset=tiny-sd21",
+            *twin_args("tiny-sd21"),
             "--trainer.max_steps=1",
             *one_cpu_quiet_args(),
             "--data.init_args.num_workers=0",

@@ -22,7 +22,9 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from tadm.commands.main import main
-from tadm.components.backbones.tiny import build_tiny_components
+from tadm.contracts import quantize_8bit
+from tadm.errors import CheckpointError
+from tadm.model.checkpoints import read_checkpoint
 from tadm.model.loading import load_codec
 from tadm.model.release_import import (
     RELEASE_ALIGNER,
@@ -32,9 +34,7 @@ from tadm.model.release_import import (
     RELEASE_RESCALER,
     import_release,
 )
-from tadm.contracts import quantize_8bit
-from tadm.errors import CheckpointError
-from tadm.model.checkpoints import read_checkpoint
+from tadm.testing.twins.unet_twins import build_tiny_components, save_tiny_pipeline
 from tadm.training.schedules import PiecewiseConstantLR
 from tests.helpers import CONFIGS, SAMPLES
 from tests.helpers.release import (
@@ -50,8 +50,21 @@ from tests.helpers.release import (
     write_release_files,
 )
 
-TINY = {"preset": "tiny-sd21", "vae": None}
+#: the backbone every import here is checked against: the tiny SD 2.1 twin saved as a diffusers folder (the
+#: release's own layout: preset sd21 with the pipeline's VAE), filled in by ``_twin_folders``
+TINY: dict[str, Any] = {"preset": "sd21", "vae": None}
+#: the tiny SD 2.1 and SDXL twins as diffusers folders, by family
+FOLDERS: dict[str, Path] = {}
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _twin_folders(tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("twins")
+    FOLDERS.update(
+        {family: save_tiny_pipeline(f"tiny-{family}", root / family) for family in ("sd21", "sdxl")}
+    )
+    TINY["pretrained"] = str(FOLDERS["sd21"])
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +272,7 @@ def test_unknown_keys_and_wrong_shapes_are_named(tmp_path: Path) -> None:
         _import(dfrm, tadm, tmp_path / "b.safetensors")
     torch.save(release_tadm_file(), tadm)  # intact files, another backbone: the LoRA shapes tell
     with pytest.raises(CheckpointError, match=r"do not fit the release model: .*state_dict_unet\["):
-        _import(dfrm, tadm, tmp_path / "c.safetensors", preset="tiny-sdxl")
+        _import(dfrm, tadm, tmp_path / "c.safetensors", preset="sdxl", pretrained=str(FOLDERS["sdxl"]))
     assert _leftovers(tmp_path) == ["files"]
 
 
@@ -291,14 +304,15 @@ def test_the_command_exits_2_and_writes_nothing(
     dfrm32, _ = write_release_files(tmp_path / "x32", scale=32)
     out = tmp_path / "out.safetensors"
     argv = ["import-release", "--dfrm", str(dfrm32), "--tadm", str(release_files[1]), "--output", str(out)]
-    assert main([*argv, "--scale", "16", "--backbone-preset", "tiny-sd21"]) == 2
+    twin = ["--backbone-preset", "sd21", "--backbone-pretrained", TINY["pretrained"], "--vae", "none"]
+    assert main([*argv, "--scale", "16", *twin]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tadm import-release: error:") and "x32" in err and "x16" in err
     assert not out.exists()
     dfrm16 = release_files[0]
     argv[2] = str(dfrm16)
-    assert main([*argv, "--backbone-preset", "tiny-sd21"]) == 0
-    assert out.is_file() and main([*argv, "--backbone-preset", "tiny-sd21"]) == 2  # exists: no --overwrite
+    assert main([*argv, *twin]) == 0
+    assert out.is_file() and main([*argv, *twin]) == 2  # exists: no --overwrite
 
 
 # ------------------------------------------------------------------------- the recipes and schedule

@@ -19,18 +19,18 @@ from torch import Tensor, nn
 
 from tadm.commands.main import main
 from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
-from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 from tadm.components.rescalers.bicubic import Bicubic
 from tadm.components.rescalers.dfrm import DFRM
-from tadm.model.loading import load_codec
 from tadm.contracts import Rescaler
 from tadm.datamodules.image_io import load_image
 from tadm.errors import CheckpointError
 from tadm.inference.codec import Codec
 from tadm.inference.lr_files import LRMeta, read_lr, to_uint8
 from tadm.model import onnx_export
+from tadm.model.loading import load_codec
 from tadm.model.onnx_export import Agreement, agreement, export_onnx, lr_metadata, reflect_index
 from tadm.ops.images import bicubic_down, bicubic_resize, pad_to_multiple
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
 from tests.helpers import REPO, SAMPLES
 
 MODEL = REPO / "assets" / "models" / "quickstart_x16.safetensors"
@@ -222,7 +222,7 @@ def test_deploy_doc_example_writes_an_lr_file_tadm_upscale_restores(
 
 
 def _tiny_sd_codec() -> Codec:
-    backbone = StableDiffusionBackbone(preset="tiny-sd21")
+    backbone = StableDiffusionTwin(preset="tiny-sd21")
     backbone.load(["vae"])
     torch.manual_seed(0)
     rescaler = DFRM(

@@ -16,10 +16,11 @@ import torch
 from tadm.commands.main import main
 from tadm.commands.shard import parse_size
 from tadm.config.build import build_backbone
-from tadm.datamodules.image_folder import reflect_pad
 from tadm.datamodules.image_io import load_image
+from tadm.datamodules.image_transforms import reflect_pad
 from tadm.datamodules.shard_writer import STATE_NAME, pack_shards, sample_keys
 from tadm.errors import ShardError
+from tadm.testing.twins import write_twin_config
 from tests.helpers import REPO
 from tests.helpers.shards import write_images
 
@@ -156,14 +157,24 @@ def test_latents_of_fixed_crops_from_a_composed_config(photos: Path, tmp_path: P
     """--latents builds model.backbone of an experiment (+ a backbone file + an override), nothing else."""
     exp = REPO / "configs" / "experiments" / "rescaler_x16.yaml"
     sdxl = REPO / "configs" / "backbone" / "sdxl.yaml"
-    args = ["--latents", str(exp), str(sdxl), "--backbone-arg", "preset=tiny-sdxl", "--crop", "32"]
+    twin = write_twin_config("tiny-sdxl", tmp_path / "twin.yaml")
+    args = [
+        "--latents",
+        str(exp),
+        str(sdxl),
+        str(twin),
+        "--backbone-arg",
+        "sample_latent=false",
+        "--crop",
+        "32",
+    ]
     out = tmp_path / "out"
     assert (
         main(["shard", str(photos), str(out), *args, "--crops-per-image", "3", "--quiet", "--device", "cpu"])
         == 0
     )
     index = json.loads((out / "index.json").read_text())
-    backbone = build_backbone([str(exp), str(sdxl)], ["preset=tiny-sdxl"])
+    backbone = build_backbone([str(exp), str(sdxl), str(twin)], ["sample_latent=false"])
     backbone.load_for_stage("rescaler")
     latents = index["latents"]
     assert latents["backbone_id"] == backbone.backbone_id == "stable_diffusion:tiny-sdxl:random-seed3000"

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tadm.components.backbones.presets import FULL_SIZE_UNETS
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
-from tadm.components.backbones.tiny import build_tiny_components, save_tiny_pipeline
+from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS
+from tadm.testing.twins.unet_twins import build_tiny_components, save_tiny_pipeline
 
 # ---------------------------------------------------------------------------------------------------
 # diffusers -> original (LDM) key layout

@@ -37,10 +37,11 @@ def _shrink(study: Study, cell: Cell) -> list[str]:
     preset = settings.get("model.backbone.init_args.preset")
     if preset is None:
         return []
-    from tadm.components.backbones.presets import PRESETS
+    from tadm.components.backbones.diffusers_base.variants import KNOWN_VARIANTS
+    from tadm.testing.twins import twin_args
 
     return [
-        f"--model.backbone.init_args.preset=tiny-{PRESETS[preset].family}",
+        *twin_args(f"tiny-{KNOWN_VARIANTS[preset].family}"),
         "--model.backbone.init_args.vae=null",
         "--model.backbone.init_args.gradient_checkpointing=false",
         "--model.init_from=null",

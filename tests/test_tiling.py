@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tadm.components.aligners.fixed import FixedTimestep
-from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 from tadm.components.rescalers.dfrm import DFRM
 from tadm.contracts import DiffusionBackbone, TimestepAligner
 from tadm.evaluation.metrics import psnr_y
@@ -27,6 +26,8 @@ from tadm.inference.tiling import (
     tile_weight,
     timestep_map,
 )
+from tadm.model import TADMModel
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
 from tadm.training.lightning_module import TADMModule
 
 
@@ -303,16 +304,15 @@ class LocalToyBackbone(DiffusionBackbone):
         return self.unet(z) * (1 + t.float()[:, None, None, None] / 1000)
 
 
-def _tiny_enhancer(aligner: nn.Module, backbone: DiffusionBackbone | None = None) -> TADMModule:
+def _tiny_enhancer(aligner: nn.Module, backbone: DiffusionBackbone | None = None) -> TADMModel:
     torch.manual_seed(0)
-    m = TADMModule(
+    m = TADMModel(
         backbone=backbone or LocalToyBackbone(),
         rescaler=DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2),
         stage="enhancer",
         aligner=aligner,  # type: ignore[arg-type]
-        loss_weights={"pixel": 1.0},
     )
-    return m.eval()
+    return m.load_parts().eval()
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +425,7 @@ def test_synced_vae_tiles_agree_with_the_whole_image_on_a_tiny_sd_vae(
     attention, not GroupNorm (see LocalToyBackbone), so they are scaled down here, as a trained VAE's
     are well-conditioned; benchmarks/vae_tiling.py measures a VAE trained on photos.
     """
-    bb = StableDiffusionBackbone("tiny-sd21")
+    bb = StableDiffusionTwin("tiny-sd21")
     bb.load(["vae"])
     assert bb.vae is not None
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_tiled_round_trip_runs_on_a_tiny_stable_diffusion(photo: Tensor, one_thr
     """The same code path on a real diffusers UNet/VAE: shapes, range, per-tile timesteps of a spatial aligner."""
     from tadm.components.aligners.spatial_tpm import SpatialTPM
 
-    m = _tiny_enhancer(SpatialTPM(), StableDiffusionBackbone("tiny-sd21"))
+    m = _tiny_enhancer(SpatialTPM(), StableDiffusionTwin("tiny-sd21"))
     tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=3)
     rt = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling)
     assert rt.reconstruction.shape == photo.shape and rt.reconstruction.abs().max() <= 1

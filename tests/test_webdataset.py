@@ -19,8 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tadm.datamodules.bad_input import InputSkippedWarning
-from tadm.datamodules.image_folder import ImageFolderDataModule, reflect_pad
+from tadm.datamodules.image_folder import ImageFolderDataModule
 from tadm.datamodules.image_io import decode_uint8, load_image, uint8_to_unit
+from tadm.datamodules.image_transforms import reflect_pad
 from tadm.datamodules.placement import Ownership
 from tadm.datamodules.shard_streams import EvalShardStream, LatentSpec, Pixels, TrainShardStream
 from tadm.datamodules.shard_writer import LatentOptions, pack_shards
@@ -402,11 +403,11 @@ def test_images_without_a_uint8_path_decode_exactly_like_load_image(tmp_path: Pa
 @pytest.fixture(scope="module")
 def latent_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """Images (one smaller than the crop) packed with tiny-sd15 latents of 2 fixed 64-crops + flips."""
-    from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
+    from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
     root = tmp_path_factory.mktemp("latents")
     write_images(root / "src", [(80, 96), (72, 64), (48, 56)])
-    backbone = StableDiffusionBackbone("tiny-sd15")
+    backbone = StableDiffusionTwin("tiny-sd15")
     backbone.load_for_stage("rescaler")
     opts = LatentOptions(backbone, crop=64, crops_per_image=2, flips=True)
     pack_shards(root / "src", root / "shards", latents=opts)
@@ -497,6 +498,7 @@ def test_cached_latent_shards_train_through_the_cli_without_encoding(
 ) -> None:
     """configs/data/webdataset.yaml composed after an experiment: a fast_dev_run from cached latents."""
     from tadm.commands.lightning import TADMCLI
+    from tadm.testing.twins import twin_args
     from tadm.training.lightning_module import TADMModule
     from tests.helpers import REPO
 
@@ -507,7 +509,7 @@ def test_cached_latent_shards_train_through_the_cli_without_encoding(
         str(REPO / "configs" / "experiments" / "rescaler_x16.yaml"),
         "--config",
         str(REPO / "configs" / "data" / "webdataset.yaml"),
-        "--model.backbone.init_args.preset=tiny-sd15",
+        *twin_args("tiny-sd15"),
         "--model.rescaler.init_args.width=16",
         "--model.rescaler.init_args.num_resblocks=1",
         "--model.rescaler.init_args.num_couplings=1",

@@ -8,6 +8,7 @@ import lightning as L
 
 from tadm.commands.lightning import TADMCLI
 from tadm.config.plugins import load_plugins
+from tadm.testing.twins import twin_args
 from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS, TRAIN, VAL
 
@@ -50,7 +51,7 @@ def stage_args(
     args = [
         "--config",
         str(CONFIGS / "experiments" / f"{stage}_x16.yaml"),
-        f"--model.backbone.init_args.preset={preset}",
+        *twin_args(preset),
         "--model.backbone.init_args.gradient_checkpointing=false",
         "--model.rescaler.init_args.width=16",
         "--model.rescaler.init_args.num_resblocks=1",

@@ -16,12 +16,12 @@ from torch import Tensor
 
 from tadm.components.aligners.tpm import TimestepPredictionModule
 from tadm.components.rescalers.dfrm import DFRM
-from tadm.config.plugins import load_plugins
-from tadm.contracts import BACKBONES
+from tadm.testing.twins.flow_twins import FluxTwin, SD3Twin
 from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS, SAMPLES
 
 TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux"}
+TWINS = {"sd3": SD3Twin, "flux": FluxTwin}
 BACKBONE_YAML = {
     "sd3": CONFIGS / "backbone" / "sd35-medium.yaml",
     "flux": CONFIGS / "backbone" / "flux1-dev.yaml",
@@ -35,8 +35,7 @@ LOSSES = {
 
 
 def tiny_backbone(family: str, **kwargs: Any) -> Any:
-    load_plugins()
-    return BACKBONES.get(family)(TINY[family], **kwargs)
+    return TWINS[family](TINY[family], **kwargs)
 
 
 def tiny_module(family: str, stage: str, scale: int = 16, **backbone_kwargs: Any) -> TADMModule:
@@ -115,7 +114,7 @@ def check_trained_set(family: str, stage: str, scale: int = 16) -> dict[str, set
 
 
 def save_pipeline(family: str, folder: Path) -> Path:
-    from tadm.components.backbones.dit_tiny import save_tiny_dit_pipeline
+    from tadm.testing.twins.flow_twins import save_tiny_dit_pipeline
 
     return save_tiny_dit_pipeline(TINY[family], folder)
 
@@ -127,7 +126,7 @@ def pipeline_one_step(family: str, z: Tensor, sigma: float) -> tuple[Tensor, Ten
     """
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    from tadm.components.backbones.dit_tiny import build_tiny_dit_components
+    from tadm.testing.twins.flow_twins import build_tiny_dit_components
 
     comps = build_tiny_dit_components(TINY[family])  # the same per-module seeds as the backbone's weights
     for module in comps.values():

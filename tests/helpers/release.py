@@ -255,7 +255,7 @@ def lora_state(
 
 @functools.lru_cache(maxsize=2)
 def _tiny_parts(preset: str) -> dict[str, Any]:
-    from tadm.components.backbones.tiny import build_tiny_components
+    from tadm.testing.twins.unet_twins import build_tiny_components
 
     return build_tiny_components(preset, parts=["unet", "vae"])
 

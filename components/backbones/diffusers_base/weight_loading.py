@@ -1,11 +1,14 @@
-"""Where Stable Diffusion weights come from: hub ids, local diffusers folders, one original file.
+"""Where diffusers backbone weights come from: hub ids, local diffusers folders, one original file.
 
-:class:`SDWeightLoader` turns a preset and its sources into diffusers/transformers modules
-(``vae``, ``unet``, ``scheduler``, ``text_encoder*``, ``tokenizer*``); the backbone
-(:mod:`tadm.components.backbones.stable_diffusion`) only freezes and uses them. Loading is kept
-apart from the runtime because it is where the failures are: a missing file in a local folder, an
-unreachable hub, a truncated or foreign single file. Each is reported before (or instead of) the
-libraries' own errors, naming the file, the folder and a way to fix it.
+:class:`WeightLoader` turns a variant and its sources into diffusers/transformers modules keyed like a
+diffusers pipeline's components (``vae``, the denoiser and ``scheduler``, ``text_encoder*``,
+``tokenizer*``); the backbone only freezes and uses them. Each family's loader
+(:mod:`~tadm.components.backbones.stable_diffusion.unet_weight_loading`,
+:mod:`~tadm.components.backbones.flow_transformers.flow_weight_loading`) says which class each subfolder
+holds and which weights do not fit it. Loading is kept apart from the runtime because it is where the
+failures are: a missing file in a local folder, an unreachable hub, a truncated or foreign single file.
+Each is reported before (or instead of) the libraries' own errors, naming the file, the folder and a
+way to fix it.
 """
 
 from __future__ import annotations
@@ -14,30 +17,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from tadm.components.backbones.dit_presets import family_hint, family_of_class
-from tadm.components.backbones.presets import PRESETS, TEXT_SUBFOLDERS, Preset
-from tadm.components.backbones.tiny import build_tiny_components
+from tadm.components.backbones.diffusers_base.variants import Variant
 
 #: weight file stems written by save_pretrained (diffusers models / transformers models)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 _TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
-#: where each part lives in an original (Stability/CompVis) single file, per family; text encoders
-#: are keyed by the diffusers subfolder they replace
-SINGLE_FILE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "sd15": {"text_encoder": ("cond_stage_model.transformer.",)},
-    "sd21": {"text_encoder": ("cond_stage_model.model.",)},
-    "sdxl": {
-        "text_encoder": ("conditioner.embedders.0.transformer.",),
-        "text_encoder_2": ("conditioner.embedders.1.model.",),
-    },
-}
-SINGLE_FILE_UNET = ("model.diffusion_model.",)
-SINGLE_FILE_VAE = ("first_stage_model.", "vae.")
 
 
 def looks_like_path(src: str) -> bool:
@@ -73,110 +62,88 @@ def _weight_candidates(folder: Path, stems: tuple[str, ...], variant: str | None
     return [folder / n for n in names]
 
 
-def resolve_source(
-    preset_name: str, preset: Preset, pretrained: str | None, single_file: str | None
-) -> str | None:
-    """The pipeline source to load from (None: a tiny preset's random weights).
-
-    Checked at construction, before anything is loaded, so a bad config fails at parse time.
-    """
-    source = pretrained if pretrained is not None else preset.hub_id
-    if source is None and not preset.tiny:
-        raise ValueError(
-            f"backbone preset {preset_name!r} has no hub id; set `pretrained` to a hub id or folder"
-        )
-    if single_file is not None and (source is None or not looks_like_path(source)):
-        hub = preset.hub_id or "stabilityai/stable-diffusion-2-1-base"
-        raise ValueError(
-            f"backbone preset {preset_name!r}: `single_file` needs `pretrained` to be a local diffusers "
-            f"folder with the model's configs, tokenizers and scheduler (got {source!r}); get one with "
-            f"`hf download {hub} --exclude '*.safetensors' '*.bin' '*.ckpt' --local-dir /path/to/folder`"
-        )
-    return source
-
-
 @dataclass(frozen=True)
-class SDWeightLoader:
-    """Builds the modules of the named parts from a preset's sources (see the backbone's ``Args``).
+class WeightLoader:
+    """Builds the modules of the named parts from a variant's sources (see the backbone's ``Args``).
 
-    ``pretrained`` None means the preset's tiny random weights. Nothing is frozen, moved or kept
-    here: :meth:`load` returns new modules and the caller decides what to do with them.
+    Nothing is frozen, moved or kept here: :meth:`load` returns new modules and the caller decides what
+    to do with them. ``torch_dtype`` (None: fp32) applies to the subfolders in :attr:`dtype_parts`.
+    A family's loader subclasses it and supplies :meth:`part_class` and the checks of its own.
     """
 
     preset_name: str
-    preset: Preset
+    preset: Variant
     pretrained: str | None
     vae_source: str | None = None
     single_file: str | None = None
     revision: str | None = None
     variant: str | None = None
     local_files_only: bool | None = None
+    torch_dtype: Any = None
+
+    #: the subfolder of the denoiser (part ``unet``): ``unet`` or ``transformer``
+    denoiser_part: ClassVar[str] = "unet"
+    #: (text encoder, tokenizer) subfolders per family (part ``text``)
+    text_subfolders: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {}
+    #: subfolders whose modules take ``torch_dtype`` (the VAE always loads in fp32)
+    dtype_parts: ClassVar[tuple[str, ...]] = ()
+    #: what an original-layout single file of the family is called in errors
+    single_file_kind: ClassVar[str] = "diffusers"
 
     @property
     def label(self) -> str:
         return f"backbone preset {self.preset_name!r}"
 
-    def load(self, todo: list[str]) -> dict[str, Any]:
-        """The modules of ``todo`` (``vae``; ``unet`` brings ``scheduler``; ``text`` brings the text
-        encoders and tokenizers), keyed like a diffusers pipeline's components."""
-        tiny: dict[str, Any] = {}
-        if self.pretrained is None:
-            need = [p for p in todo if not (p == "vae" and self.vae_source)]
-            tiny = build_tiny_components(self.preset, parts=need) if need else {}
+    @property
+    def family(self) -> str:
+        return str(self.preset.family)
 
-        if self.pretrained is not None and looks_like_path(self.pretrained):
+    def load(self, todo: list[str]) -> dict[str, Any]:
+        """The modules of ``todo`` (``vae``; ``unet`` brings the denoiser and ``scheduler``; ``text`` brings
+        the text encoders and tokenizers), keyed like a diffusers pipeline's components."""
+        assert self.pretrained is not None
+        if looks_like_path(self.pretrained):
             self.check_pipeline_class(Path(self.pretrained).expanduser())
         single = self.read_single_file(todo) if self.single_file is not None else {}
 
-        def get(part: str, sub: str) -> Any:  # the same modules: random-tiny, single file or from_pretrained
-            if sub in tiny:
-                return tiny[sub]
+        def get(part: str, sub: str) -> Any:  # the same modules: from a single file or from_pretrained
             if sub in single:
                 return self.from_single_file(sub, single.pop(sub))
             return self.from_pretrained(part, sub)
 
         new: dict[str, Any] = {}
         if "vae" in todo:
-            if "vae" in tiny or "vae" in single:
-                new["vae"] = get("vae", "vae")
-            else:
-                new["vae"] = self.load_vae()
+            new["vae"] = get("vae", "vae") if "vae" in single else self.load_vae()
         if "unet" in todo:
-            new["unet"], new["scheduler"] = get("unet", "unet"), get("unet", "scheduler")
-            self.check_unet(dict(new["unet"].config))
+            denoiser = self.denoiser_part
+            new[denoiser], new["scheduler"] = get("unet", denoiser), get("unet", "scheduler")
+            self.check_denoiser(dict(new[denoiser].config))
         if "text" in todo:
-            for enc_name, tok_name in TEXT_SUBFOLDERS[self.preset.family]:
+            for enc_name, tok_name in self.text_subfolders[self.family]:
                 new[enc_name], new[tok_name] = get("text", enc_name), get("text", tok_name)
         return new
 
-    # --- weights that do not fit the preset ----------------------------------------------------
+    # --- what a family supplies ----------------------------------------------------------------
+    def part_class(self, sub: str) -> Any:
+        """The diffusers / transformers class the family's pipeline keeps in subfolder ``sub``."""
+        raise NotImplementedError
+
     def check_pipeline_class(self, folder: Path) -> None:
         """A local pipeline folder of another family (``model_index.json``) is an error before any loading."""
-        name = pipeline_class_name(folder)
-        found = family_of_class(name) if name else None
-        if found in ("sd3", "flux"):  # a transformer (DiT) pipeline: it has no unet/ to load
-            raise ValueError(
-                f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
-                f"names a {name} (family {found}). {family_hint(found)}"
-            )
-        if name and ("XL" in name) != (self.preset.family == "sdxl"):
-            raise ValueError(
-                f"{self.label} (family {self.preset.family}) does not match '{folder}': its model_index.json "
-                f"names a {name}. {_preset_hint('sdxl' if 'XL' in name else None)}"
-            )
 
-    def check_unet(self, config: dict[str, Any]) -> None:
-        """An SDXL UNet (size embeddings, two text encoders) under a non-SDXL preset, or the reverse, is an
-        error naming the preset to use; otherwise the first forward dies deep inside diffusers."""
-        xl = config.get("addition_embed_type") == "text_time"
-        if xl == (self.preset.family == "sdxl"):
-            return
-        where = self.pretrained or self.single_file or "the preset's weights"
-        kind = "an SDXL UNet (text_time size embeddings)" if xl else "a UNet without SDXL's size embeddings"
-        raise ValueError(
-            f"{self.label} (family {self.preset.family}) does not match the weights in '{where}': they hold "
-            f"{kind}. {_preset_hint('sdxl' if xl else None)}"
-        )
+    def check_denoiser(self, config: dict[str, Any]) -> None:
+        """Weights of another family in the denoiser's config are an error naming the preset to use."""
+
+    def single_file_prefixes(self, todo: list[str]) -> dict[str, tuple[str, ...]]:
+        """Where each wanted module lives in an original-layout single file, by diffusers subfolder."""
+        raise ValueError(f"{self.label}: this backbone does not load `single_file` checkpoints")
+
+    def check_local_part(self, folder: Path, sub: str, kind: str) -> None:
+        """Fail before the libraries do when subfolder ``sub`` of a local ``pretrained`` lacks a file."""
+        self.check_local(folder, sub, kind, variant=self.variant, what="`pretrained`")
+
+    def check_before_loading(self, cls: Any, src: str, sub: str, kwargs: dict[str, Any]) -> None:
+        """A last check of ``sub`` before its weights are read (e.g. its config's class)."""
 
     # --- diffusers folders and hub ids ---------------------------------------------------------
     def load_vae(self) -> nn.Module:
@@ -204,38 +171,31 @@ class SDWeightLoader:
 
     def from_pretrained(self, part: str, sub: str) -> Any:
         """Load one subfolder of ``pretrained`` with the class that subfolder holds."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        cls: Any = {
-            "vae": AutoencoderKL,
-            "unet": UNet2DConditionModel,
-            "scheduler": DDPMScheduler,
-            "text_encoder": CLIPTextModel,
-            "text_encoder_2": CLIPTextModelWithProjection,
-            "tokenizer": CLIPTokenizer,
-            "tokenizer_2": CLIPTokenizer,
-        }[sub]
+        cls = self.part_class(sub)
+        kind = next((k for k in ("text_encoder", "tokenizer") if sub.startswith(k)), sub)
         src = self.pretrained
         assert src is not None
         kwargs: dict[str, Any] = {"subfolder": sub}
         if self.revision is not None:
             kwargs["revision"] = self.revision
-        if self.variant is not None and sub not in ("scheduler", "tokenizer", "tokenizer_2"):
+        if self.variant is not None and kind not in ("scheduler", "tokenizer"):
             kwargs["variant"] = self.variant
+        if self.torch_dtype is not None and sub in self.dtype_parts:
+            kwargs["torch_dtype"] = self.torch_dtype
         local = looks_like_path(src)
         if local:
             src = str(Path(src).expanduser())
-            self.check_local(Path(src), sub, sub, variant=self.variant, what="`pretrained`")
+            self.check_local_part(Path(src), sub, kind)
         elif self.local_files_only is not None:
             kwargs["local_files_only"] = self.local_files_only
         try:
+            self.check_before_loading(cls, src, sub, kwargs)
             obj = cls.from_pretrained(src, **kwargs)
         except OSError as err:
             if local:
                 raise
             raise self.hub_error(src, part, sub, err, key="pretrained") from err
-        if sub.startswith("tokenizer") and len(obj) < 3:
+        if kind == "tokenizer" and len(obj) < 3:
             # transformers 5 returns an EMPTY tokenizer instead of failing when no file is found
             err = OSError(f"no tokenizer files found for {src!r}/{sub}")
             if local:
@@ -291,12 +251,12 @@ class SDWeightLoader:
             f"Underlying error: {type(err).__name__}: {err}"
         )
 
-    # --- one original-layout (Stability/CompVis) file ------------------------------------------
     def read_single_file(self, todo: list[str]) -> dict[str, dict[str, Tensor]]:
-        """The original-layout tensors of each wanted module, by diffusers subfolder; read once.
+        """The original-layout tensors of each wanted module (:meth:`single_file_prefixes`), by diffusers
+        subfolder; read once.
 
         A ``.safetensors`` file is read lazily, so stage 1 reads only the VAE's tensors of a
-        multi-GB file. A missing UNet / VAE is an error; a missing text encoder falls back to the
+        multi-GB file. A missing denoiser / VAE is an error; a missing text encoder falls back to the
         folder's weights with a warning.
         """
         assert self.single_file is not None
@@ -304,13 +264,7 @@ class SDWeightLoader:
         label = self.label
         if not path.is_file():
             raise FileNotFoundError(f"{label}: single file '{path}' given as `single_file` not found")
-        wanted: dict[str, tuple[str, ...]] = {}
-        if "unet" in todo:
-            wanted["unet"] = SINGLE_FILE_UNET
-        if "vae" in todo and self.vae_source is None:
-            wanted["vae"] = SINGLE_FILE_VAE
-        if "text" in todo:
-            wanted.update(SINGLE_FILE_PREFIXES[self.preset.family])
+        wanted = self.single_file_prefixes(todo)
         if not wanted:
             return {}
         prefixes = tuple(p for group in wanted.values() for p in group)
@@ -336,10 +290,10 @@ class SDWeightLoader:
             part = {k: v for k, v in tensors.items() if k.startswith(group)}
             if part:
                 out[sub] = part
-            elif sub in ("unet", "vae"):
+            elif sub in (self.denoiser_part, "vae"):
                 raise ValueError(
                     f"{label}: single file '{path}' holds no {sub.upper()} weights (no keys under "
-                    f"{' or '.join(repr(g) for g in group)}); it is not an original-layout Stable Diffusion "
+                    f"{' or '.join(repr(g) for g in group)}); it is not an original-layout {self.single_file_kind} "
                     f"checkpoint" + ("; give the VAE separately with `vae`" if sub == "vae" else "")
                 )
             else:
@@ -351,25 +305,24 @@ class SDWeightLoader:
         return out
 
     def from_single_file(self, sub: str, tensors: dict[str, Tensor]) -> nn.Module:
-        """One module from the single file's original-layout tensors, configured by ``pretrained/sub``."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        """One module from the single file's original-layout tensors, configured by ``pretrained/sub``: a
+        diffusers model through its ``from_single_file``, a CLIP text encoder through diffusers' converter."""
         from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         assert self.pretrained is not None and self.single_file is not None
         folder = Path(self.pretrained).expanduser()
         self.check_local(folder, sub, "config", variant=None, what="`pretrained` (configs for `single_file`)")
         kwargs: dict[str, Any] = {"config": str(folder), "subfolder": sub, "local_files_only": True}
+        cls = self.part_class(sub)
+        diffusers_model = sub in (self.denoiser_part, "vae")
         try:
-            if sub in ("unet", "vae"):
-                cls: Any = UNet2DConditionModel if sub == "unet" else AutoencoderKL
+            if diffusers_model:
                 module = cls.from_single_file(tensors, **kwargs)
             else:
-                cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else CLIPTextModel
                 module = create_diffusers_clip_model_from_ldm(cls, tensors, **kwargs)
         except Exception as err:
             # diffusers leaves absent tensors on the meta device and then fails to move them
-            missing = _unconverted_keys(cls, folder, sub, tensors) if sub in ("unet", "vae") else []
+            missing = _unconverted_keys(cls, folder, sub, tensors) if diffusers_model else []
             raise self._single_file_error(sub, folder, missing, err) from err
         missing = [k for k, v in module.state_dict().items() if v.is_meta]
         if missing:
@@ -404,10 +357,3 @@ def _unconverted_keys(cls: Any, folder: Path, sub: str, tensors: dict[str, Tenso
     except Exception:  # only used to explain another error: never hide that one
         return []
     return sorted(set(expected) - set(converted))
-
-
-def _preset_hint(family: str | None) -> str:
-    """Which shipped presets (and backbone configs) fit weights of ``family`` (None: any non-SDXL one)."""
-    fits = [p.name for p in PRESETS.values() if not p.tiny and (p.family == "sdxl") == (family == "sdxl")]
-    configs = ", ".join(f"configs/backbone/{name}.yaml" for name in fits)
-    return f"Use preset {' or '.join(repr(n) for n in fits)} (compose {configs}) for these weights."
