@@ -13,12 +13,12 @@ import yaml
 from PIL import Image, PngImagePlugin
 
 from tadm.commands.main import main
-from tadm.model.loading import load_codec
 from tadm.datamodules.image_io import load_image
 from tadm.errors import CheckpointError
 from tadm.inference.lr_files import read_lr
 from tadm.inference.pipeline import color_reference
 from tadm.model.checkpoints import export_checkpoint
+from tadm.model.loading import load_codec
 from tadm.ops.color_fix import apply_color_fix
 from tests.helpers import SAMPLES
 

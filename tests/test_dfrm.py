@@ -9,9 +9,9 @@ from tadm.components.backbones.space_to_depth import SpaceToDepthBackbone
 from tadm.components.rescalers.dfrm import DFRM
 from tadm.contracts import quantize_8bit
 from tadm.inference import pipeline
-from tadm.training.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 from tadm.ops.blocks import AffineCoupling, InvertibleNet
 from tadm.ops.images import bicubic_down, bicubic_resize
+from tadm.training.losses import DEFAULT_STAGE1_WEIGHTS, get_distance, weighted_sum
 
 TINY = dict(width=16, num_resblocks=1, pixel_width=4, num_couplings=2, coupling_growth=8)
 

@@ -9,11 +9,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from tadm.model.loading import load_codec
 from tadm.evaluation.metrics import psnr_y
 from tadm.inference.codec import Codec
 from tadm.inference.pipeline import bicubic_round_trip
 from tadm.model.checkpoints import read_checkpoint
+from tadm.model.loading import load_codec
 from tadm.ops.images import bicubic_down
 from tests.helpers import CONFIGS, REPO
 from tests.helpers.cli import build_cli

@@ -13,10 +13,14 @@ from tadm.training.lightning_module import TADMModule
 from tests.helpers import CONFIGS, TRAIN, VAL
 
 
-def build_cli(args: list[str]) -> TADMCLI:
-    """The objects ``tadm fit ARGS`` would build, without running anything."""
+def build_cli(args: list[str], configure: bool = True) -> TADMCLI:
+    """The objects ``tadm fit ARGS`` would build, without running anything; with ``configure`` also what a
+    trainer does first (``configure_model``: the frozen backbone and ``init_from`` load)."""
     load_plugins()
-    return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+    cli = TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=args)
+    if configure:
+        cli.model.configure_model()
+    return cli
 
 
 def data_args(crop: int = 64, batch: int = 2) -> list[str]:
@@ -77,13 +81,14 @@ def fit_and_check(cli: TADMCLI, steps: int = 1) -> dict[str, set[str]]:
     import torch
 
     m = cli.model
-    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    model = m.model  # the plain model: its parameter names are the ones checkpoints store
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     cli.trainer.fit(m, datamodule=cli.datamodule)
     assert cli.trainer.global_step == steps
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     trained_ids = {id(p) for p in m.trainable_parameters()}
-    trainable = {n for n, p in m.named_parameters() if id(p) in trained_ids}
-    changed = {n for n, p in m.named_parameters() if not torch.equal(before[n], p.detach())}
+    trainable = {n for n, p in model.named_parameters() if id(p) in trained_ids}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert trainable, "the stage trains nothing"
     assert not changed - trainable, f"frozen weights changed: {sorted(changed - trainable)[:5]}"
     parts = {
@@ -93,7 +98,7 @@ def fit_and_check(cli: TADMCLI, steps: int = 1) -> dict[str, set[str]]:
         assert any(n.startswith(part + ".") for n in changed), f"nothing in {part} was trained"
     checkpoint = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(checkpoint)
-    params = dict(m.named_parameters())
+    params = dict(model.named_parameters())
     stored = {k for k in checkpoint["state_dict"] if k in params}
     assert trainable <= stored, f"checkpoint lacks trained tensors {sorted(trainable - stored)[:5]}"
     # besides what this stage trained, only the (frozen, stage-1) rescaler is stored: never the backbone
