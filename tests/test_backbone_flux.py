@@ -197,7 +197,7 @@ def test_a_checkpoint_of_another_family_is_refused_naming_both(tmp_path: Path) -
     ids = {"flux": "'flux:tiny-flux:random-seed1100'", "sd3": "'sd3:tiny-sd3:random-seed3500'"}
     for family, other in (("sd3", "flux"), ("flux", "sd3")):
         with pytest.raises(CheckpointError) as info:
-            tiny_module(family, "enhancer").load_weights(str(paths[other]))
+            tiny_module(family, "enhancer").model.load_weights(str(paths[other]))
         msg = str(info.value)
         assert ids[other] in msg and ids[family] in msg and "use the same backbone config" in msg
 

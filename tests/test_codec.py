@@ -213,6 +213,7 @@ def _info(text: dict[str, str]) -> PngImagePlugin.PngInfo:
 def test_checkpoint_for_a_missing_backbone_names_it(ckpt: Path, tmp_path: Path) -> None:
     c = torch.load(ckpt, weights_only=False)
     cfg = yaml.safe_load(c["tadm"]["config"])
+    cfg["model"]["backbone"]["class_path"] = "stable_diffusion"  # the real family, not the test twin
     cfg["model"]["backbone"]["init_args"].update(
         preset="sd21-base", pretrained=str(tmp_path / "no_such_sd21")
     )

@@ -42,7 +42,7 @@ def tiny_module(family: str, stage: str, scale: int = 16, **backbone_kwargs: Any
     """The family's tiny twin under a slim DFRM, the TPM and the default Refiner, as YAML would build them
     (aligner and Refiner follow the backbone's 16 channels)."""
     torch.manual_seed(0)
-    return TADMModule(
+    module = TADMModule(
         backbone=tiny_backbone(family, **backbone_kwargs),
         rescaler=DFRM(scale=scale, latent_channels=16, width=16, num_resblocks=1, num_couplings=2),
         stage=stage,  # type: ignore[arg-type]
@@ -50,6 +50,8 @@ def tiny_module(family: str, stage: str, scale: int = 16, **backbone_kwargs: Any
         aligner=TimestepPredictionModule() if stage != "rescaler" else None,
         loss_weights=LOSSES[stage],
     )
+    module.configure_model()  # what a trainer does first: the twin's parts load here
+    return module
 
 
 def photo(size: tuple[int, int] = (200, 296)) -> Tensor:
@@ -64,17 +66,17 @@ def one_step(m: TADMModule, x: Tensor) -> dict[str, set[str]]:
     the parameter names a checkpoint stores."""
     params = m.trainable_parameters()
     ids = {id(p) for p in params}
-    trainable = {n for n, p in m.named_parameters() if id(p) in ids}
+    trainable = {n for n, p in m.model.named_parameters() if id(p) in ids}  # named as checkpoints store them
     opt = torch.optim.AdamW(params, lr=1e-3)
     m.train()
     loss = m.training_step({"image": x}, 0)
     assert torch.isfinite(loss)
     loss.backward()
-    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    grads = {n for n, p in m.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     opt.step()
     checkpoint: dict[str, Any] = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(checkpoint)
-    named = dict(m.named_parameters())
+    named = dict(m.model.named_parameters())
     stored = {k for k in checkpoint["state_dict"] if k in named}
     return {"trainable": trainable, "grads": grads, "stored": stored, "meta": checkpoint["tadm"]}
 
@@ -164,20 +166,20 @@ def check_round_trips(family: str, min_agreement_db: float) -> None:
 
     m = tiny_module(family, "enhancer").eval()
     x = photo()
-    whole = pipeline.round_trip(m.backbone, m.rescaler, x, m.enhance_fn, NO_TILING)
+    whole = pipeline.round_trip(m.backbone, m.rescaler, x, m.model.enhance_fn, NO_TILING)
     assert whole.reconstruction.shape == x.shape and torch.isfinite(whole.reconstruction).all()
     lo, hi = m.aligner.t_min, m.aligner.t_max
     assert (lo, hi) == pytest.approx((89.5, 363.7), abs=0.1)  # TADM's [10, 200] at the same noise level
     for tile in (16, 15):
         enhancer_only = Tiling(latent_tile=tile, latent_overlap=6, vae_tile=0, lr_tile=0)
-        tiled = pipeline.round_trip(m.backbone, m.rescaler, x, m.enhance_fn, enhancer_only)
+        tiled = pipeline.round_trip(m.backbone, m.rescaler, x, m.model.enhance_fn, enhancer_only)
         assert torch.equal(tiled.lr, whole.lr)
         agreement = psnr_y(tiled.reconstruction, whole.reconstruction).item()
         assert agreement >= min_agreement_db, (tile, agreement)
         everything = Tiling(
             latent_tile=tile, latent_overlap=6, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=2
         )
-        tiled = pipeline.round_trip(m.backbone, m.rescaler, x, m.enhance_fn, everything)
+        tiled = pipeline.round_trip(m.backbone, m.rescaler, x, m.model.enhance_fn, everything)
         assert tiled.reconstruction.shape == x.shape and tiled.reconstruction.abs().max() <= 1
         assert tiled.timesteps is not None and tiled.timesteps.shape == (1, 1, 26, 38)
         assert ((tiled.timesteps >= lo - 1e-3) & (tiled.timesteps <= hi + 1e-3)).all()
