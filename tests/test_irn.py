@@ -298,7 +298,7 @@ def test_pixel_prior_enhances_the_vae_latent_of_irns_image() -> None:
     model = build_cli(stage_args(extra=extra)).model.eval()
     assert isinstance(model.rescaler, IRN) and model.stage == "enhancer"
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    rt = pipeline.round_trip(model.backbone, model.rescaler, x, enhance=model.enhance_fn)
+    rt = pipeline.round_trip(model.backbone, model.rescaler, x, enhance=model.model.enhance_fn)
     assert rt.reconstruction.shape == x.shape and rt.timesteps is not None
     assert rt.timesteps.shape == (1, 1, 8, 8)
     alone = pipeline.round_trip(model.backbone, model.rescaler, x)

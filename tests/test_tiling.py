@@ -315,6 +315,21 @@ def _tiny_enhancer(aligner: nn.Module, backbone: DiffusionBackbone | None = None
     return m.load_parts().eval()
 
 
+def _tiny_module(aligner: nn.Module, color_fix: str = "none") -> TADMModule:
+    """The training wrapper around the same tiny parts, for what validation does (evaluate_batch, logging)."""
+    torch.manual_seed(0)
+    module = TADMModule(
+        backbone=LocalToyBackbone(),
+        rescaler=DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2),
+        stage="enhancer",
+        aligner=aligner,  # type: ignore[arg-type]
+        loss_weights={"pixel": 1.0},
+        color_fix=color_fix,  # type: ignore[arg-type]
+    )
+    module.configure_model()
+    return module.eval()
+
+
 @pytest.fixture(scope="module")
 def photo() -> Tensor:
     from tadm.datamodules.image_io import load_image
@@ -354,8 +369,8 @@ def test_colour_fix_is_tile_safe(photo: Tensor, color_fix: str, one_thread: None
     seams, and the module's ``color_fix`` option is what validation reconstructs with."""
     from tadm.ops.color_fix import apply_color_fix
 
-    m = _tiny_enhancer(FixedTimestep(200.0))
-    m.color_fix = color_fix
+    module = _tiny_module(FixedTimestep(200.0), color_fix)
+    m = module.model
     tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=10, lr_overlap=3)
     whole = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, NO_TILING, color_fix=color_fix)
     tiled = pipeline.round_trip(m.backbone, m.rescaler, photo, m.enhance_fn, tiling, color_fix=color_fix)
@@ -373,8 +388,8 @@ def test_colour_fix_is_tile_safe(photo: Tensor, color_fix: str, one_thread: None
     torch.testing.assert_close(tiled.reconstruction, expected, atol=1e-5, rtol=0)
     assert (tiled.reconstruction - plain.reconstruction).abs().mean() > 1e-3  # it did something
     # validation / test use the module option
-    m.eval_tiling = tiling
-    torch.testing.assert_close(m.evaluate_batch(photo)["_reconstruction"], tiled.reconstruction)
+    module.eval_tiling = tiling
+    torch.testing.assert_close(module.evaluate_batch(photo)["_reconstruction"], tiled.reconstruction)
     with pytest.raises(ValueError, match="unknown colour fix"):
         TADMModule(backbone=LocalToyBackbone(), rescaler=m.rescaler, color_fix="histogram")  # type: ignore[arg-type]
 
@@ -468,7 +483,7 @@ def test_tensorboard_shows_the_timestep_heat_map_beside_the_reconstruction(
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    m = _tiny_enhancer(ContentAligner())
+    m = _tiny_module(ContentAligner())
     m.eval_tiling = Tiling(latent_tile=12, latent_overlap=4, vae_tile=0, lr_tile=0)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     m._trainer = SimpleNamespace(logger=logger, loggers=[logger], sanity_checking=False, global_step=0)  # type: ignore[assignment]
