@@ -43,7 +43,7 @@ test: setup
 test-all: setup
 	CI= $(BIN)/python -m pytest -q -n 2 --durations=15
 
-# The evaluation protocols checked against pyiqa itself (tests/test_protocols.py; `make test` skips that
+# The evaluation protocols checked against pyiqa itself (tests/evaluation/test_protocols.py; `make test` skips that
 # check). pyiqa declares ~40 dependencies (bitsandbytes, datasets, pyarrow, numba, timm, ...) but its PSNR
 # and SSIM need only OpenCV: both go, without dependencies, to a folder of their own inside .venv.
 PYIQA_REF := $(VENV)/pyiqa-reference
@@ -51,7 +51,7 @@ PYIQA_REF := $(VENV)/pyiqa-reference
 test-pyiqa: setup
 	test -d $(PYIQA_REF)/pyiqa || $(BIN)/python -m pip install -q --no-deps --target $(PYIQA_REF) \
 		'pyiqa==0.1.16' opencv-python-headless
-	PYTHONPATH=$(PYIQA_REF) $(BIN)/python -m pytest -q -rs tests/test_protocols.py
+	PYTHONPATH=$(PYIQA_REF) $(BIN)/python -m pytest -q -rs tests/evaluation/test_protocols.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

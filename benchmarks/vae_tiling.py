@@ -11,7 +11,7 @@ SD-2.1 twin's ``AutoencoderKL`` (same classes as SD's VAE, mid-block attention i
 (:mod:`tadm.inference.pipeline`) on the held-out validation photos (``assets/samples/val``),
 whole and on ``--tile`` pixel tiles, and prints the Y-PSNR of each tiled result against the
 whole-image one, per ``Tiling.vae_norm`` mode and number of statistics passes. Nothing is
-asserted (``tests/test_tiling.py`` asserts the ordering on a smaller case). ``--full-size`` instead
+asserted (``tests/inference/test_tiling.py`` asserts the ordering on a smaller case). ``--full-size`` instead
 times the tiled encode / decode of the full-size SD VAE (random weights) with and without the
 statistics pass.
 """

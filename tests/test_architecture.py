@@ -133,13 +133,37 @@ def test_imports_stand_at_the_top_of_every_module() -> None:
 
 def test_no_test_module_imports_another() -> None:
     offenders = []
-    for path in sorted((REPO / "tests").glob("*.py")):
+    for path in sorted((REPO / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                ("tests.test_", "tests.conftest")
-            ):
-                offenders.append(f"{path.name}: from {node.module} import ...")
+            module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
+            if module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith(("test_", "conftest")):
+                offenders.append(f"{path.relative_to(REPO)}: from {module} import ...")
     assert not offenders, "\n".join(offenders)
+
+
+#: test modules about the repository as a whole, not one wing: they stay at the top of tests/
+WHOLE_REPOSITORY_TESTS = {
+    "test_architecture.py",
+    "test_docs.py",
+    "test_suite_disk.py",
+    "test_benchmark_runner.py",
+}
+
+
+def test_tests_mirror_the_wings() -> None:
+    """A test module lives in ``tests/<wing>/``, named for a wing of ``tadm/`` (tests of the data modules in
+    tests/datamodules/, of the codec in tests/inference/, ...), or is one of the whole-repository checks:
+    where a test is tells what it covers, and a new wing's tests have an obvious home."""
+    wings = {p.name for p in (REPO / "tadm").iterdir() if (p / "__init__.py").is_file()}
+    misplaced = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        rel = path.relative_to(REPO / "tests")
+        at_top = len(rel.parts) == 1 and rel.name in WHOLE_REPOSITORY_TESTS
+        in_wing = len(rel.parts) == 2 and rel.parts[0] in wings and (path.parent / "__init__.py").is_file()
+        if not (at_top or in_wing):
+            misplaced.append(f"tests/{rel.as_posix()}")
+    assert not misplaced, f"not in a tests/<wing>/ package (wings: {sorted(wings)}):\n" + "\n".join(misplaced)
+    assert all((REPO / "tests" / name).is_file() for name in WHOLE_REPOSITORY_TESTS)
 
 
 def test_wheel_installs_only_the_tadm_package(tmp_path: Path) -> None:

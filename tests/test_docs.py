@@ -332,7 +332,7 @@ def test_every_path_and_name_shown_exists(doc: Path) -> None:
 
 def test_the_name_checker_catches_what_is_gone() -> None:
     text = (
-        "`tadm/model/enhancer.py` `configs/quickstart.yaml`, `tests/test_tiling.py::LocalToyBackbone` "
+        "`tadm/model/enhancer.py` `configs/quickstart.yaml`, `tests/inference/test_tiling.py::LocalToyBackbone` "
         "`tadm.ops.diffusion.FlowTime` `tadm.plugins` `configs/A/X.yaml` `runs/<name>/` "
         "`tadm/model/no_such_module.py` `tadm.no_such_wing.Model` `tadm.ops.diffusion.NoSuchTime`"
     )

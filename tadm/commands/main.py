@@ -54,7 +54,7 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
-#: LightningCLI's subcommands (``tadm.commands.lightning``); ``tests/test_startup.py`` checks the names
+#: LightningCLI's subcommands (``tadm.commands.lightning``); ``tests/model/test_startup.py`` checks the names
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a stage: tadm fit --config configs/quickstart.yaml [--config more.yaml]",
     "validate": "Lightning's validation loop on the config's data (--ckpt_path C)",

@@ -5,7 +5,7 @@ entry-point group ``tadm.plugins``) so their ``@REGISTRY.register`` decorators r
 is parsed, and teaches jsonargparse to resolve a registered short name to its class. One mechanism for
 every plug-in, so ``tadm list`` and the short names cannot disagree; it stays cheap because a plug-in
 module imports only torch and the bottom layer at import time (diffusers, transformers and peft inside
-the functions that build a diffusion backbone), which ``tests/test_startup.py`` checks.
+the functions that build a diffusion backbone), which ``tests/model/test_startup.py`` checks.
 The built-in data modules import Lightning: only LightningCLI, which resolves ``data: class_path``
 among the imported data modules, asks for them (``load_plugins(data=True)``, the default).
 
@@ -23,7 +23,7 @@ sub-classes"); its public API, checked through 4.53, has no hook that gives a cl
 So :func:`_install_short_name_resolver` wraps ``jsonargparse._typehints.resolve_class_path_by_name``
 (in every jsonargparse module that bound it by name) to try the registered short names first and
 defer to jsonargparse otherwise. A private function can change in any release, so ``pyproject.toml``
-pins jsonargparse to the releases tested (floor and ceiling), ``tests/test_registry.py`` fails when
+pins jsonargparse to the releases tested (floor and ceiling), ``tests/config/test_registry.py`` fails when
 the installed release is outside that range or a short name stops resolving in YAML, on the command
 line or in ``--*.help``, and the wrapper raises a clear error if the function is gone.
 """

@@ -20,7 +20,7 @@ numbers by more than the gaps between methods. A protocol names one convention; 
 In all three, both images are 8-bit first (what a saved PNG holds), and Y is ITU-R BT.601's
 ``16 + (65.481 R + 128.553 G + 24.966 B)`` with R, G, B in [0, 1]. The ``pyiqa`` and ``basicsr``
 protocols are this module's own implementation of those libraries' formulas: Y from the integer 8-bit
-levels, everything in float64 (the libraries work partly in float32; ``tests/test_protocols.py`` measures
+levels, everything in float64 (the libraries work partly in float32; ``tests/evaluation/test_protocols.py`` measures
 the agreement with independent references and with pyiqa itself).
 """
 

@@ -31,7 +31,7 @@ normalised, so exactness needs one barrier per layer. With ``passes`` >= the num
 calls (tiny SD VAE: 14 in the encoder, 22 in the decoder; SD's VAE: 22 / 30; any larger value stops
 when all are exact) every call gets exactly the whole image's statistics *of the activations the
 tiles compute*, which are the whole-image pass's own when each tile's owned part lies farther than
-the receptive field from its inner edges (``tests/test_tiling.py`` checks equality on a local
+the receptive field from its inner edges (``tests/inference/test_tiling.py`` checks equality on a local
 GroupNorm network). What then still differs from the whole-image pass is the rest of what is not
 local: mid-block self-attention sees only its tile, deep convolutions see beyond the overlap. The
 default, ONE pass, is exact for the first call only: the later ones are pooled from activations that

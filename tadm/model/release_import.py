@@ -38,7 +38,7 @@ from tadm.model.tadm_model import TADMModel
 from tadm.ops.files import atomic_write
 
 #: the release's variant of every part; ``configs/experiments/release/*.yaml`` set the same values
-#: (``tests/test_import_release.py`` keeps them equal). Stage 1 differs in one: ``unscaled_latents: false``.
+#: (``tests/model/test_import_release.py`` keeps them equal). Stage 1 differs in one: ``unscaled_latents: false``.
 RELEASE_BACKBONE: dict[str, Any] = {
     "preset": "sd21",
     "vae": "stabilityai/sd-vae-ft-mse",

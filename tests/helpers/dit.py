@@ -1,6 +1,6 @@
 """Shared checks of the rectified-flow DiT backbones (SD 3.x, FLUX.1) on their tiny twins.
 
-``tests/test_backbone_sd3.py`` and ``tests/test_backbone_flux.py`` run the same contract checks on their
+``tests/components/test_backbone_sd3.py`` and ``tests/components/test_backbone_flux.py`` run the same contract checks on their
 family through these functions (no test module imports another).
 """
 

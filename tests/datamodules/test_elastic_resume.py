@@ -35,7 +35,7 @@ from tadm.datamodules.elastic import (
 )
 from tadm.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 400
 
 # ------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tadm.model.checkpoints import EMA_KEY, export_checkpoint, exported_weights,
 from tadm.model.ema import TrainedEMA, check_ema_args, decay_at
 from tadm.training.ema_callback import EMAWeights
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DDP_TIMEOUT_S = 240
 
 

@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DDP_TIMEOUT_S = 240
 
 
@@ -277,7 +277,7 @@ def test_two_nodes_with_torchrun_on_localhost(tmp_path: Path) -> None:
         "--trainer.devices=1",
         "--trainer.max_epochs=2",
         "--trainer.check_val_every_n_epoch=1",
-        "--trainer.callbacks+=tests.test_ddp_webdataset.KeyRecorder",
+        "--trainer.callbacks+=tests.training.test_ddp_webdataset.KeyRecorder",
         f"--trainer.callbacks.out={out}",
         f"--data.init_args.train_shards={tmp_path / 'train'}",
         f"--data.init_args.val_shards={tmp_path / 'val'}",

@@ -30,9 +30,9 @@ RULES = (
     "quickstart.yaml", "experiments", "backbone", "aligner", "rescaler", "ablation", "debug", "data", "studies",
     "hardware",
 )  # fmt: skip
-#: studies/: study files (`tadm study`), whose every cell tests/test_study.py builds
+#: studies/: study files (`tadm study`), whose every cell tests/studies/test_study.py builds
 #: hardware/: settings for one kind of machine, composed onto the stage-2 recipe (below); what the one-GPU
-#: file promises (effective batch, gradient checkpointing in diffusers) is checked in tests/test_one_gpu.py
+#: file promises (effective batch, gradient checkpointing in diffusers) is checked in tests/training/test_one_gpu.py
 
 
 def _files(folder: str) -> list[str]:
@@ -62,7 +62,9 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_config_file_has_a_rule() -> None:
     assert "quickstart.yaml" in CONFIG_FILES and _files("experiments")
     for rel in CONFIG_FILES:
-        assert rel.split("/")[0] in RULES, f"configs/{rel}: no rule in tests/test_configs.py for its folder"
+        assert rel.split("/")[0] in RULES, (
+            f"configs/{rel}: no rule in tests/config/test_configs.py for its folder"
+        )
 
 
 def test_every_backbone_family_has_a_tiny_twin() -> None:
@@ -109,7 +111,7 @@ def _experiment_cases() -> list:
 
 def _dit_slow(experiment: str, family: str) -> bool:
     """The DiT twins (SD 3, FLUX) run the stage-1 x16 recipe in the fast suite, the rest with the slow tests:
-    tests/test_backbone_sd3.py and test_backbone_flux.py train every stage (and x32) directly, so the
+    tests/components/test_backbone_sd3.py and test_backbone_flux.py train every stage (and x32) directly, so the
     recipes' stage 2/3 on them would add ~1 minute to `make test` for no new coverage."""
     fast = {"experiments/rescaler_x16.yaml"}
     return family in {p.family for p in FLOW_PRESETS.values()} and experiment not in fast

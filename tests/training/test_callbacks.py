@@ -1,5 +1,5 @@
 """tadm.training.callbacks on one process: the final step is saved, checkpoints live beside the logger's
-run, and the report needs no collective (the DDP runs are in tests/test_ddp_webdataset.py)."""
+run, and the report needs no collective (the DDP runs are in tests/training/test_ddp_webdataset.py)."""
 
 from __future__ import annotations
 

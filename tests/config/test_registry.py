@@ -137,7 +137,7 @@ def test_short_name_chosen_in_config(capsys: pytest.CaptureFixture[str]) -> None
         )
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: tests.test_registry.IdentityRescaler" in out
+    assert "class_path: tests.config.test_registry.IdentityRescaler" in out
     assert "class_path: tadm.components.backbones.space_to_depth.SpaceToDepthBackbone" in out
 
 

@@ -1,5 +1,5 @@
 """The `tadm` command end to end: links hold, runs reproduce, checkpoints hold only what was trained, the
-Lightning subcommands run on whole images (every shipped config runs in tests/test_configs.py)."""
+Lightning subcommands run on whole images (every shipped config runs in tests/config/test_configs.py)."""
 
 from __future__ import annotations
 

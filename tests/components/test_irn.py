@@ -281,7 +281,7 @@ def test_x16_short_fit_beats_bicubic_on_held_out_photos(one_thread: None) -> Non
 # ------------------------------------------------------------------ pixel rescaling + SD prior (stages 2/3)
 PIXEL_PRIOR = str(CONFIGS / "ablation" / "pixel_prior.yaml")
 SLIM_ARGS = ["--model.rescaler.init_args.num_couplings=1", "--model.rescaler.init_args.coupling_growth=8"]
-#: no LPIPS / DISTS networks to build: configs/ablation/ is trained with them by tests/test_configs.py
+#: no LPIPS / DISTS networks to build: configs/ablation/ is trained with them by tests/config/test_configs.py
 PIXEL_ONLY = "--model.loss_weights={lr: 1, reconstruction: 1, distribution: 1, pixel: 1}"
 
 

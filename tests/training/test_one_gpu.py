@@ -2,7 +2,7 @@
 effective batch, really turns gradient checkpointing on in the built diffusers modules, and the optional
 8-bit AdamW keeps its moments in 8 bits where bitsandbytes is installed (``pip install 'tadm[bnb]'``).
 
-tests/test_configs.py composes every ``configs/hardware/`` file onto stage 2 and trains a step with it (or,
+tests/config/test_configs.py composes every ``configs/hardware/`` file onto stage 2 and trains a step with it (or,
 without bitsandbytes, checks that adamw_8bit.yaml fails naming the package);
 the memory numbers are benchmarks/train_memory.py's (benchmarks/README.md "One-GPU recipe").
 """
@@ -57,7 +57,7 @@ def test_one_gpu_turns_gradient_checkpointing_on_in_diffusers() -> None:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes is not installed (tests/test_configs.py checks the error naming it instead)",
+    reason="bitsandbytes is not installed (tests/config/test_configs.py checks the error naming it instead)",
 )
 def test_adamw_8bit_trains_with_8bit_states() -> None:
     cli = build_cli(
