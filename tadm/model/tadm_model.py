@@ -319,6 +319,16 @@ class TADMModel(nn.Module):
         )
         return up.image
 
+    @torch.no_grad()
+    def round_trip(
+        self, x: Tensor, tiling: Tiling = NO_TILING, color_fix: str = "none"
+    ) -> pipeline.RoundTrip:
+        """HR -> 8-bit LR -> HR in one call: the LR image, the reconstruction cropped to ``x``'s size and the
+        enhancer's timestep map (what validation measures and ``tadm evaluate`` scores)."""
+        return pipeline.round_trip(
+            self.backbone, self.rescaler, x, enhance=self.enhance_fn, tiling=tiling, color_fix=color_fix
+        )
+
     @property
     def pad_multiple(self) -> int:
         """HR sizes are reflect-padded to a multiple of this (the scale and the latent downsampling)."""

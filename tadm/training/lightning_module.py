@@ -282,17 +282,9 @@ class TADMModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Round trip HR -> 8-bit LR -> HR and per-image metrics, with the bicubic baseline."""
-        tiling = self.eval_tiling or NO_TILING
-        rt = pipeline.round_trip(
-            self.backbone,
-            self.rescaler,
-            x,
-            enhance=self.model.enhance_fn,
-            tiling=tiling,
-            color_fix=self.color_fix,
-        )
+        rt = self.model.round_trip(x, self.eval_tiling or NO_TILING, self.color_fix)
         base = pipeline.bicubic_round_trip(x, self.scale)
-        xp, _ = pad_to_multiple(x, pipeline.pad_multiple(self.backbone, self.rescaler))
+        xp, _ = pad_to_multiple(x, self.model.pad_multiple)
         out = {
             "psnr_y": psnr_y(rt.reconstruction, x),
             "ssim_y": ssim_y(rt.reconstruction, x),
@@ -325,15 +317,7 @@ class TADMModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """LR image and reconstruction per input (files are written by ``tadm downscale/upscale``)."""
         x = batch["image"]
-        tiling = self.eval_tiling or NO_TILING
-        rt = pipeline.round_trip(
-            self.backbone,
-            self.rescaler,
-            x,
-            enhance=self.model.enhance_fn,
-            tiling=tiling,
-            color_fix=self.color_fix,
-        )
+        rt = self.model.round_trip(x, self.eval_tiling or NO_TILING, self.color_fix)
         return {
             "path": batch.get("path"),
             "lr": rt.lr,

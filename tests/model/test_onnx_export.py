@@ -232,6 +232,7 @@ def _tiny_sd_codec() -> Codec:
     return Codec(Parts(backbone, rescaler))
 
 
+@pytest.mark.slow  # ~20 s of a `make test` worker; run by `make test-all`
 def test_tiny_sd_twin_graph_holds_the_vae_encoder_and_matches_tadm(tmp_path: Path, one_thread: None) -> None:
     codec = _tiny_sd_codec()
     path = export_onnx(codec, tmp_path / "sd.onnx")

@@ -173,6 +173,7 @@ def test_two_ranks_read_disjoint_samples_covering_the_shards(tmp_path: Path) -> 
     _check_validation(records, all_keys(val), batches=2)
 
 
+@pytest.mark.slow  # ~20 s of a `make test` worker; run by `make test-all`
 def test_three_shards_on_two_ranks_finish_without_hanging(tmp_path: Path) -> None:
     from tests.helpers.shards import all_keys, write_shards
 

@@ -438,6 +438,7 @@ def _ddp_main(config: dict[str, Any]) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
+@pytest.mark.slow  # ~20 s of a `make test` worker; run by `make test-all`
 def test_two_ddp_ranks_hold_identical_ema_tensors(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, json.dumps({"out": str(tmp_path)})]
