@@ -227,6 +227,7 @@ def _check_run_folder(run: Path, steps: int, output: str) -> None:
     assert f"Checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in output
 
 
+@pytest.mark.slow  # ~16 s of a `make test` worker; run by `make test-all`
 def test_quickstart_callbacks_and_logger_on_two_ranks(tmp_path: Path) -> None:
     """The shipped callbacks and logger under DDP: the run exits 0 (no collective is left to rank 0 alone),
     rank 0 alone reports, and the final step is saved although it is off the validation boundary.
