@@ -30,3 +30,18 @@ class ShardError(TadmError, ValueError):
 
 class ConfigError(TadmError, ValueError):
     """A configuration whose objects cannot be built; the message names the value and the problem."""
+
+
+class TrainingDiverged(TadmError, RuntimeError):
+    """Training stopped after too many steps in a row with a non-finite loss or gradient; names the step,
+    the non-finite loss terms and the last checkpoint that holds finite weights."""
+
+
+class CheckpointSaveError(TadmError, OSError):
+    """One or more checkpoints could not be written (full disk, quota, read-only folder); the previous file
+    under each name was left intact."""
+
+
+class Preempted(TadmError, RuntimeError):
+    """A SIGTERM (a scheduler preempting the job) stopped training after a resumable checkpoint was saved;
+    names the checkpoint to resume from."""

@@ -56,7 +56,8 @@ class EMAWeights(L.Callback):
         pl_module.ema = new_ema(pl_module, pl_module.ema_decay, pl_module.ema_start_step)
 
         def update(optimizer: Any, args: Any, kwargs: Any) -> None:
-            if pl_module.ema is not None:
+            skipped = getattr(getattr(pl_module, "nonfinite", None), "step_skipped", False)
+            if pl_module.ema is not None and not skipped:  # a skipped non-finite step left the weights alone
                 pl_module.ema.update()
 
         self._hooks = [opt.register_step_post_hook(update) for opt in trainer.optimizers]

@@ -17,11 +17,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
+from tadm.errors import TrainingDiverged
 from tadm.evaluation.metrics import psnr_rgb, psnr_y, ssim_y
 from tadm.evaluation.perceptual import PerceptualLoss
 from tadm.inference import pipeline
@@ -41,11 +44,23 @@ from tadm.training.losses import (
     get_distance,
     weighted_sum,
 )
+from tadm.training.nonfinite import NonFiniteGuard, describe_non_finite, non_finite_tensors
+from tadm.training.preemption import SaveOnSigterm
 
 log = logging.getLogger(__name__)
 
 #: the prefix of the model's tensors in this module's state dict; checkpoints store them without it
 MODEL_PREFIX = "model."
+#: the checkpoint entry holding the non-finite step counts (a resumed run continues them)
+NONFINITE_KEY = "tadm_nonfinite_steps"
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    """The newest checkpoint this run saved (each was checked finite before it was written), or a note."""
+    ckpt = trainer.checkpoint_callback
+    if isinstance(ckpt, ModelCheckpoint) and (ckpt.last_model_path or ckpt.best_model_path):
+        return ckpt.last_model_path or ckpt.best_model_path
+    return "none saved by this run"
 
 
 @contextmanager
@@ -92,6 +107,7 @@ class TADMModule(L.LightningModule):
         color_fix: ColorFix = "none",
         ema_decay: float | None = None,
         ema_start_step: int = 0,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -132,6 +148,11 @@ class TADMModule(L.LightningModule):
                 unless they are given ``--weights raw``.
             ema_start_step: EMA updates (optimiser steps) that only copy the weights before averaging
                 begins (``s`` above; default 0).
+            max_nonfinite_steps: an optimiser step whose loss or gradients are not finite (NaN, inf) on any
+                rank is skipped on every rank (logged as ``train/skipped_steps``; the weights and the EMA stay
+                as they were); after this many in a row the run stops with one line naming the step, the
+                non-finite loss terms and the last checkpoint with finite weights (exit status 1). Under fp16
+                the grad scaler's own overflow skips are not counted.
         """
         super().__init__()
         check_color_fix(color_fix)
@@ -169,6 +190,7 @@ class TADMModule(L.LightningModule):
         if stage != "rescaler" and (w.get("lpips", 0) or w.get("dists", 0)):
             self.perceptual = PerceptualLoss(w.get("lpips", 0.0), w.get("dists", 0.0))
         self._configured = False
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     def configure_model(self) -> None:
         """Load the frozen backbone parts the stage needs, then ``init_from``'s weights (once per module:
@@ -250,11 +272,43 @@ class TADMModule(L.LightningModule):
                 terms.update(self.perceptual(x_hat, x))
             self.log("train/t_mean", t.detach().float().mean(), batch_size=x.shape[0])
         loss = weighted_sum(terms, self.loss_weights)
+        self.nonfinite.note_loss(terms, loss)
         bs = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), batch_size=bs)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip a step whose loss or gradients are not finite on any rank; stop after too many in a row.
+
+        Runs after backward (and after the AMP scaler's unscale), before gradient clipping and the update:
+        the skip drops the gradients (``set_to_none``: the optimiser leaves those parameters and their
+        moments alone); the LR scheduler still counts the step."""
+        guard = self.nonfinite
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        ok = guard.check_step(
+            self.trainable_parameters(),
+            lambda mine: self.trainer.strategy.reduce_boolean_decision(mine, all=True),
+            check_gradients=scaler is None,
+        )
+        self.log("train/skipped_steps", float(guard.total), batch_size=1)
+        terms = ", ".join(guard.bad_terms()) or "loss (on another rank)"
+        guard.end_step()
+        if ok:
+            return
+        optimizer.zero_grad(set_to_none=True)
+        step = self.trainer.global_step + 1  # the step being taken (global_step counts those done)
+        if guard.must_stop:
+            raise TrainingDiverged(
+                f"training diverged: {guard.in_a_row} optimiser steps in a row up to step {step} had a non-finite "
+                f"{terms} and were skipped ({guard.total} in all); stopped. The last checkpoint with finite "
+                f"weights: {_last_checkpoint(self.trainer)}"
+            )
+        rank_zero_warn(
+            f"step {step}: non-finite {terms}: step skipped ({guard.in_a_row} in a row; the run stops at "
+            f"{guard.max_in_a_row}, model.max_nonfinite_steps)"
+        )
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
@@ -276,8 +330,9 @@ class TADMModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """What every trainer of this module needs, a user's own ``Trainer`` included: the EMA's lifecycle
-        (a no-op without ``ema_decay``), which also puts the raw weights back if a run stops mid-evaluation."""
-        return [EMAWeights()]
+        (a no-op without ``ema_decay``), which also puts the raw weights back if a run stops mid-evaluation;
+        a resumable checkpoint when a scheduler sends SIGTERM."""
+        return [EMAWeights(), SaveOnSigterm()]
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:
@@ -367,6 +422,15 @@ class TADMModule(L.LightningModule):
             checkpoint["state_dict"].update(self.ema.raw_weights())
             checkpoint[EMA_KEY] = self.ema.state_dict()
         checkpoint[META_KEY] = self.model.checkpoint_meta(self.run_config)
+        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
+        bad = non_finite_tensors(checkpoint["state_dict"])
+        if self.ema is not None:
+            bad += non_finite_tensors({f"ema.{k}": v for k, v in checkpoint[EMA_KEY]["weights"].items()})
+        if bad:  # every rank holds the same weights under DDP: all raise here together
+            raise TrainingDiverged(
+                f"refusing to save a checkpoint at step {self.global_step}: {describe_non_finite(bad)}. The last "
+                f"checkpoint with finite weights: {_last_checkpoint(self.trainer)}"
+            )
 
     def check_compatible(self, meta: dict[str, Any] | None, source: str) -> None:
         """Refuse a checkpoint trained on another backbone or at another scale (:mod:`tadm.model.trained_state`)."""
@@ -374,6 +438,7 @@ class TADMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_compatible(checkpoint.get(META_KEY), "being resumed")
+        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
         if EMA_KEY in checkpoint and self.ema is not None:  # strategies that restore after on_fit_start
             self.ema.load_state_dict(checkpoint[EMA_KEY], "the checkpoint being resumed")
         elif EMA_KEY in checkpoint:  # loaded once the EMA exists (on_fit_start, or to evaluate)
