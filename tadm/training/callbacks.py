@@ -150,5 +150,7 @@ class RoundTripReport(L.Callback):
         elif log_dir:
             console.print(f"Logs: {log_dir}", soft_wrap=True)
         ckpt = trainer.checkpoint_callback
-        if isinstance(ckpt, ModelCheckpoint) and (ckpt.last_model_path or ckpt.best_model_path):
-            console.print(f"Checkpoint: {ckpt.last_model_path or ckpt.best_model_path}", soft_wrap=True)
+        if isinstance(ckpt, ModelCheckpoint):  # a path whose save failed (a full disk) is not shown
+            saved = [p for p in (ckpt.last_model_path, ckpt.best_model_path) if p and os.path.exists(p)]
+            if saved:
+                console.print(f"Checkpoint: {saved[0]}", soft_wrap=True)

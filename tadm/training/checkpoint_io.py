@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
@@ -40,11 +40,41 @@ def _reason(err: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+class _KeepsWriteErrors:
+    """A file whose first failed write or flush is kept: torch's zip writer reports a disk that fills up
+    mid-file as ``RuntimeError: ... unexpected pos`` (seen on a full tmpfs), not as the ``OSError`` it is."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+
 def _torch_save(checkpoint: dict[str, Any], path: Path) -> None:
     """Lightning's format (``torch.save`` of the dict). Through a Python file so that a failed write is the
-    ``OSError`` it is (``torch.save`` to a path turns it into a ``RuntimeError``)."""
+    ``OSError`` it is (``torch.save`` to a path, or torch's zip writer over a file, turn it into a
+    ``RuntimeError``)."""
     with open(path, "wb") as f:
-        torch.save(checkpoint, f)
+        out = _KeepsWriteErrors(f)
+        try:
+            torch.save(checkpoint, out)  # type: ignore[arg-type]
+        except RuntimeError as err:
+            if out.error is not None:
+                raise out.error from err
+            raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

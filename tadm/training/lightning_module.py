@@ -36,6 +36,7 @@ from tadm.model.enhancer import HybridScheduler
 from tadm.model.tadm_model import AlignerLatents, Stage, TADMModel
 from tadm.ops.color_fix import ColorFix, check_color_fix
 from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
+from tadm.training.checkpoint_io import AtomicCheckpoints
 from tadm.training.ema_callback import EMAWeights
 from tadm.training.losses import (
     DEFAULT_STAGE1_WEIGHTS,
@@ -331,8 +332,9 @@ class TADMModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """What every trainer of this module needs, a user's own ``Trainer`` included: the EMA's lifecycle
         (a no-op without ``ema_decay``), which also puts the raw weights back if a run stops mid-evaluation;
-        a resumable checkpoint when a scheduler sends SIGTERM."""
-        return [EMAWeights(), SaveOnSigterm()]
+        a resumable checkpoint when a scheduler sends SIGTERM; checkpoint saves that a full disk or a kill
+        cannot corrupt (a temporary file in the checkpoint's folder, fsynced, then renamed)."""
+        return [EMAWeights(), SaveOnSigterm(), AtomicCheckpoints()]
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_batch(self, x: Tensor) -> dict[str, Tensor]:

@@ -250,3 +250,47 @@ def test_a_users_own_checkpoint_io_is_left_alone(tmp_path: Path) -> None:
     default = _fit(tmp_path, [], steps=1, enable_checkpointing=False)  # without the callback: Lightning's
     assert type(default.strategy.checkpoint_io) is TorchCheckpointIO
     assert checkpoint_save_failures(default) == []
+
+
+@pytest.mark.slow  # mounts a filesystem (root only) and trains the quickstart for two short epochs
+def test_a_real_full_filesystem_gives_one_line_exit_1_and_whole_checkpoints(tmp_path: Path) -> None:
+    """The issue's setting: the log folder on a 26 MB filesystem, the 17 MB quickstart checkpoint. The first
+    epoch's top-1 checkpoint fits, its ``last.ckpt`` does not; the second epoch's top-1 does not either, so
+    the first one must stay. One line per failed save, no traceback, exit status 1, and every ``.ckpt`` left
+    loads whole."""
+    import shutil
+    import subprocess
+
+    from tests.helpers import CONFIGS, REPO
+    from tests.helpers.cli import data_args
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=26m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        args = [
+            sys.executable, "-m", "tadm", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+            *data_args(crop=64, batch=2), "--data.init_args.train_repeats=1",
+            "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={mount}",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        err = done.stderr
+        assert done.returncode == 1, err[-3000:]
+        assert "Traceback" not in err
+        failed = [x for x in err.splitlines() if x.startswith("tadm: could not save checkpoint")]
+        assert len(failed) == 3 and all("no space left on device" in x for x in failed), failed
+        folder = mount / "quickstart" / "checkpoints"
+        kept = sorted(p.name for p in folder.glob("*.ckpt"))
+        assert kept == ["epoch=0-step=3.ckpt"], kept
+        assert torch.load(folder / kept[0], weights_only=True)["global_step"] == 3
+        assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
