@@ -11,16 +11,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tadm.commands.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_line
+from tadm.commands.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_line
 from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
-from tadm.errors import ConfigError, TadmError
+from tadm.errors import ConfigError, TadmError, TrainingDiverged
 from tadm.training.callbacks import checkpoint_dir
 from tadm.training.lightning_module import TADMModule
+from tadm.training.resume_options import SECTIONS, changed_options, refusal, split_changes, stored_config
+
+log = logging.getLogger(__name__)
+
+#: what the info line about applied changes says a subcommand is doing with the checkpoint
+_DOING = {"fit": "resuming", "validate": "validating", "test": "testing", "predict": "predicting"}
 
 
 class TADMCLI(LightningCLI):
@@ -28,6 +36,38 @@ class TADMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         link_model_arguments(parser, with_data=True)
+
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[no-untyped-def]
+        """Also keep the config as typed: LightningCLI next re-parses a ``--ckpt_path``'s hyper-parameters
+        over it, which would silently drop a typed ``--model.scale 32``."""
+        super().parse_arguments(parser, args)
+        self._typed_config = self.config.clone()
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path FILE``: refuse typed options that change what the checkpoint's weights or
+        restored state mean (one line naming each, exit 2), and apply the others as typed, saying which
+        (:mod:`tadm.training.resume_options` sorts them)."""
+        typed, sub = getattr(self, "_typed_config", None), self.subcommand
+        if typed is None or sub is None:
+            return
+        ckpt_path = typed[sub].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # nothing to restore, or "last" / "hpc": Lightning's to resolve
+        stored = stored_config(ckpt_path)  # Lightning's own weights-only load of it has just succeeded
+        if stored is None:
+            return  # not written by tadm: no config to compare with
+        try:
+            typed_tree = yaml.safe_load(self._parser(sub).dump(typed[sub], skip_none=False))
+        except Exception as err:  # as instantiate_classes: a config jsonargparse cannot serialise still runs
+            print(f"warning: could not compare the options with {ckpt_path}'s: {err}", file=sys.stderr)
+            return
+        applied, refused = split_changes(changed_options(typed_tree, stored), fitting=sub == "fit")
+        if refused:
+            raise ConfigError(refusal(ckpt_path, refused, fitting=sub == "fit"))
+        if applied and rank_zero_only.rank == 0:
+            log.info("%s with changed options: %s", _DOING.get(sub, sub), ", ".join(map(str, applied)))
+        for section in SECTIONS:  # the typed values win over the re-parsed hyper-parameters (and their links)
+            self.config[sub][section] = typed[sub][section]
 
     def instantiate_classes(self) -> None:
         try:
@@ -63,18 +103,40 @@ class TADMCLI(LightningCLI):
 def lightning_main(args: Sequence[str] | None) -> int:
     """Run LightningCLI on ``args`` (None: it reads ``sys.argv`` itself).
 
-    A configuration the components refuse exits 2 with one line; errors during training keep their
-    tracebacks (they are bugs or data problems worth the detail). Ctrl-C before training: one line.
+    A configuration the components refuse (or a resume that would change what its checkpoint means) exits
+    2 with one line; a run that diverged, or finished with checkpoints it could not write, exits 1 with one
+    line. Other errors during training keep their tracebacks (bugs or data problems worth the detail).
+    Ctrl-C before training: one line.
     """
     try:
-        _run_cli(args)
+        cli = _run_cli(args)
     except ConfigError as err:
         print(f"tadm: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as err:  # its message names the step, the terms and the last good checkpoint
+        print(f"tadm: error: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("tadm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    failures = _checkpoint_save_failures(cli.trainer)
+    if failures:
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        print(
+            f"tadm: error: {len(failures)} checkpoint save(s) failed; {'; '.join(failures[:3])}{more}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _checkpoint_save_failures(trainer: Any) -> list[str]:
+    """One line per checkpoint the run could not write: a run that trained but kept nothing must not exit 0."""
+    try:
+        from tadm.training.checkpoint_io import checkpoint_save_failures
+    except ImportError:  # the atomic checkpoint writer that records them has not landed yet
+        return []
+    return list(checkpoint_save_failures(trainer))
 
 
 def _show_tadm_logs() -> None:
@@ -153,11 +215,12 @@ def check_config_packages(args: Sequence[str]) -> None:
                 )
 
 
-def _run_cli(args: Sequence[str] | None) -> None:
+def _run_cli(args: Sequence[str] | None) -> TADMCLI:
+    """Build and run the CLI; returns it, so the caller can look at the trainer after the run."""
     _show_tadm_logs()
     check_config_packages(sys.argv[1:] if args is None else args)
     load_plugins()
-    TADMCLI(
+    return TADMCLI(
         TADMModule,
         LightningDataModule,
         subclass_mode_data=True,
