@@ -22,6 +22,7 @@ from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
 from tadm.errors import ConfigError, TadmError, TrainingDiverged
 from tadm.training.callbacks import checkpoint_dir
+from tadm.training.checkpoint_io import checkpoint_save_failures
 from tadm.training.lightning_module import TADMModule
 from tadm.training.resume_options import SECTIONS, changed_options, refusal, split_changes, stored_config
 
@@ -119,7 +120,7 @@ def lightning_main(args: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("tadm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    failures = _checkpoint_save_failures(cli.trainer)
+    failures = checkpoint_save_failures(cli.trainer)  # a run that trained but kept nothing must not exit 0
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         print(
@@ -128,15 +129,6 @@ def lightning_main(args: Sequence[str] | None) -> int:
         )
         return EXIT_FAILED
     return EXIT_OK
-
-
-def _checkpoint_save_failures(trainer: Any) -> list[str]:
-    """One line per checkpoint the run could not write: a run that trained but kept nothing must not exit 0."""
-    try:
-        from tadm.training.checkpoint_io import checkpoint_save_failures
-    except ImportError:  # the atomic checkpoint writer that records them has not landed yet
-        return []
-    return list(checkpoint_save_failures(trainer))
 
 
 def _show_tadm_logs() -> None:

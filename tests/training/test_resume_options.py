@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import sys
 import types
 from pathlib import Path
 
@@ -288,8 +287,7 @@ def test_failed_checkpoint_saves_exit_1_with_one_line(
 ) -> None:
     trainer = object()
     failures = {id(trainer): ["could not write last.ckpt: No space left on device"]}
-    fake_io = types.SimpleNamespace(checkpoint_save_failures=lambda t: failures.get(id(t), []))
-    monkeypatch.setitem(sys.modules, "tadm.training.checkpoint_io", fake_io)
+    monkeypatch.setattr(lightning_command, "checkpoint_save_failures", lambda t: failures.get(id(t), []))
     monkeypatch.setattr(lightning_command, "_run_cli", lambda args: types.SimpleNamespace(trainer=trainer))
     assert lightning_command.lightning_main(["fit"]) == 1
     assert capsys.readouterr().err.splitlines() == [
