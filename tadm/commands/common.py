@@ -30,6 +30,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: 128 + SIGTERM, what a shell reports for a process a SIGTERM ended: the job was preempted, resume it
+EXIT_TERMINATED = 143
 
 #: what an unusable invocation raises: reported in one line, exit 2
 USAGE_ERRORS: tuple[type[BaseException], ...] = (TadmError, OSError, ValueError, KeyError)

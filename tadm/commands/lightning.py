@@ -14,13 +14,22 @@ from typing import Any
 import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from tadm.commands.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error_line
+from tadm.commands.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    error_line,
+)
 from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
-from tadm.errors import ConfigError, TadmError, TrainingDiverged
+from tadm.errors import ConfigError, Preempted, TadmError, TrainingDiverged
+from tadm.ops.files import atomic_write_text
 from tadm.training.callbacks import checkpoint_dir
 from tadm.training.checkpoint_io import checkpoint_save_failures
 from tadm.training.lightning_module import TADMModule
@@ -98,7 +107,7 @@ class TADMCLI(LightningCLI):
         dirpath = checkpoint_dir(self.trainer)
         if dirpath:
             Path(dirpath).mkdir(parents=True, exist_ok=True)
-            (Path(dirpath) / "config.yaml").write_text(self.model.run_config)
+            atomic_write_text(Path(dirpath) / "config.yaml", self.model.run_config)
 
 
 def lightning_main(args: Sequence[str] | None) -> int:
@@ -117,6 +126,11 @@ def lightning_main(args: Sequence[str] | None) -> int:
     except TrainingDiverged as err:  # its message names the step, the terms and the last good checkpoint
         print(f"tadm: error: {error_line(err)}", file=sys.stderr)
         return EXIT_FAILED
+    except Preempted as err:  # one process: the checkpoint is saved, the message names it
+        print(f"tadm: {error_line(err)}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except SIGTERMException:  # several processes: SaveOnSigterm saved and printed on rank 0
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("tadm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -124,7 +138,7 @@ def lightning_main(args: Sequence[str] | None) -> int:
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         print(
-            f"tadm: error: {len(failures)} checkpoint save(s) failed; {'; '.join(failures[:3])}{more}",
+            f"tadm: error: {len(failures)} checkpoint save(s) failed; {'; '.join(f.removeprefix('tadm: ') for f in failures[:3])}{more}",
             file=sys.stderr,
         )
         return EXIT_FAILED
