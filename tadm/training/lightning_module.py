@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, TimestepAligner
@@ -306,10 +305,11 @@ class TADMModule(L.LightningModule):
                 f"{terms} and were skipped ({guard.total} in all); stopped. The last checkpoint with finite "
                 f"weights: {_last_checkpoint(self.trainer)}"
             )
-        rank_zero_warn(
-            f"step {step}: non-finite {terms}: step skipped ({guard.in_a_row} in a row; the run stops at "
-            f"{guard.max_in_a_row}, model.max_nonfinite_steps)"
-        )
+        if self.trainer.is_global_zero:  # one plain line, on the tadm logger (the CLI shows it on stderr)
+            log.warning(
+                f"step {step}: non-finite {terms}: step skipped ({guard.in_a_row} in a row; the run stops at "
+                f"{guard.max_in_a_row}, model.max_nonfinite_steps)"
+            )
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()

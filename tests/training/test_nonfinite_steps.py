@@ -43,14 +43,20 @@ def test_guard_names_the_terms_counts_in_a_row_and_resets_on_a_finite_step() -> 
     guard.note_loss(finite, torch.tensor(3.0))
     assert guard.check_step([_param(1.0)], _agree) and guard.in_a_row == 0 and not guard.step_skipped
     guard.end_step()
-    guard.note_loss({"lr": torch.tensor(float("nan")), "latent_forward": torch.tensor(1.0)}, torch.tensor(float("nan")))
+    guard.note_loss(
+        {"lr": torch.tensor(float("nan")), "latent_forward": torch.tensor(1.0)}, torch.tensor(float("nan"))
+    )
     assert guard.bad_terms() == ["lr", "loss"]
     assert not guard.check_step([_param(1.0)], _agree) and guard.step_skipped
     assert (guard.in_a_row, guard.total, guard.must_stop) == (1, 1, False)
     guard.end_step()
     guard.note_loss(finite, torch.tensor(3.0))  # finite loss, infinite gradients
     assert not guard.check_step([_param(float("inf"))], _agree)
-    assert guard.bad_terms() == ["gradients"] and (guard.in_a_row, guard.total, guard.must_stop) == (2, 2, True)
+    assert guard.bad_terms() == ["gradients"] and (guard.in_a_row, guard.total, guard.must_stop) == (
+        2,
+        2,
+        True,
+    )
     guard.end_step()
     guard.note_loss(finite, torch.tensor(3.0))
     assert guard.check_step([_param(1.0)], _agree) and (guard.in_a_row, guard.total) == (0, 2)
@@ -190,6 +196,52 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_writing(tmp_path
     with torch.no_grad():
         param.view(-1)[:5] = float("nan")
     target = tmp_path / "nan.ckpt"
-    with pytest.raises(TrainingDiverged, match=rf"refusing to save a checkpoint at step 1: 5 non-finite .*{name}"):
+    with pytest.raises(
+        TrainingDiverged, match=rf"refusing to save a checkpoint at step 1: 5 non-finite .*{name}"
+    ):
         cli.trainer.save_checkpoint(target)
     assert not target.exists()
+
+
+DDP_SCRIPT = """
+import os, sys
+import tadm.training.lightning_module as lightning_module
+from tadm.commands.main import main
+
+weighted_sum = lightning_module.weighted_sum
+
+def nan_on_rank_1(terms, weights):
+    loss = weighted_sum(terms, weights)
+    return loss * float("nan") if os.environ.get("LOCAL_RANK", "0") == "1" else loss
+
+lightning_module.weighted_sum = nan_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two processes (DDP, gloo on the CPU): ~30 s
+def test_under_ddp_a_nan_on_one_rank_stops_every_rank_together(tmp_path: Path) -> None:
+    """Rank 1's loss is always NaN, rank 0's never: both ranks skip the same steps and stop together after
+    three (no rank waits in a collective the other left: the run ends within the timeout), exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(DDP_SCRIPT)
+    args = _quickstart(tmp_path, "--trainer.max_steps=20", "--trainer.devices=2", "--trainer.strategy=ddp")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(script), "fit", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("tadm: error: training diverged")]
+    assert lines and all("3 optimiser steps in a row up to step 3" in x for x in lines), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
