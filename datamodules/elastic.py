@@ -12,8 +12,10 @@ modules save that position in units free of the world size (:class:`EpochPositio
   sample of the interrupted epoch is served twice (but for the padding of :func:`continuation`'s last-batch
   case);
 - :class:`~tadm.datamodules.webdataset.WebDatasetDataModule` serves the samples left in the epoch in a fresh
-  order (which samples a rank's shuffle buffers had served is not known without re-reading the epoch), as
-  every mid-epoch resume of the shard streams does.
+  order (which samples a rank's shuffle buffers had served is only known for the world that served them).
+
+On an unchanged world both go on exactly where the checkpoint stopped, with the batches, crops included, of
+the uninterrupted run (the shard streams re-read the epoch's start without decoding it).
 
 The rest of the epoch is counted in whole batches of the new world: when ``b x N`` is not a multiple of M,
 Lightning's count is rounded up and the epoch's last few samples (fewer than ``M x B``) are left out; under
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -172,8 +175,11 @@ class ElasticResume:
     """The epoch position a data module writes into checkpoints and applies, converted, on resume.
 
     The data module's ``state_dict`` returns :meth:`state_dict`, its ``load_state_dict`` calls
-    :meth:`load_state_dict`, and its ``train_dataloader`` calls :meth:`resume` (Lightning restores its loops
-    after the data module and before asking for the training loader, so both positions are known there).
+    :meth:`load_state_dict`, and its ``train_dataloader`` calls :meth:`resume`. Lightning restores its loops
+    after the data module, and asks for the training loader after that, or before: a ``configure_optimizers``
+    that reads ``trainer.estimated_stepping_batches`` (tadm's LR schedules do) has the loader built while the
+    checkpoint's loop state is still pending (and never again); the trainer's position is then read from,
+    and moved in, that pending state (:func:`pending_fit_loop`).
     """
 
     def __init__(self) -> None:
@@ -200,7 +206,7 @@ class ElasticResume:
         world = int(trainer.world_size)
         accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
         rest = continuation(saved, world, batch_size, epoch_batches, accumulate)
-        same_epoch = int(trainer.current_epoch) == saved.epoch
+        same_epoch = current_epoch(trainer) == saved.epoch
         if (saved.world_size, saved.batch_size) != (world, batch_size):
             if same_epoch:
                 set_epoch_batches(trainer, rest.batches)
@@ -209,6 +215,27 @@ class ElasticResume:
                 text = f"{text}; {note}"
             rank_zero_warn(f"{text}.", category=ElasticResumeWarning)
         return rest if saved.mid_epoch and same_epoch else None
+
+
+def pending_fit_loop(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The fit loop's state of a checkpoint Lightning has loaded but not yet restored into its loops, or None.
+
+    Lightning holds the checkpoint (``_checkpoint_connector._loaded_checkpoint``) from the restore of the
+    modules until the loops are restored; a training loader built in between (``estimated_stepping_batches``)
+    finds the trainer at step 0 of epoch 0, and the checkpoint's position here.
+    """
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+    loops = loaded.get("loops") if isinstance(loaded, dict) else None
+    fit = loops.get("fit_loop") if isinstance(loops, dict) else None
+    return fit if isinstance(fit, dict) and "epoch_loop.batch_progress" in fit else None
+
+
+def current_epoch(trainer: L.Trainer) -> int:
+    """The trainer's epoch, or the pending checkpoint's (:func:`pending_fit_loop`), as it will have it."""
+    pending = pending_fit_loop(trainer)
+    if pending is not None:
+        return int(pending["epoch_progress"]["current"]["completed"])
+    return int(trainer.current_epoch)
 
 
 def _current_batches(trainer: L.Trainer) -> Any:
@@ -223,8 +250,16 @@ def set_epoch_batches(trainer: L.Trainer, batches: int) -> None:
     """Shift Lightning's counts of batches run in this epoch so that ``ready`` is ``batches``.
 
     All four counters move together, so Lightning's restart logic (which compares them) reads the checkpoint
-    as it was written; the cumulative counters, the global step and the epoch are left alone.
+    as it was written; the cumulative counters, the global step and the epoch are left alone. Before Lightning
+    restores its loops, the counters of the pending checkpoint move (:func:`pending_fit_loop`).
     """
+    pending = pending_fit_loop(trainer)
+    if pending is not None:
+        counts = pending["epoch_loop.batch_progress"]["current"]
+        shift = batches - int(counts["ready"])
+        for name in ("ready", "started", "processed", "completed"):
+            counts[name] = max(0, int(counts[name]) + shift)
+        return
     current = _current_batches(trainer)
     if current is None:
         raise RuntimeError(
@@ -252,12 +287,16 @@ class EpochSampler(DistributedSampler):
     number of ranks.
 
     Every epoch is one permutation of the whole set, and rank r of M serves its r-th of every M samples (the
-    last ones padded from the permutation's start, as ``DistributedSampler`` pads). Where the ranks share
-    ``torch.distributed`` the permutation is seeded with ``seed + epoch``, exactly Lightning's
-    ``DistributedSampler``; in a plain single process its seed is drawn from torch's global RNG when the epoch
-    starts, exactly as ``RandomSampler`` does, so runs keep the orders they had. Either way the seed is kept
-    (:attr:`order_seed`) for the checkpoint, so the permutation can be continued at any sample, by any number
-    of ranks.
+    last ones padded from the permutation's start, as ``DistributedSampler`` pads). With ``shared`` the
+    permutation is seeded with ``seed + epoch``, exactly Lightning's ``DistributedSampler`` (what the image
+    folder uses, on any number of processes: every epoch's order is known from its number, so a resumed run
+    serves the orders of the uninterrupted one); without, its seed is drawn from torch's global RNG when the
+    epoch starts, exactly as ``RandomSampler`` does. Either way the seed is kept (:attr:`order_seed`) for the
+    checkpoint, so the permutation can be continued at any sample, by any number of ranks.
+
+    With ``tag_samples`` every index is a :class:`SampleIndex` that carries the epoch's order seed, so the
+    dataset can draw the sample's augmentation from a generator of its own (:func:`sample_generator`):
+    the same crop for the same sample of the same epoch, whatever ran before it (a resume, other workers).
 
     Lightning calls :meth:`set_epoch` and, this being a ``DistributedSampler``, adds no sampler of its own.
     """
@@ -271,9 +310,11 @@ class EpochSampler(DistributedSampler):
         shared: bool = False,
         epoch: int = 0,
         resume: Continuation | None = None,
+        tag_samples: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         self.shared = shared
+        self.tag_samples = tag_samples
         self.epoch = epoch
         self.order_seed: int | None = None
         """Seed of the permutation of the epoch being served (None before the first one starts)."""
@@ -301,7 +342,36 @@ class EpochSampler(DistributedSampler):
         rest = order[start:]
         if len(rest) < total:  # padded from the epoch's start, as DistributedSampler pads
             rest += (order * math.ceil((total - len(rest)) / max(size, 1)))[: total - len(rest)]
-        yield from rest[self.rank : total : self.num_replicas]
+        mine = rest[self.rank : total : self.num_replicas]
+        if self.tag_samples:
+            yield from (SampleIndex(i, seed) for i in mine)
+        else:
+            yield from mine
+
+
+class SampleIndex(int):
+    """A dataset index that carries the order seed of its epoch (an ``int`` to everything else; pickles into
+    DataLoader workers with its seed)."""
+
+    order_seed: int
+
+    def __new__(cls, index: int, order_seed: int) -> SampleIndex:
+        self = super().__new__(cls, index)
+        self.order_seed = int(order_seed)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return SampleIndex, (int(self), self.order_seed)
+
+
+def sample_generator(index: int) -> torch.Generator | None:
+    """The generator of one sample's augmentation: seeded by its epoch's order seed and its index (a
+    :class:`SampleIndex`); None for a plain index (torch's global RNG then, as before)."""
+    order_seed = getattr(index, "order_seed", None)
+    if order_seed is None:
+        return None
+    mixed = np.random.SeedSequence([order_seed % 2**64, int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 31 ^ int(mixed[1]))
 
 
 class ResumableLoader(DataLoader):

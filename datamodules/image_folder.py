@@ -26,7 +26,14 @@ from tadm.datamodules.bad_input import (
     SkipCounter,
     check_policy,
 )
-from tadm.datamodules.elastic import ElasticResume, EpochSampler, ResumableLoader, limit_batches
+from tadm.datamodules.elastic import (
+    ElasticResume,
+    EpochSampler,
+    ResumableLoader,
+    current_epoch,
+    limit_batches,
+    sample_generator,
+)
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
 from tadm.datamodules.image_transforms import random_crop_flip, shuffle_channels, smooth_field
 
@@ -66,8 +73,11 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             included), so a model learns to leave flat and slowly varying areas alone.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
-    crops and flips reproducible (the order is the data module's sampler's). ``num_skipped`` counts per
-    process (DataLoader workers count their own); every sample carries its process's running count to the
+    crops and flips reproducible (the order is the data module's sampler's); an index that carries its
+    epoch's order seed (:class:`~tadm.datamodules.elastic.SampleIndex`, what the data module's sampler
+    serves) draws from a generator of its own instead, so each sample's crop depends only on the epoch and
+    the sample, not on what ran before (a resumed run crops as the uninterrupted one). ``num_skipped``
+    counts per process (DataLoader workers count their own); every sample carries its process's running count to the
     data module (``SkipCounter.tag``).
     """
 
@@ -137,7 +147,10 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
                 continue
             image = self._load(i)
             if image is not None:
-                sample = {"image": self._transform(image), "path": str(self.files[i])}
+                sample = {
+                    "image": self._transform(image, sample_generator(index)),
+                    "path": str(self.files[i]),
+                }
                 return self._counter().tag(sample)
         raise ImageReadError(
             f"none of the {n} images in this dataset could be read (first: '{self.files[0]}')"
@@ -157,13 +170,13 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             self._bad.add(i)
             return None
 
-    def _transform(self, image: torch.Tensor) -> torch.Tensor:
+    def _transform(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.mode == "eval":
             return image
-        crop = random_crop_flip(image, self.crop_size)
-        if self.smooth_fraction and bool(torch.rand(()) < self.smooth_fraction):
-            return smooth_field(self.crop_size)
-        return shuffle_channels(crop) if self.color_augment else crop
+        crop = random_crop_flip(image, self.crop_size, generator)
+        if self.smooth_fraction and bool(torch.rand((), generator=generator) < self.smooth_fraction):
+            return smooth_field(self.crop_size, generator)
+        return shuffle_channels(crop, generator) if self.color_augment else crop
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -179,10 +192,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``val_batch_size``.
 
     Each training epoch is one permutation of the training files, split between the ranks
-    (:class:`~tadm.datamodules.elastic.EpochSampler`: Lightning's ``DistributedSampler`` order under DDP,
-    ``RandomSampler``'s in one process). Checkpoints record the position in it, so a run resumed mid-epoch
-    serves the rest of the epoch and none of it twice, also on a different number of processes (with a
-    warning that the order changes; :mod:`tadm.datamodules.elastic`).
+    (:class:`~tadm.datamodules.elastic.EpochSampler`: Lightning's ``DistributedSampler`` order, seeded with
+    ``seed_everything``'s seed + the epoch, on any number of processes), and each sample's crop, flip and
+    colour augmentation is drawn from a generator seeded by the epoch's order and the sample. Checkpoints
+    record the position in the order, so a run resumed mid-epoch serves the rest of the epoch and none of it
+    twice, also on a different number of processes (with a warning that the order changes;
+    :mod:`tadm.datamodules.elastic`); on the same number it serves the very batches, crops included, of the
+    uninterrupted run.
 
     Args:
         train_dir: Folder (searched recursively) of training images; required for ``fit``.
@@ -256,6 +272,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._scans: dict[Path, tuple[list[Path], list[tuple[int, int]]]] = {}
         self._elastic = ElasticResume()
         self._train_sampler: EpochSampler | None = None
+        self._seed_base: int | None = None
 
     # ----------------------------------------------------------------------------------------------------
     # setup
@@ -347,17 +364,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         epoch_batches = per_rank // self.batch_size if drop_last else math.ceil(per_rank / self.batch_size)
         if trainer is not None:
             epoch_batches = limit_batches(epoch_batches, trainer.limit_train_batches)
-        rest = self._elastic.resume(
-            trainer, self.batch_size, epoch_batches, note="it serves the rest of its order, none of it twice"
-        )
+        seed = self._order_seed_base(world)
+        note = "it serves the rest of its order, none of it twice"
+        rest = self._elastic.resume(trainer, self.batch_size, epoch_batches, note=note)
         self._train_sampler = EpochSampler(
             dataset,
             rank=rank,
             world_size=world,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # Lightning's DistributedSampler seed
-            shared=torch.distributed.is_available() and torch.distributed.is_initialized(),
-            epoch=int(trainer.current_epoch) if trainer is not None else 0,
+            seed=seed,
+            shared=True,
+            epoch=current_epoch(trainer) if trainer is not None else 0,
             resume=rest,
+            tag_samples=True,
         )
         return ResumableLoader(
             dataset,
@@ -368,6 +386,22 @@ class ImageFolderDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _order_seed_base(self, world: int) -> int:
+        """Epoch ``e`` is ordered (and its crops seeded) by ``base + e``: Lightning's ``DistributedSampler``
+        rule, with ``seed_everything``'s seed (0 without one under DDP, where the ranks must agree). One
+        unseeded process draws the base from torch's global RNG once, or takes it from the checkpoint it
+        resumes (its epoch's order seed less the epoch), so a resumed run orders every later epoch as the
+        uninterrupted one; a drawn order per epoch would depend on all the random numbers used before."""
+        env = os.environ.get("PL_GLOBAL_SEED")
+        if env is not None or world > 1:
+            return int(env or 0)
+        saved = self._elastic.saved
+        if saved is not None and saved.order_seed is not None:
+            self._seed_base = saved.order_seed - saved.epoch
+        elif self._seed_base is None:
+            self._seed_base = int(torch.empty((), dtype=torch.int64).random_(0, 2**31).item())
+        return self._seed_base
 
     # ----------------------------------------------------------------------------------------------------
     # checkpoints

@@ -33,31 +33,34 @@ def _reflect_indices(size: int, target: int) -> torch.Tensor:
     return torch.where(k >= size, period - k, k)
 
 
-def random_crop_flip(image: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Random ``crop_size`` square (after mirror-padding small images) and a coin-flip horizontal flip."""
+def random_crop_flip(
+    image: torch.Tensor, crop_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random ``crop_size`` square (after mirror-padding small images) and a coin-flip horizontal flip,
+    drawn from ``generator`` (default: torch's global RNG)."""
     image = reflect_pad(image, crop_size, crop_size)
     _, h, w = image.shape
-    top = int(torch.randint(0, h - crop_size + 1, ()).item())
-    left = int(torch.randint(0, w - crop_size + 1, ()).item())
+    top = int(torch.randint(0, h - crop_size + 1, (), generator=generator).item())
+    left = int(torch.randint(0, w - crop_size + 1, (), generator=generator).item())
     crop = image[:, top : top + crop_size, left : left + crop_size]
-    if bool(torch.rand(()) < 0.5):
+    if bool(torch.rand((), generator=generator) < 0.5):
         crop = crop.flip(-1)
     return crop.contiguous()
 
 
-def shuffle_channels(image: torch.Tensor) -> torch.Tensor:
+def shuffle_channels(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The RGB channels in a random order (uniform over the 6): hues move to other hue families while
     brightness structure, texture and saturation stay those of a real photo."""
-    return image[torch.randperm(3)].contiguous()
+    return image[torch.randperm(3, generator=generator)].contiguous()
 
 
-def smooth_field(size: int) -> torch.Tensor:
+def smooth_field(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A ``size`` square in [-1, 1] that is flat (half the time) or a bilinear gradient between four
     corner colours, each channel drawn uniformly and, with probability 1/2, pushed to the nearest end
     of its range: saturated primaries and secondaries, black and white are as likely as mid tones."""
-    n = 1 if bool(torch.rand(()) < 0.5) else 2
-    corners = torch.rand(3, n, n) * 2 - 1
-    saturate = torch.rand(3, n, n) < 0.5
+    n = 1 if bool(torch.rand((), generator=generator) < 0.5) else 2
+    corners = torch.rand(3, n, n, generator=generator) * 2 - 1
+    saturate = torch.rand(3, n, n, generator=generator) < 0.5
     corners = torch.where(saturate, corners.sign(), corners)
     field = torch.nn.functional.interpolate(
         corners[None], size=(size, size), mode="bilinear", align_corners=True

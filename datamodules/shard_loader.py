@@ -30,8 +30,8 @@ def eval_collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 class ShardLoader:
     """Batches of one shard stream; a training stream learns its start (epoch, batches run) on each ``iter``.
 
-    ``state_dict`` makes Lightning treat it as resumable: a run resumed mid-epoch seeds the rest of that
-    epoch with the resumed position, so it neither replays the epoch's start nor needs to re-read it.
+    ``state_dict`` makes Lightning treat it as resumable: a run resumed mid-epoch goes on with the epoch's
+    walk where the checkpoint stopped (the position comes from the trainer: epoch start and batches run).
 
     It holds a DataLoader rather than being one: Lightning warns about every DataLoader whose dataset is
     an IterableDataset with a length, because it cannot know whether the workers split the data ("could
@@ -48,7 +48,7 @@ class ShardLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
-        position: Callable[[], tuple[int, int]] | None = None,
+        position: Callable[[], tuple[int, ...]] | None = None,
     ) -> None:
         self.stream = stream
         self.loader = DataLoader(
@@ -85,8 +85,13 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         stream = self.stream
         if isinstance(stream, TrainShardStream):
-            return {"epoch": stream.epoch, "start_batch": stream.start_batch, "seed": stream.seed}
+            return {
+                "epoch": stream.epoch,
+                "start_batch": stream.start_batch,
+                "done": stream.done,
+                "seed": stream.seed,
+            }
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the position comes from the trainer's restored epoch and step."""
+        """Nothing to restore: the position comes from the trainer's restored batch counters."""

@@ -11,9 +11,12 @@ Two rules keep DDP from hanging:
   around to the first samples (as ``DistributedSampler`` does), so every rank runs the same number of
   batches; a damaged sample is replaced by a copy of a good one rather than dropped.
 
-Every random choice is drawn from a generator seeded with (seed, epoch position, rank, worker), where the
-epoch position is the number of training batches run before the epoch's iterator started. Bad samples
-follow the shared policy of :mod:`tadm.datamodules.bad_input` (warned about, counted, never a crash).
+Every random choice is drawn from a generator seeded with (seed, epoch start, rank, worker), where the
+epoch start is the number of training batches run before the epoch began; each sample's crops and flips
+from one of its own (those seeds plus the sample's place in the walk). A run resumed mid-epoch on the same
+world re-reads the epoch's start without decoding it (:meth:`TrainShardStream.set_position`) and serves
+the very batches of the uninterrupted run. Bad samples follow the shared policy of
+:mod:`tadm.datamodules.bad_input` (warned about, counted, never a crash).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +41,9 @@ from tadm.datamodules.bad_input import (
     SkipCounter,
     check_policy,
 )
-from tadm.datamodules.image_io import ImageReadError, decode_image, decode_uint8, uint8_to_unit
-from tadm.datamodules.image_transforms import reflect_pad
+from tadm.datamodules.image_io import ImageReadError, decode_image
 from tadm.datamodules.placement import RankPlan, Reader, UnevenPlacementWarning, worker_batches, worker_slot
+from tadm.datamodules.shard_crops import LazyCrop, Pixels, Skipping, shuffled
 from tadm.datamodules.shards import LATENT_FIELD, SampleError, image_field, iter_shard, sample_meta
 
 #: what decoding a damaged sample can raise: such a sample is skipped and counted, never a crash
@@ -50,51 +53,7 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-class Pixels:
-    """One decoded image, mirror-padded to at least the crop size, cut into float crops on demand."""
-
-    def __init__(self, data: bytes, name: str, min_size: int) -> None:
-        u8 = decode_uint8(data, name)
-        self.is_uint8 = u8 is not None
-        image = u8 if u8 is not None else decode_image(data, name)
-        self.tensor = reflect_pad(image, min_size, min_size)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.tensor.shape[1]), int(self.tensor.shape[2])
-
-    def crop(self, top: int, left: int, size: int) -> torch.Tensor:
-        h, w = self.size
-        if top < 0 or left < 0 or top + size > h or left + size > w:
-            raise SampleError(f"crop box ({top}, {left}, {size}) lies outside the {h}x{w} (padded) image")
-        patch = self.tensor[:, top : top + size, left : left + size]
-        # a copy, never a view: a view would keep the whole decoded photo alive in the shuffle buffers
-        return uint8_to_unit(patch) if self.is_uint8 else patch.clone()
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Datasets
-
-
-def _shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """A shuffle buffer of ``size`` items (WebDataset's), drained in random order when the input ends."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], item = item, buffer[i]
-        yield item
-    order = rng.permutation(len(buffer))
-    for i in order:
-        yield buffer[i]
 
 
 @dataclass(frozen=True)
@@ -199,15 +158,21 @@ class TrainShardStream(ShardStream):
         self.latent = latent
         self.epoch = 0
         self.start_batch = 0
+        self.done = 0
 
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        """Seed the next iteration: its epoch, and the training batches run before it (which seeds it).
+    def set_position(self, epoch: int, start_batch: int, done: int = 0) -> None:
+        """Seed the next iteration: its epoch, the training batches run before the epoch (which seed it),
+        and the batches of the epoch already run (``done``: skipped, so it goes on where a checkpoint
+        stopped).
 
-        ``start_batch`` is ``epoch * len(loader)`` at an epoch's start and more when resuming mid-epoch, so a
-        resumed epoch is not a replay. The epoch is informational (when Lightning restores an end-of-epoch
-        checkpoint it builds the iterator before advancing its epoch counter).
+        ``start_batch`` is ``epoch * len(loader)`` at an epoch's start. A resume on the same world passes
+        that start and ``done``: the walk is the uninterrupted one, its first ``done`` batches passed over
+        without decoding (read from the shards, not decoded; exact unless one of them was a damaged sample).
+        A start of its own (a resume on another world) draws a fresh walk instead. The epoch is informational
+        (when Lightning restores an end-of-epoch checkpoint it builds the iterator before advancing its
+        epoch counter).
         """
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.epoch, self.start_batch, self.done = int(epoch), int(start_batch), max(0, int(done))
 
     @property
     def num_batches(self) -> int:
@@ -227,15 +192,23 @@ class TrainShardStream(ShardStream):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_slot()
-        target = len(worker_batches(self.num_batches, worker, num_workers)) * self.batch_size
-        self._skips = SkipCounter(f"train/b{self.start_batch}/w{worker}", self.on_bad_image)
+        done = min(self.done, self.num_batches)
+        # A DataLoader takes batch k from worker k mod W: resumed after `done` batches, worker w serves what
+        # worker (done + w) mod W of the uninterrupted epoch served from then on (its batches >= done).
+        origin = (worker + done) % num_workers
+        batches = worker_batches(self.num_batches, origin, num_workers)
+        skip = sum(b < done for b in batches) * self.batch_size
+        target = len(batches) * self.batch_size - skip
+        resumed = f"+{done}" if done else ""
+        self._skips = SkipCounter(f"train/b{self.start_batch}{resumed}/w{worker}", self.on_bad_image)
         if target == 0:
             return
-        seq = np.random.SeedSequence([self.seed, self.start_batch, self.rank, worker])
-        order_rng, shuffle_rng, crop_rng = (np.random.default_rng(s) for s in seq.spawn(3))
+        key = [self.seed, self.start_batch, self.rank, origin]
+        seq = np.random.SeedSequence(key)
+        order_rng, shuffle_rng, _ = (np.random.default_rng(s) for s in seq.spawn(3))
         targets = [len(worker_batches(self.num_batches, w, num_workers)) for w in range(num_workers)]
-        reader, fallback = self.plan.readers(worker, targets)
-        stream = self._passes(reader, fallback, worker, order_rng, shuffle_rng, crop_rng)
+        reader, fallback = self.plan.readers(origin, targets)
+        stream = self._passes(reader, fallback, origin, order_rng, shuffle_rng, key, skip)
         for sample in itertools.islice(stream, target):
             yield self._tag(sample)
 
@@ -246,26 +219,38 @@ class TrainShardStream(ShardStream):
         worker: int,
         order_rng: np.random.Generator,
         shuffle_rng: np.random.Generator,
-        crop_rng: np.random.Generator,
+        key: list[int],
+        skip: int = 0,
     ) -> Iterator[dict[str, Any]]:
         """Pass after pass over this worker's shards, each in a new order through the shuffle buffer(s).
 
         The buffers drain at the end of each pass, so an epoch as long as the worker's share of the data sees
-        every sample (crop) exactly once.
+        every sample (crop) exactly once. The n-th image of the walk is cropped by a generator seeded with
+        ``key + [n]``; the first ``skip`` crops are passed over undecoded (:class:`Skipping`).
         """
         borrowing = False
+        walked = itertools.count()
+        skipping = Skipping(skip)
         while True:
             stats = {"read": 0, "owned": 0, "good": 0}
             order = [reader.shards[i] for i in order_rng.permutation(len(reader.shards))]
             raw = self._owned_samples(order, reader, stats)
             decoded = (
                 s
-                for item in _shuffled(raw, self.shuffle_buffer, shuffle_rng)
-                for s in self._decode(item, crop_rng)
+                for item in shuffled(raw, self.shuffle_buffer, shuffle_rng)
+                for s in self._crops(item, [*key, next(walked)], skipping)
             )
             if self.crops_per_image > 1:  # spread the crops of one image over several batches
-                decoded = _shuffled(decoded, 8 * self.crops_per_image, shuffle_rng)
+                decoded = shuffled(decoded, 8 * self.crops_per_image, shuffle_rng)
             for sample in decoded:
+                if isinstance(sample, LazyCrop):
+                    if skipping.take():
+                        stats["good"] += 1
+                        continue
+                    made = self._decode(sample.item, np.random.default_rng(sample.seed))
+                    if len(made) <= sample.k:
+                        continue  # a damaged sample, counted by _decode
+                    sample = made[sample.k]
                 stats["good"] += 1
                 yield sample
             if stats["good"]:
@@ -299,6 +284,15 @@ class TrainShardStream(ShardStream):
                 if reader.owns(shard, pos):
                     stats["owned"] += 1
                     yield url, key, fields
+
+    def _crops(
+        self, item: tuple[str, str, dict[str, bytes]], seed: list[int], skipping: Skipping
+    ) -> list[Any]:
+        """The image's crops, decoded; while the walk is still being skipped, stand-ins that decode only if
+        the shuffle buffer serves them after the skipped part."""
+        if skipping.left:
+            return [LazyCrop(item, seed, k) for k in range(self.crops_per_image)]
+        return self._decode(item, np.random.default_rng(seed))
 
     def _decode(
         self, item: tuple[str, str, dict[str, bytes]], rng: np.random.Generator

@@ -6,11 +6,12 @@ them live in :mod:`tadm.datamodules.shard_streams`. Nothing here talks to other 
 come from the trainer, which learns them from Lightning's cluster environments (torchrun, SLURM, ...).
 Every rank runs the same number of training and evaluation batches, so DDP never hangs on uneven data.
 
-A run is reproducible; a run resumed from an end-of-epoch checkpoint continues exactly as the
-uninterrupted run, and one resumed mid-epoch draws a fresh order for the rest of that epoch instead of
-replaying its start. Resumed on a different number of processes, the rest of the epoch is counted in samples
-of the whole world, so the epoch still serves its number of samples (:mod:`tadm.datamodules.elastic`). Corrupt samples are skipped with a warning and counted (``data/num_skipped`` in the
-logger), never a crash (:mod:`tadm.datamodules.bad_input`).
+A run is reproducible, and a resumed run continues exactly as the uninterrupted one, mid-epoch too: the
+walk of the epoch is re-read up to where the checkpoint stopped (without decoding it) and its rest served
+as it would have been, crops included. Resumed on a different number of processes, the rest of the epoch
+comes in a fresh order, counted in samples of the whole world, so the epoch still serves its number of
+samples (:mod:`tadm.datamodules.elastic`). Corrupt samples are skipped with a warning and counted
+(``data/num_skipped`` in the logger), never a crash (:mod:`tadm.datamodules.bad_input`).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class WebDatasetDataModule(L.LightningDataModule):
             ``None``: when the index says they exist and were made by the model's backbone at this crop size.
             ``True``: required (an error names what does not match). ``False``: never. Crops are then the
             stored fixed crops (``tadm shard --crops-per-image``), not random ones.
-        seed: Base seed; every training stream is seeded with (seed, training batches before the epoch's
-            iterator started, rank, worker): reproducible runs, and no replayed order after a mid-epoch resume.
+        seed: Base seed; every training stream is seeded with (seed, training batches before the epoch,
+            rank, worker): reproducible runs, resumed mid-epoch exactly where they stopped.
         on_bad_image: ``"skip"`` (default, as for ``ImageFolderDataModule``): a corrupt or unusable sample (or
             an unreadable shard) is warned about, left out and counted in ``num_skipped``, also inside
             DataLoader workers, and logged as ``data/num_skipped``. ``"error"``: the first one raises
@@ -148,6 +149,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.skips = SkipCollector()
         """Skips reported by the batches of every worker, all epochs (see :mod:`tadm.datamodules.bad_input`)."""
         self._elastic = ElasticResume()
+        self._epoch_batches = 0
+        self._fresh_rest = False
 
     # ----------------------------------------------------------------------------------------------------
     # setup
@@ -287,13 +290,21 @@ class WebDatasetDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------------------
     # dataloaders
 
-    def _position(self) -> tuple[int, int]:
-        """(epoch, training batches run so far): restored from a checkpoint before the first ``iter``."""
+    def _position(self) -> tuple[int, int, int]:
+        """(epoch, training batches run before it, batches of it run), as a checkpoint restored them before
+        the first ``iter``: a resume goes on with the epoch's own walk. Right after a resume on another world,
+        the rest of the epoch is a fresh walk (seeded by all the batches run), as its shares changed."""
         trainer = self.trainer
         assert trainer is not None
         progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-        done = progress.total.ready if progress is not None else trainer.global_step
-        return int(trainer.current_epoch), int(done)
+        if progress is None:
+            return int(trainer.current_epoch), int(trainer.global_step), 0
+        total, current = int(progress.total.ready), int(progress.current.ready)
+        done = current if 0 < current < self._epoch_batches else 0  # a finished epoch: the next one's start
+        if self._fresh_rest:
+            self._fresh_rest = False
+            return int(trainer.current_epoch), total, 0
+        return int(trainer.current_epoch), total - done, done
 
     def _dataset(self, split: SplitName, stage: str) -> ShardStream:
         if split not in self.datasets:
@@ -312,15 +323,19 @@ class WebDatasetDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             position=self._position if self.trainer is not None else None,
         )
-        trainer = self.trainer
+        trainer, saved = self.trainer, self._elastic.saved
         if trainer is not None:  # a checkpoint's epoch position, in this world's batches
-            self._elastic.resume(
-                trainer,
-                self.batch_size,
-                limit_batches(len(loader), trainer.limit_train_batches),
-                note="its remaining samples come in a fresh order over the new shares, which can repeat some "
-                "it had served",
+            self._epoch_batches = limit_batches(len(loader), trainer.limit_train_batches)
+            world = (int(trainer.world_size), self.batch_size)
+            # on another world the rest of the epoch is a fresh walk (_position)
+            self._fresh_rest = (
+                saved is not None and saved.mid_epoch and (saved.world_size, saved.batch_size) != world
             )
+            note = (
+                "its remaining samples come in a fresh order over the new shares, which can repeat some it had "
+                "served"
+            )
+            self._elastic.resume(trainer, self.batch_size, self._epoch_batches, note=note)
         return loader
 
     def state_dict(self) -> dict[str, Any]:

@@ -222,6 +222,15 @@ class TinyModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
+class SteppingModule(TinyModule):
+    """Reads ``estimated_stepping_batches`` in ``configure_optimizers`` (tadm's LR schedules do): Lightning
+    then builds the training loader before it restores the checkpoint's loops."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
+
+
 def _fit(
     kind: str,
     data: dict[str, Any],
@@ -230,6 +239,7 @@ def _fit(
     max_steps: int,
     ckpt: str | None = None,
     accumulate: int = 1,
+    module: type[TinyModule] = TinyModule,
 ) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -242,6 +252,7 @@ def _fit(
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
         max_steps=max_steps,
+        max_epochs=100,  # with max_steps alone, estimated_stepping_batches would not build the loader
         accumulate_grad_batches=accumulate,
         logger=False,
         enable_progress_bar=False,
@@ -252,8 +263,8 @@ def _fit(
             ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=1, save_top_k=-1),
         ],
     )
-    module = ImageFolderDataModule(**data) if kind == "folder" else WebDatasetDataModule(**data)
-    trainer.fit(TinyModule(), datamodule=module, ckpt_path=ckpt)
+    data_module = ImageFolderDataModule(**data) if kind == "folder" else WebDatasetDataModule(**data)
+    trainer.fit(module(), datamodule=data_module, ckpt_path=ckpt)
 
 
 def _steps(run: Path) -> list[dict[str, Any]]:
@@ -271,9 +282,13 @@ def _ids(steps: list[dict[str, Any]], epoch: int, before: int | None = None) -> 
     ]
 
 
-def test_a_two_rank_checkpoint_continues_its_epoch_on_one_process(tmp_path: Path, one_thread: None) -> None:
+@pytest.mark.parametrize("module", [TinyModule, SteppingModule])
+def test_a_two_rank_checkpoint_continues_its_epoch_on_one_process(
+    tmp_path: Path, one_thread: None, module: type[TinyModule]
+) -> None:
     """The saved position says 2 ranks: the one process moves Lightning's count to 2 x the batches and serves
-    exactly the rest of the epoch's permutation (what rank 0 and rank 1 had not served), none of it twice."""
+    exactly the rest of the epoch's permutation (what rank 0 and rank 1 had not served), none of it twice;
+    also when the training loader is built before the loops are restored (``SteppingModule``)."""
     from tests.helpers.shards import write_images
 
     write_images(tmp_path / "train", [(32, 32)] * 12)
@@ -295,7 +310,7 @@ def test_a_two_rank_checkpoint_continues_its_epoch_on_one_process(tmp_path: Path
     with pytest.warns(
         ElasticResumeWarning, match=r"written by 2 process\(es\) .* on 1 process\(es\)"
     ) as caught:
-        _fit("folder", data, tmp_path / "b", devices=1, max_steps=6, ckpt=str(path))
+        _fit("folder", data, tmp_path / "b", devices=1, max_steps=6, ckpt=str(path), module=module)
     assert len([w for w in caught if w.category is ElasticResumeWarning]) == 1
     steps = _steps(tmp_path / "b")
     assert [(s["step"], s["epoch"], s["idx"]) for s in steps] == [(2, 0, 4), (3, 0, 5), (4, 1, 0), (5, 1, 1)]

@@ -633,3 +633,65 @@ def test_smooth_fraction_mixes_in_flat_and_gradient_fields_over_the_whole_gamut(
     )
     with pytest.raises(ValueError, match="smooth_fraction"):
         ImageFolderDataset([path], mode="train", smooth_fraction=1.5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+class _BatchRecorder(L.LightningModule):
+    """Keeps every training batch by step and draws from torch's global RNG as a model's noise does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.batches: dict[int, tuple[list[str], torch.Tensor]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.batches[self.global_step + 1] = ([Path(p).name for p in batch["path"]], batch["image"].clone())
+        torch.rand(3)  # the noise of a model
+        return (self.w * batch["image"].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # as tadm's LR schedules do: with max_epochs set, Lightning builds the loader before restoring loops
+        assert self.trainer.estimated_stepping_batches == 8
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_resumed_fit_serves_the_uninterrupted_batches_crops_included(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """Lightning restores no RNG state: crops drawn from the global RNG, or an epoch order drawn from it,
+    would differ after a resume. Each epoch's order is seed + epoch and each crop (flip, channel order,
+    smooth field) comes from a generator of the sample's own, so a resume mid-epoch or at an epoch's end
+    serves the uninterrupted run's batches, tensors and all, also when the training loader is built before
+    Lightning restores its loops (``estimated_stepping_batches`` in ``configure_optimizers``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.shards import write_images
+
+    write_images(tmp_path / "train", [(40, 48)] * 6)  # batch 2: 3 steps per epoch
+    data = {"train_dir": str(tmp_path / "train"), "crop_size": 16, "batch_size": 2}
+    data |= {"color_augment": True, "smooth_fraction": 0.3}
+
+    def fit(name: str, ckpt: str | None = None) -> dict[int, tuple[list[str], torch.Tensor]]:
+        L.seed_everything(3, verbose=False)
+        torch.rand(7)  # a resumed run has used the global RNG differently before its first batch
+        save = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=8, max_epochs=5, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[save], default_root_dir=tmp_path,
+        )  # fmt: skip
+        module = _BatchRecorder()
+        trainer.fit(module, datamodule=ImageFolderDataModule(**data), ckpt_path=ckpt)
+        return module.batches
+
+    full = fit("a")
+    assert sorted(full) == list(range(1, 9))
+    assert {n for s in (4, 5, 6) for n in full[s][0]} == {p.name for p in (tmp_path / "train").iterdir()}
+    assert [n for s in (1, 2, 3) for n in full[s][0]] != [n for s in (4, 5, 6) for n in full[s][0]]
+    for ckpt, first in (("epoch=0-step=2.ckpt", 3), ("epoch=0-step=3.ckpt", 4), ("epoch=1-step=4.ckpt", 5)):
+        resumed = fit(f"from-{first}", str(tmp_path / "a" / ckpt))
+        assert sorted(resumed) == list(range(first, 9)), ckpt
+        for step, (names, images) in resumed.items():
+            assert names == full[step][0] and torch.equal(images, full[step][1]), f"{ckpt}: step {step}"

@@ -182,6 +182,34 @@ def test_streams_are_reproducible_and_reshuffled_per_epoch_and_start_step(shards
     assert run(1, 20)[0] != run(1, 18)[0]  # resumed mid-epoch: not the epoch's original order
 
 
+def _stream_batches(
+    urls: list[str], done: int = 0, num_workers: int = 0, crops: int = 1, epoch: int = 2
+) -> list[tuple[list[str], torch.Tensor]]:
+    """The batches of epoch ``epoch`` (6 batches of 3), its first ``done`` already run (a resume)."""
+    stream = TrainShardStream(
+        urls, 32, batch_size=3, samples_per_epoch=18, shuffle_buffer=4, crops_per_image=crops
+    )
+    stream.set_position(epoch, epoch * 6, done)
+    loader = DataLoader(stream, batch_size=3, drop_last=True, num_workers=num_workers)
+    return [(list(b["key"]), b["image"]) for b in loader]
+
+
+@pytest.mark.parametrize(("num_workers", "crops"), [(0, 1), (2, 1), (3, 1), (0, 3)])
+def test_a_stream_resumed_mid_epoch_serves_the_rest_of_the_uninterrupted_epoch(
+    shards: Path, num_workers: int, crops: int
+) -> None:
+    """Skipping the batches already run (read, not decoded) leaves the walk, the worker that serves each
+    batch (round-robin from worker 0 again) and every crop and flip as they were: the very same batches.
+    With 3 crops per image the crops met while skipping wait undecoded in the spreading buffer."""
+    urls = _urls(shards)
+    whole = _stream_batches(urls, num_workers=num_workers, crops=crops)
+    assert len(whole) == 6
+    for done in (1, 2, 4, 5):
+        rest = _stream_batches(urls, done, num_workers=num_workers, crops=crops)
+        assert [k for k, _ in rest] == [k for k, _ in whole[done:]], f"after {done} batches"
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, whole[done:], strict=True))
+
+
 def test_eval_gives_every_rank_the_same_number_of_batches_and_covers_all(shards: Path) -> None:
     urls = _urls(shards)
     counts = [5, 3, 4, 6]
@@ -294,6 +322,15 @@ class KeyModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SteppingKeyModule(KeyModule):
+    """Reads ``estimated_stepping_batches`` in ``configure_optimizers``, as tadm's LR schedules do: Lightning
+    then builds the training loader before it restores a checkpoint's loops."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        assert self.trainer.estimated_stepping_batches > 0
+        return super().configure_optimizers()
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
@@ -545,26 +582,30 @@ def test_cached_latent_shards_train_through_the_cli_without_encoding(
 # resuming
 
 
-def test_resume_continues_at_the_saved_step_without_replaying_the_epoch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module_class", [KeyModule, SteppingKeyModule])
+def test_resume_continues_the_epoch_exactly_where_the_checkpoint_stopped(
+    tmp_path: Path, module_class: type[KeyModule]
+) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     root = write_shards(tmp_path, [6, 6])  # 12 samples; batch 3 -> 4 steps per epoch
 
     def fit(name: str, max_steps: int, ckpt: Path | None = None) -> KeyModule:
-        module = KeyModule()
+        module = module_class()
         dm = WebDatasetDataModule(train_shards=str(root), crop_size=32, batch_size=3, shuffle_buffer=4)
         save = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1)
-        trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=[save], enable_checkpointing=True)
+        trainer = _trainer(
+            tmp_path, max_steps=max_steps, max_epochs=100, callbacks=[save], enable_checkpointing=True
+        )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         assert trainer.global_step == max_steps
         return module
 
     full = fit("a", 8).keys
     assert sorted(k for s in (1, 2, 3, 4) for k in full[s]) == sorted(all_keys(root))
-    # resumed mid-epoch (after step 5 of 8): steps 6-8 are trained, in a fresh order
+    # resumed mid-epoch (after step 5 of 8): steps 6-8 are the uninterrupted run's, none of step 5 again
     mid = fit("b", 8, tmp_path / "a" / "epoch=1-step=5.ckpt").keys
-    assert sorted(mid) == [6, 7, 8]
-    assert mid[6] not in (full[5], full[6]), "resuming replayed the epoch's order"
+    assert mid == {s: full[s] for s in (6, 7, 8)}, "the resumed epoch left its walk"
     # resumed at an epoch boundary: exactly the uninterrupted run
     edge = fit("c", 8, tmp_path / "a" / "epoch=0-step=4.ckpt").keys
     assert edge == {s: full[s] for s in (5, 6, 7, 8)}
