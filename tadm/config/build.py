@@ -114,6 +114,20 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
+def takes_argument(cls: type, name: str) -> bool:
+    """Whether ``cls(name=...)`` is accepted: its ``__init__`` names it, or passes ``**kwargs`` up to a base
+    class's that does (the SD 3 / FLUX backbones take the shared diffusers arguments that way)."""
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def _with_pretrained(backbone_cfg: Any, pretrained: str, source: str) -> dict[str, Any]:
     """The stored backbone config with ``pretrained`` replaced; an error when that backbone takes none."""
     import importlib
@@ -130,7 +144,7 @@ def _with_pretrained(backbone_cfg: Any, pretrained: str, source: str) -> dict[st
             cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {source}: unknown backbone class {class_path!r} ({err})") from err
-    if "pretrained" not in inspect.signature(cls.__init__).parameters:
+    if not takes_argument(cls, "pretrained"):
         raise CheckpointError(
             f"checkpoint {source}: its backbone {class_path!r} loads no weights from a folder or hub id, "
             f"so --backbone {pretrained} does not apply; drop --backbone"

@@ -206,8 +206,18 @@ def test_a_checkpoint_of_another_family_is_refused_naming_both(tmp_path: Path) -
 def test_a_cli_checkpoint_run_on_a_folder_of_another_family_is_refused(
     flux_ckpt: Path, tmp_path: Path
 ) -> None:
+    """A checkpoint of the real FLUX backbone (its stored config names ``flux`` / flux1-dev: the twin the
+    fixture trained takes no folder) run with ``--backbone`` an SD 3 folder: refused naming both families."""
+    import yaml
+
+    ckpt = torch.load(flux_ckpt, weights_only=True)
+    config = yaml.safe_load(ckpt["tadm"]["config"])
+    config["model"]["backbone"] = {"class_path": "flux", "init_args": {"preset": "flux1-dev"}}
+    ckpt["tadm"]["config"] = yaml.safe_dump(config)
+    real = tmp_path / "real_flux.ckpt"
+    torch.save(ckpt, real)
     sd3_folder = save_pipeline("sd3", tmp_path / "sd3")
     with pytest.raises(CheckpointError) as info:
-        load_codec(flux_ckpt, backbone_pretrained=str(sd3_folder))
+        load_codec(real, backbone_pretrained=str(sd3_folder))
     msg = str(info.value)
     assert "family flux" in msg and "StableDiffusion3Pipeline (family sd3)" in msg
