@@ -32,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tadm.ops.files import atomic_write
+from tadm.training.callbacks import checkpoint_dir
 
 
 def _reason(err: OSError) -> str:
@@ -141,6 +142,21 @@ def checkpoint_save_failures(trainer: L.Trainer) -> list[str]:
     return list(io.failures) if isinstance(io, AtomicCheckpointIO) else []
 
 
+def remove_stale_temp_files(folder: str | None) -> list[Path]:
+    """Delete the ``.<name>.ckpt.<random>.tmp`` files a save killed mid-file left in ``folder`` (a hard kill
+    gives the writer no chance to clean up); a run starting in that folder is the only writer there."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    removed = []
+    for path in Path(folder).glob(".*.ckpt.*.tmp"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass  # not ours to insist on: it only takes space
+    return removed
+
+
 class AtomicCheckpoints(L.Callback):
     """Makes a trainer's checkpoint saves atomic: at setup, Lightning's default ``TorchCheckpointIO`` is
     replaced by :class:`AtomicCheckpointIO`; an IO the user configured (async, cloud, a subclass) is kept,
@@ -150,6 +166,8 @@ class AtomicCheckpoints(L.Callback):
         self._warned = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            remove_stale_temp_files(checkpoint_dir(trainer))
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -294,3 +294,25 @@ def test_a_real_full_filesystem_gives_one_line_exit_1_and_whole_checkpoints(tmp_
         assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_save_killed_mid_file_leaves_a_temp_file_the_next_run_removes(tmp_path: Path) -> None:
+    """A SIGKILL during a save leaves ``.last.ckpt.<random>.tmp`` (the kill-anywhere harness saw 8.8 MB of
+    them); the next run in that folder deletes them at setup and touches nothing else."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    stale = [folder / ".last.ckpt.abc123.tmp", folder / ".epoch=0-step=2.ckpt.x9.tmp"]
+    kept = [folder / "last.ckpt", folder / ".hidden.tmp", folder / "notes.ckpt.tmp"]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[ModelCheckpoint(dirpath=folder)],
+        accelerator="cpu",
+    )
+    AtomicCheckpoints().setup(trainer, L.LightningModule(), "fit")
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
