@@ -42,7 +42,11 @@ def _fit_args(run: Path, max_steps: int) -> list[str]:
 def _tadm(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tadm", *args], cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "tadm", *args],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
     )
 
