@@ -10,11 +10,10 @@ QS_CKPT := runs/quickstart/checkpoints/last.ckpt
 setup: $(STAMP)
 
 # (Re)install when pyproject.toml changes; the stamp keeps `make test` from reinstalling every time.
-# --no-compile: no .pyc for every file of torch & co. at install; Python compiles what it imports, once.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 quickstart: setup

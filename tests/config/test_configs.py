@@ -93,8 +93,9 @@ def _backbone_free(rel: str) -> bool:
 
 
 def _experiment_cases() -> list:
-    """Every experiment on every family. In `make test`: every recipe on SD 2.1 (but IRN's, which trains the
-    full-size IRN for ~25 s: tests/components/test_irn.py trains it directly), and on the other UNet families
+    """Every experiment on every family. In `make test`: on SD 2.1 every recipe but IRN's (it trains the full-size
+    IRN for ~25 s: tests/components/test_irn.py trains it directly), the release's stage 2/3 and stage 3 x32
+    (settings of recipes that run), and on the other UNet families
     the stage-3 x16 recipe (it trains what stages 1 and 2 train, together). The rest (the authors' release
     recipes, SD 2.1 by definition; the recipes no backbone takes part in, :func:`_backbone_free`; x32, which
     differs in the rescaler; stages 1 and 2 alone on SD 1.5 / SDXL) run with the slow tests."""
@@ -117,8 +118,15 @@ def _unet_slow(experiment: str, family: str) -> bool:
     """See :func:`_experiment_cases`: on SD 2.1 only IRN's recipe; on SD 1.5 / SDXL all but stage 3 x16."""
     if family in {p.family for p in FLOW_PRESETS.values()}:
         return False
-    if family == "sd21":
-        return experiment == "experiments/irn_x16.yaml"
+    if (
+        family == "sd21"
+    ):  # the release's stage 2/3 and the stage-3 x32 recipe differ from x16 in settings only
+        return experiment in {
+            "experiments/irn_x16.yaml",
+            "experiments/release/enhancer_x16.yaml",
+            "experiments/release/joint_x16.yaml",
+            "experiments/joint_x32.yaml",
+        }
     return experiment != "experiments/joint_x16.yaml"
 
 
@@ -185,7 +193,17 @@ def test_backbone_file_parses_without_weights(backbone: str, capsys: pytest.Capt
     assert printed["pretrained"] == "/weights/elsewhere"
 
 
-@pytest.mark.parametrize("aligner", _files("aligner"))
+#: in `make test` one aligner file and one fixed-t ablation train a step (~9 s / ~5 s each); the others run with
+#: the slow tests (every built-in aligner also runs a stage step in tests/testing/test_contract_checks.py)
+FAST_ALIGNER_FILES = {"aligner/tpm.yaml"}
+FAST_ABLATION_FILES = {"ablation/pixel_prior.yaml", "ablation/fixed_t50.yaml", "ablation/no_prior.yaml"}
+
+
+def _fast_or_slow(files: list[str], fast: set[str]) -> list:
+    return [pytest.param(f, marks=[] if f in fast else [pytest.mark.slow]) for f in files]
+
+
+@pytest.mark.parametrize("aligner", _fast_or_slow(_files("aligner"), FAST_ALIGNER_FILES))
 def test_aligner_file_swaps_the_aligner_and_trains_a_step(aligner: str) -> None:
     """Composed onto stage 2 (tiny SD 2.1): the YAML's short name picks the class, one step trains it,
     validation runs (the oracle gets the HR latent there)."""
@@ -233,7 +251,7 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("ablation", _files("ablation"))
+@pytest.mark.parametrize("ablation", _fast_or_slow(_files("ablation"), FAST_ABLATION_FILES))
 def test_ablation_file_composes_onto_stage_2_and_trains_a_step(ablation: str) -> None:
     """Composed onto stage 2 (``experiments/enhancer_x16.yaml``, tiny SD 2.1, slim DFRM, no previous
     checkpoint): every value of the file reaches the model, and one step trains exactly its stage's parts."""

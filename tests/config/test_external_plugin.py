@@ -65,6 +65,7 @@ def test_list_shows_the_installed_plugin(site: Path, tmp_path: Path) -> None:
     assert "aligner" in row and CLASS in row and "One timestep per image" in row
 
 
+@pytest.mark.slow  # ~20 s: a full `tadm fit` subprocess; the package's own contract tests run in `make test`
 def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: Path) -> None:
     """One stage-2 step on the tiny SD 2.1 twin with ``class_path: example_stats`` from the example's YAML.
     A narrow t range makes the logged timestep prove the plug-in's forward ran; the checkpoint holds its

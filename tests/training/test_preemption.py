@@ -11,18 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from tadm.commands.main import main
 from tests.helpers import CONFIGS, REPO
 from tests.helpers.cli import data_args
 
 
-def _fit_args(run: Path, max_steps: int) -> list[str]:
+def _fit_args(run: Path, max_steps: int, extra: list[dict] | None = None) -> list[str]:
     callbacks = [
         {
             "class_path": "tadm.training.callbacks.RunCheckpoint",
             "init_args": {"dirpath": str(run / "ckpt"), "save_last": True, "every_n_train_steps": 2},
-        }
+        },
+        *(extra or []),
     ]
     return [
         "fit",
@@ -51,6 +54,31 @@ def _tadm(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def test_sigterm_in_process_saves_at_the_step_boundary_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fast half: ``tadm fit`` in this process sends itself SIGTERM after step 3: exit 143, one line, a
+    ``last.ckpt`` of step 3 (not of the epoch's end), and a resume from it trains on to step 5."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = _fit_args(
+        run,
+        max_steps=10_000,
+        extra=[{"class_path": "tests.helpers.signals.SignalAtStep", "init_args": {"step": 3}}],
+    )
+    assert main(args) == 143
+    err = capsys.readouterr().err
+    last = run / "ckpt" / "last.ckpt"
+    (line,) = [x for x in err.splitlines() if "SIGTERM received" in x]
+    assert line == (
+        f"tadm: SIGTERM received: saved a resumable checkpoint at step 3 to {last}; resume with --ckpt_path {last}"
+    )
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert main([*_fit_args(run, max_steps=5), "--ckpt_path", str(last)]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.slow  # two `tadm fit` subprocesses (~30 s): the signal from outside, as a scheduler sends it
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _tadm(_fit_args(run, max_steps=10_000), tmp_path)
