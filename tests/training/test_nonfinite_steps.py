@@ -132,8 +132,9 @@ def _quickstart(tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # 16-mixed: Lightning uses bf16 on a CPU
 def test_one_nan_step_is_skipped_and_leaves_weights_and_ema_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loss of the 2nd step is NaN: the weights and the EMA after it equal those after the 1st, it is
     counted in ``train/skipped_steps``, and the run trains on to its last step."""
@@ -146,7 +147,11 @@ def test_one_nan_step_is_skipped_and_leaves_weights_and_ema_alone(
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(lightning_module, "weighted_sum", nan_on_the_second_step)
-    cli = build_cli(_quickstart(tmp_path, "--trainer.max_steps=4", "--model.ema_decay=0.9"))
+    cli = build_cli(
+        _quickstart(
+            tmp_path, "--trainer.max_steps=4", "--model.ema_decay=0.9", f"--trainer.precision={precision}"
+        )
+    )
     recorder = StepRecorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
