@@ -293,10 +293,11 @@ class TADMModule(L.LightningModule):
             check_gradients=scaler is None,
         )
         self.log("train/skipped_steps", float(guard.total), batch_size=1)
+        if ok:
+            guard.end_step()
+            return
         terms = ", ".join(guard.bad_terms()) or "loss (on another rank)"
         guard.end_step()
-        if ok:
-            return
         optimizer.zero_grad(set_to_none=True)
         step = self.trainer.global_step + 1  # the step being taken (global_step counts those done)
         if guard.must_stop:

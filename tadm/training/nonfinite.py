@@ -33,15 +33,15 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
         self.step_skipped = False
-        self._bad_terms: list[str] = []
+        #: per micro-batch of the step: its term names and whether each was finite (a tensor, on the device)
+        self._losses: list[tuple[list[str], Tensor]] = []
+        self._gradients_finite = True
 
     def note_loss(self, terms: Mapping[str, Tensor], loss: Tensor) -> None:
-        """Record which loss terms of this micro-batch are not finite (one sync: a single ``.tolist()``)."""
-        names = [*terms, "loss"]
+        """Keep whether each loss term of this micro-batch is finite, on the device: no host sync per
+        micro-batch (the names are read back only for a step that is skipped)."""
         values = torch.stack([t.detach().float().sum() for t in (*terms.values(), loss)])
-        for name, finite in zip(names, torch.isfinite(values).tolist(), strict=True):
-            if not finite and name not in self._bad_terms:
-                self._bad_terms.append(name)
+        self._losses.append(([*terms, "loss"], torch.isfinite(values)))
 
     def check_step(
         self,
@@ -52,13 +52,14 @@ class NonFiniteGuard:
         """True when the step may update the weights. ``agree(ok)`` is True only if every rank's ``ok`` is
         (``Strategy.reduce_boolean_decision(ok, all=True)``); gradients are checked unless a grad scaler
         owns that check. Call once per optimiser step, after backward."""
-        ok = not self._bad_terms
-        if ok and check_gradients:
+        checks = [finite.all() for _, finite in self._losses]
+        ok = bool(torch.stack(checks).all()) if checks else True
+        if ok and check_gradients:  # a NaN loss names the loss, not its gradients
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-            if not ok:
-                self._bad_terms.append("gradients")
+                ok = self._gradients_finite = bool(
+                    torch.stack([torch.isfinite(g).all() for g in grads]).all()
+                )
         ok = agree(ok)
         self.step_skipped = not ok
         if ok:
@@ -69,13 +70,19 @@ class NonFiniteGuard:
         return ok
 
     def bad_terms(self) -> list[str]:
-        """The non-finite terms of this step on this rank (``gradients`` for the gradients; empty when only
-        another rank's were)."""
-        return list(self._bad_terms)
+        """The non-finite terms of this step on this rank, in order (``gradients`` for the gradients; empty
+        when only another rank's were). Reads the flags back from the device: call it for a skipped step."""
+        bad: list[str] = []
+        for names, finite in self._losses:
+            bad += [n for n, f in zip(names, finite.tolist(), strict=True) if not f and n not in bad]
+        if not bad and not self._gradients_finite:
+            bad.append("gradients")
+        return bad
 
     def end_step(self) -> None:
         """Forget the step's terms (after the optimiser step, skipped or not)."""
-        self._bad_terms = []
+        self._losses = []
+        self._gradients_finite = True
 
     @property
     def must_stop(self) -> bool:
