@@ -81,6 +81,15 @@ def checkpoint_dir(trainer: L.Trainer) -> str | None:
     return run_checkpoint_dir(trainer) if isinstance(ckpt, RunCheckpoint) else None
 
 
+def newest_saved_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint callback's ``last`` (else best) checkpoint if it is on disk: a path whose first save
+    failed (a full disk) is not one to resume from."""
+    ckpt = trainer.checkpoint_callback
+    if not isinstance(ckpt, ModelCheckpoint):
+        return None
+    return next((p for p in (ckpt.last_model_path, ckpt.best_model_path) if p and os.path.exists(p)), None)
+
+
 def _log_dir(trainer: L.Trainer) -> str | None:
     """The first logger's folder, read on this rank alone (``trainer.log_dir`` is a broadcast, which
     fails or hangs when only rank 0 calls it)."""
@@ -149,8 +158,6 @@ class RoundTripReport(L.Callback):
             )
         elif log_dir:
             console.print(f"Logs: {log_dir}", soft_wrap=True)
-        ckpt = trainer.checkpoint_callback
-        if isinstance(ckpt, ModelCheckpoint):  # a path whose save failed (a full disk) is not shown
-            saved = [p for p in (ckpt.last_model_path, ckpt.best_model_path) if p and os.path.exists(p)]
-            if saved:
-                console.print(f"Checkpoint: {saved[0]}", soft_wrap=True)
+        saved = newest_saved_checkpoint(trainer)
+        if saved:
+            console.print(f"Checkpoint: {saved}", soft_wrap=True)

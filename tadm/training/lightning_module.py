@@ -17,7 +17,6 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
@@ -35,6 +34,7 @@ from tadm.model.enhancer import HybridScheduler
 from tadm.model.tadm_model import AlignerLatents, Stage, TADMModel
 from tadm.ops.color_fix import ColorFix, check_color_fix
 from tadm.ops.images import bicubic_down, crop_to, pad_to_multiple, to_unit
+from tadm.training.callbacks import newest_saved_checkpoint
 from tadm.training.checkpoint_io import AtomicCheckpoints
 from tadm.training.ema_callback import EMAWeights
 from tadm.training.losses import (
@@ -57,10 +57,7 @@ NONFINITE_KEY = "tadm_nonfinite_steps"
 
 def _last_checkpoint(trainer: L.Trainer) -> str:
     """The newest checkpoint this run saved (each was checked finite before it was written), or a note."""
-    ckpt = trainer.checkpoint_callback
-    if isinstance(ckpt, ModelCheckpoint) and (ckpt.last_model_path or ckpt.best_model_path):
-        return ckpt.last_model_path or ckpt.best_model_path
-    return "none saved by this run"
+    return newest_saved_checkpoint(trainer) or "none saved by this run"
 
 
 @contextmanager
