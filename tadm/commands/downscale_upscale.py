@@ -5,13 +5,16 @@
 
 Inputs are files, folders (recursive) and glob patterns; outputs keep each file's path relative to
 the folder it was found in. Every output is written atomically; existing outputs are skipped unless
-``--overwrite``, so an interrupted run is finished by running it again. A bad file is reported and
-the rest are processed; the exit status is then 1.
+``--overwrite``, so an interrupted run is finished by running it again. Without ``--overwrite`` no file
+is ever replaced: an output another run finishes while this one works on it is kept and counted as
+skipped (the final step refuses a taken name). A bad file is reported and the rest are processed; the
+exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from tadm.commands.common import (
 )
 from tadm.datamodules.inputs import InputFile, collect_inputs
 from tadm.inference.codec import DEFAULT_MAX_HR_SIDE
+from tadm.ops.files import DestinationExists
 
 
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -39,13 +43,20 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 def _run_codec(
     args: argparse.Namespace, files: list[InputFile], verb: str, write: Callable[[InputFile, Path], None]
 ) -> int:
-    """``write(input, destination)`` each input whose output is not there yet (or all, with --overwrite)."""
+    """``write(input, destination)`` each input whose output is not there yet (or all, with --overwrite).
+
+    The early check saves the work; ``write`` must still refuse a taken name at its final step (it may have
+    been written by another run since): :class:`DestinationExists` counts as skipped, like the early check.
+    """
 
     def process(f: InputFile) -> bool:
         dest = args.output / f.rel.parent / f"{f.rel.name}.png"  # not with_suffix: "a.v2.jpg" -> "a.v2.png"
         if dest.exists() and not args.overwrite:
             return False
-        write(f, dest)
+        try:
+            write(f, dest)
+        except DestinationExists:
+            return False  # another run finished this output meanwhile: its file is kept
         return True
 
     report = for_each(files, process, lambda f: str(f.path), verb, len(files), not args.no_progress)
@@ -68,7 +79,8 @@ def downscale_command(argv: Sequence[str]) -> int:
 
     def write(f: InputFile, dest: Path) -> None:
         y, (h, w) = codec.downscale(load_image(f.path)[None])
-        write_lr(dest, y, LRMeta(h, w, codec.scale, codec.rescaler_id, codec.model_id))
+        meta = LRMeta(h, w, codec.scale, codec.rescaler_id, codec.model_id)
+        write_lr(dest, y, meta, overwrite=args.overwrite)
 
     return _run_codec(args, files, "downscale", write)
 
@@ -102,7 +114,10 @@ def upscale_command(argv: Sequence[str]) -> int:
         if args.save_timesteps and out.timesteps is not None and model.aligner is not None:
             factor = model.backbone.downsample_factor
             heat = timestep_panel(out.timesteps, factor, size, model.aligner.t_min, model.aligner.t_max)
-            write_png(dest.with_suffix(".timesteps.png"), heat * 2 - 1)
-        write_png(dest, out.image)
+            # before the image, so a run stopped between the two is completed by the next one; a heat map
+            # left by an earlier or concurrent run of this input is kept
+            with contextlib.suppress(DestinationExists):
+                write_png(dest.with_suffix(".timesteps.png"), heat * 2 - 1, overwrite=args.overwrite)
+        write_png(dest, out.image, overwrite=args.overwrite)
 
     return _run_codec(args, files, "upscale", write)

@@ -79,8 +79,13 @@ def from_uint8(arr: np.ndarray) -> Tensor:
     return (v / 127.5 - 1.0)[None]
 
 
-def write_png(path: str | os.PathLike[str], image: Tensor, text: dict[str, str] | None = None) -> Path:
-    """Save an image in [-1,1] as an 8-bit RGB PNG (optionally with text chunks), atomically."""
+def write_png(
+    path: str | os.PathLike[str], image: Tensor, text: dict[str, str] | None = None, overwrite: bool = True
+) -> Path:
+    """Save an image in [-1,1] as an 8-bit RGB PNG (optionally with text chunks), atomically.
+
+    ``overwrite=False`` never replaces an existing file, even one another run finished while this one
+    was encoding: :class:`~tadm.ops.files.DestinationExists` then (the codec commands count it skipped)."""
     arr = to_uint8(image)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
@@ -89,15 +94,16 @@ def write_png(path: str | os.PathLike[str], image: Tensor, text: dict[str, str] 
     def write(tmp: Path) -> None:
         Image.fromarray(arr, mode="RGB").save(tmp, format="PNG", pnginfo=info, compress_level=6)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, overwrite=overwrite)
 
 
-def write_lr(path: str | os.PathLike[str], y: Tensor, meta: LRMeta) -> Path:
-    """Write the quantised LR tensor ``y`` with its metadata; refuses values off the 8-bit grid."""
+def write_lr(path: str | os.PathLike[str], y: Tensor, meta: LRMeta, overwrite: bool = True) -> Path:
+    """Write the quantised LR tensor ``y`` with its metadata; refuses values off the 8-bit grid
+    (``overwrite``: as :func:`write_png`)."""
     v = (y.detach().float().cpu() + 1.0) * 127.5
     if (v - v.round()).abs().max() > 1e-3 or v.min() < -1e-3 or v.max() > 255.001:
         raise ValueError("LR tensor is not an 8-bit image in [-1, 1]: is the rescaler in eval mode?")
-    return write_png(path, y, meta.to_text())
+    return write_png(path, y, meta.to_text(), overwrite=overwrite)
 
 
 def read_lr(path: str | os.PathLike[str]) -> tuple[Tensor, LRMeta | None]:

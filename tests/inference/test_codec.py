@@ -445,3 +445,43 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(
     code = _run("downscale", "--ckpt", ckpt, photos / "astronaut.png", "-o", tmp_path / "ro", *FAST)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot be written: Permission denied" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two runs writing one output folder: without --overwrite nothing is ever replaced
+
+
+@pytest.mark.parametrize("verb", ["downscale", "upscale"])
+def test_an_output_another_run_finishes_meanwhile_is_kept_and_counted_skipped(
+    verb: str,
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The early "exists?" check passes, then another process finishes the same name before our final step
+    (simulated from inside our PNG encoder, no timing): its file stays, ours is dropped (no temp file left),
+    and the run reports a skip, not a failure. With --overwrite the same race replaces it."""
+    src = photos / "astronaut.png"
+    if verb == "upscale":
+        assert _run("downscale", "--ckpt", ckpt, src, "--output", tmp_path / "lr", *FAST) == 0
+        src = tmp_path / "lr" / "astronaut.png"
+    out = tmp_path / "out"
+    dest = out / "astronaut.png"
+    theirs = b"\x89PNG written by the other run"
+    real_save = Image.Image.save
+
+    def other_run_finishes_first(self: Image.Image, fp: object, *a: object, **k: object) -> None:
+        real_save(self, fp, *a, **k)
+        if Path(str(fp)).name.startswith(".astronaut.png."):  # our temp file, not the heat map's
+            dest.write_bytes(theirs)
+
+    monkeypatch.setattr(Image.Image, "save", other_run_finishes_first)
+    capsys.readouterr()
+    assert _run(verb, "--ckpt", ckpt, src, "--output", out, *FAST) == 0
+    assert f"{verb}d 0 file(s), skipped 1 existing, 0 failed" in capsys.readouterr().out
+    assert dest.read_bytes() == theirs
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png"]  # no temp file left behind
+    assert _run(verb, "--ckpt", ckpt, src, "--output", out, "--overwrite", *FAST) == 0
+    assert dest.read_bytes() != theirs and read_lr(dest)[0].shape[0] == 1

@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tadm.ops.files import atomic_write, atomic_write_text
+from tadm.ops.files import DestinationExists, atomic_write, atomic_write_text
 
 
 def _fsync_spy(
@@ -80,3 +81,62 @@ def test_a_failing_writer_propagates_and_leaves_no_temp(tmp_path: Path) -> None:
         atomic_write(target, half_then_full)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["report.md"]
+
+
+def _taken_during_write(target: Path, theirs: bytes) -> Callable[[Path], None]:
+    """A writer that writes its temp file while another process finishes ``target`` (after any early
+    existence check, before the final step)."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"mine")
+        target.write_bytes(theirs)
+
+    return write
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+def test_without_overwrite_a_name_taken_meanwhile_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    """Two runs writing one name: the first to finish keeps it, the second gets DestinationExists and
+    leaves no temp file. Without hard links (FAT, some network filesystems) an O_EXCL claim does it."""
+    if not links:
+
+        def no_links(src: object, dst: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "a.png"
+    with pytest.raises(DestinationExists) as info:
+        atomic_write(target, _taken_during_write(target, b"theirs"), overwrite=False)
+    assert isinstance(info.value, FileExistsError) and str(target) in str(info.value)
+    assert target.read_bytes() == b"theirs"
+    assert os.listdir(tmp_path) == ["a.png"]
+    # a free name is written, with the usual permissions, and only the final file remains
+    fresh = atomic_write(tmp_path / "b.png", lambda tmp: tmp.write_bytes(b"new"), overwrite=False)
+    assert fresh.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    # the default (overwrite) still replaces atomically
+    atomic_write(target, _taken_during_write(target, b"theirs"))
+    assert target.read_bytes() == b"mine"
+
+
+def test_without_hard_links_a_failed_rename_removes_its_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The O_EXCL fallback claims the name with an empty file first; if the rename onto it fails, the claim
+    goes too (nothing half-written is left under the name)."""
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(tmp_path / "a.png", lambda tmp: tmp.write_bytes(b"x"), overwrite=False)
+    assert os.listdir(tmp_path) == []
