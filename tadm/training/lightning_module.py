@@ -46,6 +46,7 @@ from tadm.training.losses import (
 )
 from tadm.training.nonfinite import NonFiniteGuard, describe_non_finite, non_finite_tensors
 from tadm.training.preemption import SaveOnSigterm
+from tadm.training.schedules import WarmupCosineLR
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,9 @@ class TADMModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(opt)
-        if hasattr(sched, "total_steps") and sched.total_steps is None:
+        if isinstance(sched, WarmupCosineLR) and sched.total_steps is None:
+            sched.follow_run_length(int(self.trainer.estimated_stepping_batches))
+        elif hasattr(sched, "total_steps") and sched.total_steps is None:  # a user's schedule of this shape
             sched.total_steps = int(self.trainer.estimated_stepping_batches)
         return {
             "optimizer": opt,
