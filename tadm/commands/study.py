@@ -10,6 +10,11 @@ with the same commands and config files) is kept; one whose training finished is
 else is trained again from scratch (a half-written run is not resumed: with ``seed_everything`` the rerun
 gives the run an uninterrupted one would). The end is ``tadm compare`` on the study folder. The study file
 format: :mod:`tadm.studies.study_plan` and docs/studies.md.
+
+One output folder, one study file: ``study.json`` records the resolved path of the study file that owns the
+folder, and ``run`` refuses (exit 2, nothing touched) a folder that another study file owns, unless given
+``--replace`` (then this study takes it over: its cells that differ are trained again). The same file, edited
+or not, is the same study; a moved, renamed or copied file is another one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tadm.commands.common import EXIT_FAILED, EXIT_OK, command
+from tadm.commands.common import EXIT_FAILED, EXIT_OK, command, error_line
 from tadm.ops.files import atomic_write_text
 from tadm.studies.study_plan import MANIFEST, Cell, Study, load_study
 
@@ -50,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
             "--cell", action="append", default=[], metavar="NAME", help="only this cell (repeatable)"
         )
     run.add_argument("--no-compare", action="store_true", help="do not run `tadm compare` at the end")
+    run.add_argument(
+        "--replace",
+        action="store_true",
+        help="take over an output folder that another study file owns (its study.json says which): this "
+        "study's cells that differ from the ones there are trained again, their old results deleted",
+    )
     return ap
 
 
@@ -65,7 +76,7 @@ def study_command(argv: Sequence[str]) -> int:
         except BrokenPipeError:  # `tadm study plan ... | head`
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
         return EXIT_OK
-    return run_study(study, cells, compare=not args.no_compare)
+    return run_study(study, cells, compare=not args.no_compare, replace=args.replace)
 
 
 def tadm_argv() -> list[str]:
@@ -76,7 +87,14 @@ def tadm_argv() -> list[str]:
 def plan_text(study: Study, cells: Sequence[Cell]) -> str:
     """The cells, what ``run`` would do with each, and the exact commands."""
     axes = " x ".join(f"{a} ({len(v)})" for a, v in study.axes.items())
-    lines = [f"study {study.source}: {len(cells)} cell(s), axes {axes}; output {study.output}", ""]
+    lines = [f"study {study.source}: {len(cells)} cell(s), axes {axes}; output {study.output}"]
+    owner = foreign_owner(study)
+    if owner is not None:
+        lines.append(
+            f"note: '{study.output}' holds the results of {owner}: `tadm study run` refuses it unless given "
+            "--replace, which trains again every cell below not marked done"
+        )
+    lines.append("")
     for i, cell in enumerate(cells, 1):
         lines.append(f"[{i}/{len(cells)}] {cell.name}: {_status(cell)[1]}")
         lines.append("  " + _shell(["tadm", "fit", *cell.fit_args]))
@@ -92,14 +110,25 @@ class CellOutcome:
     seconds: float = 0.0
 
 
-def run_study(study: Study, cells: Sequence[Cell], compare: bool = True) -> int:
+def run_study(study: Study, cells: Sequence[Cell], compare: bool = True, replace: bool = False) -> int:
     """Run each cell that needs it (see the module docstring); returns the exit status."""
+    owner = foreign_owner(study)  # before any work: another study's results are not this one's to replace
+    if owner is not None and not replace:
+        raise FileExistsError(
+            f"'{study.output}' holds the results of {owner}, not of study file '{study_file(study)}': run "
+            "that file, give this study another `output`, or pass --replace to take the folder over (this "
+            "study's cells that differ are then trained again, their old results deleted)"
+        )
     for cell in cells:  # before any work: a folder the study did not make is not the study's to replace
         if _status(cell)[0] != "done":
             _check_ours(cell.directory)
     study.output.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, CellOutcome] = {}
     print(f"study {study.source}: {len(cells)} cell(s) -> {study.output}", flush=True)
+    if owner is not None:
+        print(
+            f"--replace: '{study.output}' held the results of {owner}; this study takes it over", flush=True
+        )
     previous = _terminate_as_interrupt()
     try:
         for i, cell in enumerate(cells, 1):
@@ -249,6 +278,28 @@ def _clear(directory: Path) -> None:
         shutil.rmtree(directory)
 
 
+def study_file(study: Study) -> str:
+    """What identifies a study: its file's resolved path (an edited file is the same study; a moved,
+    renamed or copied one is another)."""
+    return str(study.source.resolve())
+
+
+def foreign_owner(study: Study) -> str | None:
+    """Who owns ``study.output`` when it is not this study ("study file '...' (per out/study.json)"), or
+    None: this study's, or no ``study.json`` yet. A manifest written before ``study_file`` was recorded names
+    the file as it was given, resolved here against the working directory; an unreadable one counts as
+    another study's."""
+    path = study.output / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        recorded = str(doc.get("study_file") or Path(doc["study"]).resolve())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"an unknown study ('{path}' is not readable as a study manifest: {error_line(err)})"
+    return None if recorded == study_file(study) else f"study file '{recorded}' (per '{path}')"
+
+
 def _write_manifest(study: Study, outcomes: dict[str, CellOutcome], running: str | None = None) -> None:
     """``study.json``: every cell, its axis values, folder and status (``tadm compare`` names rows by it)."""
     cells = []
@@ -267,7 +318,11 @@ def _write_manifest(study: Study, outcomes: dict[str, CellOutcome], running: str
                 "detail": outcome.detail if outcome else "",
             }
         )
-    doc = {"study": str(study.source), "axes": {a: [v.name for v in vs] for a, vs in study.axes.items()}}
+    doc = {
+        "study": str(study.source),
+        "study_file": study_file(study),
+        "axes": {a: [v.name for v in vs] for a, vs in study.axes.items()},
+    }
     doc["cells"] = cells
     atomic_write_text(study.output / MANIFEST, json.dumps(doc, indent=2) + "\n")
 

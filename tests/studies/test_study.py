@@ -347,6 +347,86 @@ def test_a_folder_the_study_did_not_make_is_never_replaced(
     assert _calls(workdir) == [] and (workdir / "out" / "x=cc" / "mine.txt").read_text() == "keep"
 
 
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under a folder: its bytes and mtime (ns)."""
+    return {
+        str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns)
+        for f in folder.rglob("*")
+        if f.is_file()
+    }
+
+
+def test_another_study_file_never_replaces_a_studys_results_without_replace(
+    fake: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One output folder, one study file (its resolved path in study.json): a second study file on the same
+    `output` is refused before anything is touched, unless given --replace; the owning file, however it is
+    spelled and after an edit, goes on as before."""
+    assert main(["study", "run", str(fake), "--no-compare"]) == 0
+    assert len(_calls(workdir)) == 6
+    out = workdir / "out"
+    assert json.loads((out / "study.json").read_text())["study_file"] == str(fake.resolve())
+    first = _snapshot(out)
+    assert "x=a/checkpoints/last.ckpt" in first
+    other = _write(
+        workdir / "other.yaml", fake.read_text().replace("output: out", "set: {fake.seed: 2}\noutput: out")
+    )
+    renamed = _write(
+        workdir / "renamed.yaml", fake.read_text()
+    )  # the same text under another name: another study
+    capsys.readouterr()
+    for study in (other, renamed):
+        assert main(["study", "run", str(study), "--cell", "x=a", "--no-compare"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tadm study: error: 'out' holds the results of study file")
+        assert f"'{fake.resolve()}'" in err[0] and "--replace" in err[0]
+        assert _snapshot(out) == first and _calls(workdir) == []  # nothing deleted, rewritten or run
+    assert main(["study", "plan", str(other)]) == 0  # plan writes nothing: it says what run would do
+    plan = capsys.readouterr().out
+    assert f"note: 'out' holds the results of study file '{fake.resolve()}'" in plan
+    assert "[1/3] x=a: to train and evaluate again" in plan
+    assert _snapshot(out) == first
+    # the owning file: by another spelling of its path, and after an edit (the edited cell alone runs again)
+    assert main(["study", "run", "./s.yaml", "--no-compare"]) == 0
+    assert _calls(workdir) == []
+    fake.write_text(fake.read_text().replace("cc: {fake.k: 3}", "cc: {fake.k: 4}"))
+    assert main(["study", "run", "s.yaml", "--no-compare"]) == 0
+    assert _calls(workdir) == ["fit x=cc", "evaluate x=cc"]
+    kept = _snapshot(out)
+    # --replace: the other study takes the folder over; its changed cell is trained again
+    capsys.readouterr()
+    assert main(["study", "run", str(other), "--cell", "x=a", "--no-compare", "--replace"]) == 0
+    assert "--replace: 'out' held the results of study file" in capsys.readouterr().out
+    assert _calls(workdir) == ["fit x=a", "evaluate x=a"]
+    assert (out / "x=a" / "checkpoints" / "last.ckpt").stat().st_mtime_ns != kept[
+        "x=a/checkpoints/last.ckpt"
+    ][1]
+    assert json.loads((out / "study.json").read_text())["study_file"] == str(other.resolve())
+    assert main(["study", "run", str(fake), "--no-compare"]) == 2  # now the first file is the other study
+    assert str(other.resolve()) in capsys.readouterr().err and _calls(workdir) == []
+
+
+def test_a_manifest_without_study_file_names_its_file_as_given(
+    fake: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """study.json written before the resolved path was recorded: its `study` (as given, relative to the
+    working directory) says who owns the folder; an unreadable manifest is another study's."""
+    assert main(["study", "run", str(fake), "--cell", "x=a", "--no-compare"]) == 0
+    manifest = workdir / "out" / "study.json"
+    doc = json.loads(manifest.read_text())
+    del doc["study_file"]
+    manifest.write_text(json.dumps({**doc, "study": "s.yaml"}))
+    _calls(workdir)
+    assert main(["study", "run", str(fake), "--cell", "x=a", "--no-compare"]) == 0 and _calls(workdir) == []
+    manifest.write_text(json.dumps({**doc, "study": "elsewhere/s.yaml"}))
+    assert main(["study", "run", str(fake), "--cell", "x=a", "--no-compare"]) == 2
+    assert f"study file '{workdir / 'elsewhere' / 's.yaml'}'" in capsys.readouterr().err
+    manifest.write_text("{not json")
+    assert main(["study", "run", str(fake), "--cell", "x=a", "--no-compare"]) == 2
+    assert "an unknown study ('out/study.json' is not readable" in capsys.readouterr().err
+    assert manifest.read_text() == "{not json" and _calls(workdir) == []
+
+
 def test_sigterm_stops_the_study_and_its_running_cell(
     fake: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -416,3 +496,41 @@ def test_a_real_study_trains_evaluates_and_compares(tmp_path: Path, monkeypatch:
     assert params["width=w8"] < params["width=w16"]
     table = (out / "compare.md").read_text()
     assert "| width=w8 |" in table and "| width=w16 |" in table and "bicubic x16 (reference)" in table
+
+
+@pytest.mark.slow
+def test_a_second_shrunk_demo_study_on_the_same_output_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe's case with real training: configs/studies/demo.yaml shrunk to 2 steps, one cell, then a
+    copy with one `set` value changed on the same `output`: refused with the first study's checkpoint
+    untouched; with --replace it trains the cell again."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    doc = yaml.safe_load((CONFIGS / "studies" / "demo.yaml").read_text())
+    doc["set"] = {
+        **doc["set"],
+        "trainer.max_steps": 2,
+        "trainer.max_epochs": 1,
+        "trainer.limit_val_batches": 0,
+    }
+    doc["output"] = str(tmp_path / "out")
+    doc["evaluate"] = {"inputs": ["assets/samples/val/coffee.png"], "args": ["--no-fid", "--no-perceptual"]}
+    first = tmp_path / "demo.yaml"
+    first.write_text(yaml.safe_dump(doc))
+    doc["set"]["trainer.max_steps"] = 3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    cell = "design=residual,width=w32"
+    assert main(["study", "run", str(first), "--cell", cell, "--no-compare"]) == 0
+    ckpt = tmp_path / "out" / cell / "checkpoints" / "last.ckpt"
+    before = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns)
+    snapshot = _snapshot(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["study", "run", str(other), "--cell", cell]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the results of study file '{first.resolve()}'" in err and "--replace" in err
+    assert (ckpt.read_bytes(), ckpt.stat().st_mtime_ns) == before and _snapshot(tmp_path / "out") == snapshot
+    assert main(["study", "run", str(other), "--cell", cell, "--no-compare", "--replace"]) == 0
+    assert ckpt.stat().st_mtime_ns != before[1]
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["study_file"] == str(other.resolve())
