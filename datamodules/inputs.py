@@ -171,20 +171,20 @@ class _Rules:
             missing = [u for u in urls if not Path(u).exists()]
             if missing:
                 raise InputError(f"input '{item}': shard '{missing[0]}' does not exist")
-            return _shards(urls)
+            return _not_empty(item, _shards(urls), "names shards")
         raise InputError(f"input '{item}' does not exist")
 
     def _existing(self, item: str, path: Path) -> list[Source]:
         if path.is_dir():
             if self.shards and (path / INDEX_NAME).is_file():
-                return _shards(self._index_urls(item, path))
-            return self._folder(path)
+                return _not_empty(item, _shards(self._index_urls(item, path)), "lists shards")
+            return _not_empty(str(path), self._folder(path), "folder")
         if path.name == INDEX_NAME:
             self._need_shards(item, "a shard index")
-            return _shards(self._index_urls(item, path))
+            return _not_empty(item, _shards(self._index_urls(item, path)), "lists shards")
         if path.suffix.lower() == _SHARD_SUFFIX:
             self._need_shards(item, "a WebDataset shard")
-            return _shards([str(path)])
+            return _not_empty(item, _shards([str(path)]), "shard")
         return [InputFile(path, Path(path.stem))]
 
     def _folder(self, folder: Path) -> list[Source]:
@@ -235,6 +235,18 @@ class _Rules:
                 f"input '{item}' is inside '{self.exclude}', the folder inputs are never read from "
                 "(the output folder)"
             )
+
+
+def _not_empty(item: str, sources: list[Source], what: str) -> list[Source]:
+    """``sources`` unless they are all shards known to hold no samples: an input that gives nothing to read is
+    an error, as an empty folder is (else an empty shard gives a report of 0 images and exit status 0)."""
+    if sources and all(isinstance(s, InputShard) and s.count == 0 for s in sources):
+        if what == "folder":
+            raise InputError(f"input folder '{item}' holds no images and its .tar shards hold no samples")
+        if what == "shard":
+            raise InputError(f"input '{item}' is a shard with no samples")
+        raise InputError(f"input '{item}' {what} that hold no samples")
+    return sources
 
 
 def _identity(source: Source) -> str:

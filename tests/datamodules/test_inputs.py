@@ -136,3 +136,25 @@ def test_the_excluded_output_folder_is_never_read(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"no file matches the input pattern '.*' outside '.*lr'"):
         collect_inputs([str(out / "*.png")], exclude=out)
     assert len(collect_inputs([str(src)])) == 4  # without exclude, the old outputs would be read
+
+
+def test_a_shard_or_folder_with_nothing_to_read_is_one_error_like_an_empty_folder(tmp_path: Path) -> None:
+    """An empty shard named on its own (or through an index or a pattern), or a folder whose only shards are
+    empty, is refused like an empty folder; a folder with images beside an empty shard is fine."""
+    empty = _tar(tmp_path / "e.tar")
+    with pytest.raises(InputError, match=r"input '.*e\.tar' is a shard with no samples"):
+        iter_hr_images([str(empty)])
+    with pytest.raises(InputError, match=r"input '.*/e\.tar' is a shard with no samples"):  # the match
+        iter_hr_images([str(tmp_path / "e*.tar")])
+    only_empty = tmp_path / "only_empty"
+    _tar(only_empty / "val-000000.tar")
+    with pytest.raises(InputError, match=r"input folder '.*only_empty' holds no images and its \.tar shards"):
+        iter_hr_images([str(only_empty)])
+    listed = tmp_path / "listed"
+    _tar(listed / "val-000000.tar")
+    index = '{"format": "tadm-shards", "version": 1, "shards": [{"name": "val-000000.tar", "count": 0}]}'
+    (listed / "index.json").write_text(index)
+    with pytest.raises(InputError, match=r"listed' lists shards that hold no samples"):
+        iter_hr_images([str(listed)])
+    _png(only_empty / "a.png")
+    assert iter_hr_images([str(only_empty)]).total == 1

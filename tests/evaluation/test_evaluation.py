@@ -9,6 +9,7 @@ import io
 import json
 import math
 import statistics
+import tarfile
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
@@ -488,3 +489,24 @@ def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
     with pytest.warns(UserWarning, match="out of memory on cuda"):
         values = perceptual._perceptual_values(y, x)
     assert calls == ["gpu", "cpu"] and values == real(perceptual._perceptual, y, x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command's refusals before any work: one line naming the file, exit 2
+
+
+def test_evaluate_refuses_an_empty_shard_like_an_empty_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty shard used to give a report of 0 images and exit 0; an empty folder exits 2."""
+    from tadm.commands.main import main
+
+    empty = tmp_path / "e.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    (tmp_path / "empty").mkdir()
+    for item in (empty, tmp_path / "empty"):
+        code = main(["evaluate", "--ckpt", str(tmp_path / "no.ckpt"), str(item), "-o", str(tmp_path / "r")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and str(item) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
