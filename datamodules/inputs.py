@@ -44,6 +44,9 @@ class InputFile:
 
     path: Path
     rel: Path
+    root: Path | None = None
+    """The folder given on the command line that it was found in (None: named or matched directly); a clash
+    of output names gets a hint that fits."""
 
 
 @dataclass(frozen=True)
@@ -130,14 +133,31 @@ def collect_inputs(
 
 def check_output_names(files: Sequence[InputFile]) -> None:
     """Raise an InputError naming both files when two inputs would write the same output name."""
-    owner: dict[Path, Path] = {}
+    owner: dict[Path, InputFile] = {}
     for f in files:
-        first = owner.setdefault(f.rel, f.path)
-        if first != f.path:
+        first = owner.setdefault(f.rel, f)
+        if first.path != f.path:
             raise InputError(
-                f"inputs '{first}' and '{f.path}' would both write '{f.rel}.png'; "
-                "pass their folders instead of the files, or run them separately"
+                f"inputs '{first.path}' and '{f.path}' would both write '{f.rel}.png': {_clash_hint(first, f)}"
             )
+
+
+def _clash_hint(first: InputFile, second: InputFile) -> str:
+    """What to do about two inputs with one output name, for the way they were passed."""
+    if first.root is None and second.root is None:
+        return (
+            "files named directly are written under their stem; pass a folder that holds both (outputs keep "
+            "their paths inside it), or run them separately into different output folders"
+        )
+    if first.root is not None and first.root == second.root:
+        return (
+            f"they have the same stem in '{first.path.parent}': rename one, or run them separately into "
+            "different output folders"
+        )
+    return (
+        "outputs are named by each file's path inside the folder given (a file named directly: its stem), "
+        "without the extension; run them separately, into different output folders"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -213,7 +233,9 @@ class _Rules:
             has_tars = any(o.suffix.lower() == _SHARD_SUFFIX for o in others)
             hint = " (it holds .tar shards, which this command does not read)" if has_tars else ""
             raise InputError(f"input folder '{folder}' holds no images ({kinds}){hint}")
-        files: list[Source] = [InputFile(f, f.relative_to(folder).parent / f.stem) for f in sorted(images)]
+        files: list[Source] = [
+            InputFile(f, f.relative_to(folder).parent / f.stem, folder) for f in sorted(images)
+        ]
         return files + _shards([str(t) for t in sorted(tars)])
 
     def _index_urls(self, item: str, path: Path) -> list[str]:

@@ -158,3 +158,23 @@ def test_a_shard_or_folder_with_nothing_to_read_is_one_error_like_an_empty_folde
         iter_hr_images([str(listed)])
     _png(only_empty / "a.png")
     assert iter_hr_images([str(only_empty)]).total == 1
+
+
+def test_a_name_clash_hint_fits_what_was_passed(tmp_path: Path) -> None:
+    """Two folders holding files of one stem: naming folders again cannot help, so the hint must not say so;
+    it names both files, says outputs are named by their path inside the folder given, and what to do."""
+    a, b = _png(tmp_path / "d1" / "x.png"), _png(tmp_path / "d2" / "x.png", seed=1)
+    with pytest.raises(InputError) as info:
+        collect_inputs([str(tmp_path / "d1"), str(tmp_path / "d2")])
+    message = str(info.value)
+    assert f"'{a}' and '{b}' would both write 'x.png'" in message
+    assert "pass their folders instead" not in message
+    assert "path inside the folder given" in message and "into different output folders" in message
+    # two files named directly: a folder holding both keeps their relative paths apart
+    with pytest.raises(InputError, match="written under their stem; pass a folder that holds both"):
+        collect_inputs([str(a), str(b)])
+    assert _rels(collect_inputs([str(tmp_path)])) == ["d1/x", "d2/x"]
+    # one folder holding x.png and x.jpg: no way of passing it avoids the clash
+    _png(tmp_path / "d1" / "x.jpg", seed=2)
+    with pytest.raises(InputError, match=r"same stem in '.*d1': rename one"):
+        collect_inputs([str(tmp_path / "d1")])
