@@ -7,8 +7,8 @@ for reference, through bicubic down + bicubic up at the same scale. Writes ``per
 (printed too) and ``summary.json``. ``--protocol`` picks how PSNR-Y / SSIM-Y are computed
 (:mod:`tadm.evaluation.protocols`): ``pyiqa`` as in the TADM paper, ``basicsr`` as in IRN; ``--color-fix``
 corrects the checkpoint's reconstructions (the bicubic row is its own reference), and the report records it. A bad file is
-reported, the rest evaluated, and the exit status is 1. (``tadm test --config ...`` is LightningCLI's test
-loop on a data module.)
+reported, the rest evaluated, and the exit status is 1. A report already in ``--output`` is refused before
+any work unless ``--overwrite``. (``tadm test --config ...`` is LightningCLI's test loop on a data module.)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tadm.commands.common import (
     load_from_args,
     writable_folder,
 )
+from tadm.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         help="folder for per_image.csv, summary.md and summary.json",
+    )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a report already in --output (default: refuse before any work)",
     )
     ap.add_argument(
         "--protocol",
@@ -76,6 +82,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
 
     images = iter_hr_images(args.inputs, exclude=args.output)
     writable_folder(args.output)
+    _check_no_report(args.output, args.overwrite)
     codec = load_from_args(args)
     protocol = get_protocol(args.protocol, codec.scale)
     fid = not args.no_fid
@@ -108,7 +115,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     report = evaluation.finish()
     report.model = _model_facts(args.ckpt, codec)
     try:
-        markdown = report.write(args.output)
+        markdown = report.write(args.output, overwrite=args.overwrite)
     except OSError as err:  # the results are computed: show them even when they cannot be saved
         print(report.markdown())
         print(f"error: could not write the report to '{args.output}': {error_line(err)}", file=sys.stderr)
@@ -116,6 +123,17 @@ def evaluate_command(argv: Sequence[str]) -> int:
     print(markdown)
     print(f"wrote per_image.csv, summary.md and summary.json to {args.output}")
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _check_no_report(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an earlier run's report (``--overwrite`` allows it)."""
+    from tadm.evaluation.report import existing_report_file
+
+    existing = None if overwrite else existing_report_file(output)
+    if existing is not None:
+        raise InputError(
+            f"'{existing}' exists (an earlier report): --overwrite replaces it, or choose another --output"
+        )
 
 
 def bicubic_with_lr(x: Tensor, scale: int) -> tuple[Tensor, Tensor]:

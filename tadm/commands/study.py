@@ -199,7 +199,8 @@ def _run_cell(cell: Cell, fit: bool) -> CellOutcome:
         )
     state["checkpoint"] = str(checkpoint)
     cell.summary.unlink(missing_ok=True)
-    evaluate = [*tadm_argv(), "evaluate", "--ckpt", str(checkpoint), *cell.evaluate_args]
+    # --overwrite: a re-evaluated cell replaces its earlier (failed or partial) report
+    evaluate = [*tadm_argv(), "evaluate", "--ckpt", str(checkpoint), *cell.evaluate_args, "--overwrite"]
     rc, seconds = _run(evaluate, cell.directory / "evaluate.log")
     state["evaluate"] = {"returncode": rc, "seconds": round(seconds, 1)}
     _write_state(cell, state)

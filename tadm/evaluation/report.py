@@ -23,6 +23,13 @@ TABLE_HEADER = ("method", "images", "PSNR-Y", "SSIM-Y", "LPIPS", "DISTS", "FID",
 REPORT_FILES = ("per_image.csv", "summary.md", "summary.json")
 
 
+def existing_report_file(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The first report file already in ``output_dir`` (None: none): ``tadm evaluate`` refuses to replace
+    it without ``--overwrite``."""
+    out = Path(output_dir)
+    return next((out / name for name in REPORT_FILES if os.path.lexists(out / name)), None)
+
+
 @dataclass(frozen=True)
 class ImageRow:
     """One image scored with one method (a row of ``per_image.csv``)."""
@@ -195,9 +202,10 @@ class EvalReport:
         unreadable = sum(1 for e in self.errors if e.method is None)
         return {"images": len(digests), "unreadable": unreadable, "fingerprint": fingerprint}
 
-    def write(self, output_dir: str | os.PathLike[str]) -> str:
+    def write(self, output_dir: str | os.PathLike[str], overwrite: bool = True) -> str:
         """Write ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomically) to ``output_dir``;
-        return the Markdown."""
+        return the Markdown. ``overwrite=False`` never replaces a report file, even one another run wrote
+        after the command checked (:class:`~tadm.ops.files.DestinationExists`)."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         buf = io.StringIO()
@@ -210,9 +218,9 @@ class EvalReport:
                 + [self.protocol.name, self.color_fix, _csv_float(r.lr_bpp)]
             )
         text = self.markdown()
-        atomic_write_text(out / "per_image.csv", buf.getvalue())
-        atomic_write_text(out / "summary.md", text)
-        atomic_write_text(out / "summary.json", self.as_json())
+        atomic_write_text(out / "per_image.csv", buf.getvalue(), overwrite=overwrite)
+        atomic_write_text(out / "summary.md", text, overwrite=overwrite)
+        atomic_write_text(out / "summary.json", self.as_json(), overwrite=overwrite)
         return text
 
 

@@ -510,3 +510,37 @@ def test_evaluate_refuses_an_empty_shard_like_an_empty_folder(
         err = capsys.readouterr().err.strip()
         assert code == 2 and str(item) in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("existing", ["per_image.csv", "summary.md", "summary.json"])
+def test_evaluate_refuses_to_replace_a_report_without_overwrite(
+    existing: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report in the output folder is refused before anything loads (one line naming the file, exit 2,
+    the file untouched); --overwrite lets the run go on (here to the missing checkpoint)."""
+    from tadm.commands.main import main
+
+    image = _write_png(tmp_path / "in" / "a.png", 0)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / existing).write_text("an earlier run's report")
+    argv = ["evaluate", "--ckpt", str(tmp_path / "no.ckpt"), str(image), "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out / existing) in err and "--overwrite" in err and len(err.splitlines()) == 1, err
+    assert (out / existing).read_text() == "an earlier run's report"
+    assert main([*argv, "--overwrite"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_report_written_without_overwrite_never_replaces_one(scored: EvalReport, tmp_path: Path) -> None:
+    """The final step of each report file refuses a name another run took after the command's early check."""
+    from tadm.ops.files import DestinationExists
+
+    (tmp_path / "summary.md").write_text("theirs")
+    with pytest.raises(DestinationExists, match="summary.md"):
+        scored.write(tmp_path, overwrite=False)
+    assert (tmp_path / "summary.md").read_text() == "theirs"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    scored.write(tmp_path, overwrite=True)
+    assert (tmp_path / "summary.md").read_text() != "theirs"
