@@ -28,7 +28,7 @@ from tadm.commands.common import (
 from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
-from tadm.errors import ConfigError, Preempted, TadmError, TrainingDiverged
+from tadm.errors import CheckpointError, ConfigError, Preempted, TadmError, TrainingDiverged
 from tadm.ops.files import atomic_write_text
 from tadm.training.callbacks import checkpoint_dir
 from tadm.training.checkpoint_io import checkpoint_save_failures
@@ -52,6 +52,20 @@ class TADMCLI(LightningCLI):
         over it, which would silently drop a typed ``--model.scale 32``."""
         super().parse_arguments(parser, args)
         self._typed_config = self.config.clone()
+        self._stored_config = self._read_ckpt_path()
+
+    def _read_ckpt_path(self) -> dict[str, Any] | None:
+        """The run config ``--ckpt_path FILE`` stores (None without one), read by tadm before Lightning's
+        own ``torch.load`` (``_parse_ckpt_path``, next): a file whose unpickling would run code, or that
+        is no checkpoint, is refused here in one line naming the file (and the object), exit 2."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return None  # nothing to restore, or "last" / "hpc": Lightning's to resolve
+        try:
+            return stored_config(ckpt_path)
+        except CheckpointError as err:
+            raise ConfigError(f"--ckpt_path: {error_line(err)}") from err
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path FILE``: refuse typed options that change what the checkpoint's weights or
@@ -61,11 +75,9 @@ class TADMCLI(LightningCLI):
         if typed is None or sub is None:
             return
         ckpt_path = typed[sub].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # nothing to restore, or "last" / "hpc": Lightning's to resolve
-        stored = stored_config(ckpt_path)  # Lightning's own weights-only load of it has just succeeded
+        stored = getattr(self, "_stored_config", None)  # read and checked before Lightning read the file
         if stored is None:
-            return  # not written by tadm: no config to compare with
+            return  # nothing to restore, "last" / "hpc" (Lightning's to resolve), or not written by tadm
         try:
             typed_tree = yaml.safe_load(self._parser(sub).dump(typed[sub], skip_none=False))
         except Exception as err:  # as instantiate_classes: a config jsonargparse cannot serialise still runs
@@ -113,15 +125,19 @@ class TADMCLI(LightningCLI):
 def lightning_main(args: Sequence[str] | None) -> int:
     """Run LightningCLI on ``args`` (None: it reads ``sys.argv`` itself).
 
-    A configuration the components refuse (or a resume that would change what its checkpoint means) exits
-    2 with one line; a run that diverged, or finished with checkpoints it could not write, exits 1 with one
-    line. Other errors during training keep their tracebacks (bugs or data problems worth the detail).
+    A configuration the components refuse, a resume that would change what its checkpoint means, or a
+    ``--ckpt_path`` / ``model.init_from`` file that is no usable checkpoint (one whose unpickling would run
+    code included) exits 2 with one line; a run that diverged, or finished with checkpoints it could not
+    write, exits 1 with one line. Other errors during training keep their tracebacks (bugs or data problems worth the detail).
     Ctrl-C before training: one line.
     """
     try:
         cli = _run_cli(args)
     except ConfigError as err:
         print(f"tadm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as err:  # model.init_from's file, read when the trainer sets the model up
+        print(f"tadm: error: {error_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as err:  # its message names the step, the terms and the last good checkpoint
         print(f"tadm: error: {error_line(err)}", file=sys.stderr)

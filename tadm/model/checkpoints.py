@@ -15,10 +15,12 @@ says which (``"weights"``), and an export records it, as it holds only one set.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -126,32 +128,167 @@ def exported_weights(path: str | Path) -> str:
         return str((f.metadata() or {}).get("weights", "raw"))
 
 
-def _unsafe_reason(err: Exception) -> str:
-    """The line of torch's weights-only refusal that names the offending global."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    hit = next((line for line in lines if "Unsupported global" in line), "")
-    return (hit.split(": ", 1)[-1] if hit else lines[0] if lines else "unsafe pickle")[:200]
+#: how torch's weights-only unpickler (torch 2.x) names what it refused: a global outside its allow-list, a
+#: global of a module it blocks outright (``os``, ``posix``, ``nt``, ``sys``), a call of a function it does
+#: not know
+_REFUSAL_PATTERNS = (
+    re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"call reduce for unrecognized function (.+?)(?: which belongs to |$)", re.MULTILINE),
+)
+#: the globals torch's weights-only unpickler allows besides ``torch.*`` (its ``_get_allowed_globals``)
+_PLAIN_GLOBALS = frozenset(
+    {
+        "_codecs.encode",
+        "builtins.bytearray",
+        "builtins.complex",
+        "builtins.set",
+        "collections.Counter",
+        "collections.OrderedDict",
+    }
+)
+#: a global's name as Python writes it (random bytes parsed as a pickle make up others)
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+#: the pickle opcodes that push a string (their argument)
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+)
+#: the pickle opcodes that neither push nor pop anything a later ``STACK_GLOBAL`` reads
+_NEUTRAL_OPS = frozenset({"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def refused_object(err: BaseException, path: str | Path | None = None) -> str | None:
+    """The Python object torch's weights-only unpickler refused to load, as the pickle names it
+    (``posix.system``, ``eval``, ``argparse.Namespace``); None when ``err`` is no such refusal.
+
+    The one place that reads torch's refusals, for every reader of a pickle (checkpoints, release files,
+    ``--ckpt_path``). torch words them in several ways (see ``_REFUSAL_PATTERNS``); a pickle of protocol 4
+    or newer it refuses before reading any name (``Unsupported operand 149``), so then the names come from
+    ``path``'s pickle itself, read opcode by opcode without running anything.
+    """
+    text = str(err)
+    for pattern in _REFUSAL_PATTERNS:
+        hit = pattern.search(text)
+        if hit:
+            return _python3_name(hit.group(1).strip())[:200]
+    if path is not None and "Unsupported operand" in text:
+        names = [
+            _python3_name(n)
+            for n in _pickle_globals(Path(path))
+            if _DOTTED_NAME.fullmatch(n) and n.split(".")[0] != "torch" and n not in _PLAIN_GLOBALS
+        ]
+        if names:
+            return ", ".join(dict.fromkeys(names))[:200]
+    return None
+
+
+def _python3_name(name: str) -> str:
+    """A global as Python's unpickler would import it: a protocol-2 pickle names some by their Python 2
+    module (``commands.Popen`` is ``subprocess.Popen``); torch maps only its own."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
+    return (
+        f"{_compat_pickle.IMPORT_MAPPING[module]}.{attr}" if module in _compat_pickle.IMPORT_MAPPING else name
+    )
+
+
+def _pickle_globals(path: Path, most: int = 8) -> list[str]:
+    """The globals (``module.name``) the pickles in ``path`` import, read with :mod:`pickletools` (which
+    parses, never runs): ``data.pkl`` of a torch zip file, else the file's first ``most`` pickles."""
+    import pickletools
+    import zipfile
+
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return names
+                stream: IO[bytes] = io.BytesIO(z.read(member))
+        else:
+            stream = path.open("rb")
+        with stream:
+            for _ in range(most):
+                recent: list[str | None] = []  # the values of the last two pushes (None: not a string)
+                memo: dict[int, str | None] = {}
+                for op, arg, _pos in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(recent) == 2 and None not in recent:
+                        names.append(f"{recent[0]}.{recent[1]}")
+                    if op.name == "MEMOIZE":
+                        memo[len(memo)] = recent[-1] if recent else None
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[int(arg)] = recent[-1] if recent else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        recent = [*recent, memo.get(int(arg))][-2:]
+                    elif op.name not in _NEUTRAL_OPS:
+                        value = arg if op.name in _STRING_OPS and isinstance(arg, str) else None
+                        recent = [*recent, value][-2:]
+    except Exception:  # not (or no longer) a pickle: what was read so far is all there is
+        pass
+    return names
+
+
+def load_weights_only(path: str | Path, what: str, advice: str, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``: tensors, numbers, strings and containers only.
+
+    A file whose unpickling would run code (any other Python object: ``posix.system``, a class) is refused
+    without running anything, naming the object (:func:`refused_object`) and ending with ``advice``; a file
+    torch cannot read at all is "not ``what``". Both are a one-line :class:`CheckpointError` naming the
+    file. ``mmap``: map a zip-format file's tensors instead of reading them (an older, non-zip torch file
+    cannot be mapped and is read).
+    """
+    import warnings
+    import zipfile
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: '{p}'")
+    try:
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it cannot read: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(p))
+    except pickle.UnpicklingError as err:
+        obj = refused_object(err, p)
+        if obj is None:
+            raise CheckpointError(
+                f"'{p}' is not {what}: an unreadable pickle ({_torch_reason(err)})"
+            ) from err
+        raise CheckpointError(
+            f"refusing to load '{p}': it holds {obj}, a Python object that unpickling would run code for "
+            f"(nothing was run: tadm reads only tensors, numbers, strings and containers from a pickle). {advice}"
+        ) from err
+    except Exception as err:
+        raise CheckpointError(f"'{p}' is not {what}: {type(err).__name__}: {_torch_reason(err)}") from err
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The line of a torch error that says what went wrong (not the weights-only boilerplate around it)."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(err).splitlines()]
+    boiler = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
+    reason = next((line for line in lines if line and not line.startswith(boiler)), "")
+    return reason[:200] or type(err).__name__
+
+
+def load_lightning_file(path: str | Path, mmap: bool = False) -> Any:
+    """A Lightning ``.ckpt`` as torch unpickles it, read without running code (:func:`load_weights_only`):
+    what every reader of one (``--ckpt_path``, ``--ckpt``, ``model.init_from``, ``tadm export``) loads."""
+    return load_weights_only(
+        path,
+        "a checkpoint (neither a Lightning .ckpt nor a safetensors file)",
+        "tadm checkpoints never hold such objects; if it is a tadm checkpoint you trust, re-save it with "
+        "plain types, or share models as `tadm export` .safetensors files",
+        mmap=mmap,
+    )
 
 
 def _read_lightning(p: Path, weights: str | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # not an unsafe pickle: not a pickle we can read at all
-            raise CheckpointError(
-                f"'{p}' is not a checkpoint (neither a Lightning .ckpt nor a safetensors file): "
-                "an unreadable pickle"
-            ) from err
-        raise CheckpointError(
-            f"refusing to load '{p}': it holds Python objects that loading would have to run code for "
-            f"({_unsafe_reason(err)}); tadm checkpoints never do. If it is a tadm checkpoint you "
-            "trust, re-save it with plain types, or share models as `tadm export` .safetensors files"
-        ) from err
-    except Exception as err:
-        raise CheckpointError(
-            f"'{p}' is not a checkpoint (neither a Lightning .ckpt nor a safetensors file): "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        ) from err
+    ckpt = load_lightning_file(p)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"'{p}' is a torch file but not a Lightning checkpoint (no 'state_dict')")
     if not isinstance(ckpt.get(META_KEY), dict):

@@ -15,17 +15,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import Tensor
 
 from tadm.errors import CheckpointError
-from tadm.model.checkpoints import META_KEY, export_state
+from tadm.model.checkpoints import META_KEY, export_state, load_weights_only
 from tadm.model.release_keys import (
     SECTION_MAPS,
     dfrm_key_map,
@@ -88,26 +86,15 @@ class ReleaseFiles:
     tadm_path: Path
 
 
-def load_weights_only(path: str | Path, what: str) -> Any:
-    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only; a file whose
-    unpickling would run code (any other Python object) is refused, naming the object it holds."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: '{p}'")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        line = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
-        if not line:
-            raise CheckpointError(f"'{p}' is not the release's {what}: an unreadable pickle") from err
-        raise CheckpointError(
-            f"refusing to load '{p}': it holds Python objects that unpickling would run code for "
-            f"({line.split(': ', 1)[-1][:200]}); the release's {what} holds only tensors, numbers, "
-            "strings and lists. Only a file you trust should be re-saved with plain types"
-        ) from err
-    except Exception as err:
-        first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise CheckpointError(f"'{p}' is not the release's {what}: {type(err).__name__}: {first}") from err
+def _load_release_file(path: str | Path, what: str) -> Any:
+    """A release file, read without running code (:func:`~tadm.model.checkpoints.load_weights_only`): a
+    file that needs any other Python object is refused, naming the object it holds."""
+    return load_weights_only(
+        path,
+        f"the release's {what}",
+        f"The release's {what} holds only tensors, numbers, strings and lists; only a file you trust "
+        "should be re-saved with plain types",
+    )
 
 
 def _tensor_dict(obj: Any, where: str) -> dict[str, Tensor]:
@@ -129,7 +116,7 @@ def read_release_files(
 ) -> ReleaseFiles:
     """Read and check the layout of both files; ``scale`` (when given) must be the DFRM's."""
     dfrm_path, tadm_path = Path(dfrm_file).expanduser(), Path(tadm_file).expanduser()
-    raw = load_weights_only(dfrm_path, "DFRM file")
+    raw = _load_release_file(dfrm_path, "DFRM file")
     if isinstance(raw, dict) and set(raw) == {"state_dict"}:  # DFRM.save_model; a bare state dict is fine too
         raw = raw["state_dict"]
     dfrm = _tensor_dict(raw, f"'{dfrm_path}' (the release's DFRM file: {{'state_dict': {{...}}}})")
@@ -147,7 +134,7 @@ def read_release_files(
             f"steps), but x{scale} was asked for (--scale {scale}); use the x{scale} DFRM or --scale {found}"
         )
     _check_names(dfrm_path, "DFRM state_dict", set(dfrm), set(dfrm_key_map(found)))
-    tadm = load_weights_only(tadm_path, "enhancer file (model_sr_x*.pkl)")
+    tadm = _load_release_file(tadm_path, "enhancer file (model_sr_x*.pkl)")
     _check_tadm_layout(tadm_path, tadm)
     return ReleaseFiles(dfrm, tadm, found, dfrm_path, tadm_path)
 

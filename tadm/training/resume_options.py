@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tadm.model.checkpoints import META_KEY
+from tadm.model.checkpoints import META_KEY, load_lightning_file
 
 #: the config sections that are compared (``seed_everything``, ``ckpt_path``, ``config`` are not options
 #: of what a checkpoint restores)
@@ -172,15 +172,13 @@ def refusal(ckpt_path: str | Path, refused: list[Change], fitting: bool) -> str:
 def stored_config(ckpt_path: str | Path) -> dict[str, Any] | None:
     """The run config a tadm checkpoint stores, parsed; None for a checkpoint without one.
 
-    Read with ``weights_only=True`` (no code runs) and memory-mapped (the optimiser moments stay on disk).
+    Read before Lightning reads the file (``TADMCLI.parse_arguments``): with ``weights_only=True`` (no code
+    runs) and memory-mapped (the optimiser moments stay on disk). A file whose unpickling would run code, or
+    one that is no checkpoint, is a one-line :class:`~tadm.errors.CheckpointError` naming the file.
     """
-    import torch
     import yaml
 
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old, non-zip torch file cannot be memory-mapped
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_lightning_file(ckpt_path, mmap=True)
     meta = ckpt.get(META_KEY) if isinstance(ckpt, dict) else None
     text = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(text, str):
