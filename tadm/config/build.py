@@ -13,7 +13,7 @@ shipped quickstart model has no use for (``benchmarks/startup.py``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,15 +72,7 @@ def build_from_config(
     from jsonargparse import ArgumentParser
 
     load_plugins(data=False)
-    try:
-        cfg = yaml.safe_load(config_yaml) or {}
-    except yaml.YAMLError as err:
-        raise CheckpointError(
-            f"checkpoint {source}: its stored run config is not valid YAML ({_first_line(err)})"
-        ) from err
-    model_cfg = dict(cfg.get("model") or {}) if isinstance(cfg, dict) else {}
-    if not model_cfg:
-        raise CheckpointError(f"checkpoint {source} holds no model config; was it written by tadm?")
+    model_cfg = dict(parse_run_config(config_yaml, source)["model"])
     if backbone_pretrained is not None:
         model_cfg["backbone"] = _with_pretrained(model_cfg.get("backbone"), backbone_pretrained, source)
     accepted = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
@@ -109,8 +101,79 @@ def build_from_config(
         ) from err
 
 
+def parse_run_config(config_yaml: str, source: str) -> dict[str, Any]:
+    """A checkpoint's stored run config (YAML text), parsed and checked for the shape every reader relies on:
+    a mapping whose ``model`` is a non-empty mapping of the model's options, in which every component given
+    as ``{class_path: ..., init_args: ...}`` has a ``class_path`` string and ``init_args`` as a mapping.
+
+    Anything else (bad YAML, ``model: 5``, ``class_path: 5``) is a one-line :class:`CheckpointError` naming
+    ``source`` (the file), not a ``TypeError`` from deep inside the rebuild.
+    """
+    damaged = "the file is damaged or was not written by tadm"
+    try:
+        cfg = yaml.safe_load(config_yaml)
+    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: nested deeper than Python recurses
+        raise CheckpointError(
+            f"checkpoint {source}: its stored run config is not valid YAML ({_first_line(err)})"
+        ) from err
+    if cfg is not None and not isinstance(cfg, dict):
+        raise CheckpointError(
+            f"checkpoint {source}: its stored run config is {_a(cfg)}, not a mapping of sections "
+            f"(model, trainer, data); {damaged}"
+        )
+    model = (cfg or {}).get("model")
+    if model is None or model == {}:
+        raise CheckpointError(f"checkpoint {source} holds no model config; was it written by tadm?")
+    if not isinstance(model, dict):
+        raise CheckpointError(
+            f"checkpoint {source}: the 'model' section of its stored run config is {_a(model)}, not a "
+            f"mapping of the model's options; {damaged}"
+        )
+    for key, node in _components(model, "model", set()):
+        class_path, init_args = node.get("class_path"), node.get("init_args")
+        if init_args is not None and not isinstance(init_args, dict):
+            raise CheckpointError(
+                f"checkpoint {source}: {key}.init_args in its stored run config is {_a(init_args)}, "
+                f"not a mapping of arguments; {damaged}"
+            )
+        if not (isinstance(class_path, str) and class_path.strip()):
+            raise CheckpointError(
+                f"checkpoint {source}: {key}.class_path in its stored run config is "
+                f"{_a(class_path)}, not a class name; {damaged}"
+            )
+    return cfg
+
+
+def _components(node: Any, key: str, seen: set[int]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(dotted key, mapping) of every mapping under ``node`` that names a class (``class_path`` /
+    ``init_args``); ``seen`` guards against a YAML alias that makes the tree a cycle."""
+    if id(node) in seen or not isinstance(node, (dict, list)):
+        return
+    seen.add(id(node))
+    if isinstance(node, dict):
+        if "class_path" in node or "init_args" in node:
+            yield key, node
+        for k, v in node.items():
+            yield from _components(v, f"{key}.{k}", seen)
+    else:
+        for i, v in enumerate(node):
+            yield from _components(v, f"{key}[{i}]", seen)
+
+
+def _a(value: Any) -> str:
+    """A stored value in a message: its type and (short) text, ``an int (5)``, ``missing``."""
+    if value is None:
+        return "missing"
+    text, name = repr(value), type(value).__name__
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"{article} {name} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
 def _first_line(err: BaseException) -> str:
+    """The first line of an error; jsonargparse's ``Parser key "model.scale":`` with the line that says why."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines[0] = f"{lines[0]} {lines[1]}"
     return lines[0][:300] if lines else type(err).__name__
 
 

@@ -25,6 +25,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from tadm.config.build import parse_run_config
 from tadm.errors import CheckpointError
 from tadm.model.ema import check_ema_state
 from tadm.ops.files import atomic_write
@@ -68,7 +69,8 @@ def read_checkpoint(path: str | Path, weights: str | None = None) -> tuple[dict[
     strings and containers only), and a file that needs more is refused; an exported ``.safetensors``
     holds no pickle at all. Tensors come back as stored (an export's are bf16/fp16 except the
     rescaler's); loading them into a model casts them to its dtype. The format is told by the content,
-    not the suffix. Anything malformed is a :class:`CheckpointError` naming the file.
+    not the suffix. Anything malformed (the stored run config included, :func:`parse_run_config`) is a
+    :class:`CheckpointError` naming the file.
     """
     if weights not in (None, *WEIGHTS):
         raise ValueError(f"unknown weights {weights!r}; choose from {', '.join(WEIGHTS)}")
@@ -94,6 +96,8 @@ def read_checkpoint(path: str | Path, weights: str | None = None) -> tuple[dict[
                 f"'{p}': its {META_KEY!r} meta dict has no valid {key!r} "
                 f"(got {meta.get(key)!r}); the file is damaged or was not written by tadm"
             )
+    if meta["config"] is not None:  # every reader rebuilds the model from it: its shape is checked here
+        parse_run_config(meta["config"], str(p))
     return state, meta
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tadm.config.build import parse_run_config
 from tadm.model.checkpoints import META_KEY, load_lightning_file
 
 #: the config sections that are compared (``seed_everything``, ``ckpt_path``, ``config`` are not options
@@ -173,15 +174,13 @@ def stored_config(ckpt_path: str | Path) -> dict[str, Any] | None:
     """The run config a tadm checkpoint stores, parsed; None for a checkpoint without one.
 
     Read before Lightning reads the file (``TADMCLI.parse_arguments``): with ``weights_only=True`` (no code
-    runs) and memory-mapped (the optimiser moments stay on disk). A file whose unpickling would run code, or
-    one that is no checkpoint, is a one-line :class:`~tadm.errors.CheckpointError` naming the file.
+    runs) and memory-mapped (the optimiser moments stay on disk). A file whose unpickling would run code, one
+    that is no checkpoint, or a stored config that is not a run config's shape is a one-line
+    :class:`~tadm.errors.CheckpointError` naming the file.
     """
-    import yaml
-
     ckpt = load_lightning_file(ckpt_path, mmap=True)
     meta = ckpt.get(META_KEY) if isinstance(ckpt, dict) else None
     text = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(text, str):
         return None
-    tree = yaml.safe_load(text)
-    return tree if isinstance(tree, dict) else None
+    return parse_run_config(text, str(ckpt_path))

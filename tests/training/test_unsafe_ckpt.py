@@ -1,12 +1,14 @@
 """``tadm fit|validate --ckpt_path FILE`` with a file whose unpickling would run code: tadm reads the file
 (weights only) before Lightning does, so the run stops before anything is built, trained or written, in
-one line that names the object (exit 2), and nothing runs. ``model.init_from`` refuses it the same way."""
+one line that names the object (exit 2), and nothing runs. ``model.init_from`` refuses it the same way.
+A checkpoint whose stored run config is not one (bad YAML, ``model: 5``) is refused in one line too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from tadm.commands.main import main
 from tests.helpers import CONFIGS
@@ -71,3 +73,24 @@ def test_init_from_that_would_run_code_is_one_line(
     lines = [x for x in err.splitlines() if "tadm:" in x or "Error" in x]
     assert len(lines) == 1 and lines[0].startswith(f"tadm: error: refusing to load '{evil}': it holds {name}")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("model: [", "its stored run config is not valid YAML"),
+        ("model: 5", "the 'model' section of its stored run config is an int (5)"),
+        ("[]", "its stored run config is a list ([])"),
+    ],
+)
+def test_ckpt_path_whose_stored_config_is_no_run_config_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, message: str
+) -> None:
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "tadm": {"stage": "rescaler", "scale": 16, "config": config}}, bad)
+    runs = tmp_path / "runs"
+    code = _run("fit", runs, f"--ckpt_path={bad}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"tadm: error: --ckpt_path: checkpoint {bad}: {message}" + err[0].split(message, 1)[1]]
+    assert not runs.exists()
