@@ -24,6 +24,18 @@ class LRFileError(TadmError, ValueError):
     """An LR file this checkpoint cannot upscale (other model or scale, resized, bad metadata)."""
 
 
+class OutputWriteError(TadmError, OSError):
+    """An output file that could not be written (full disk, quota, read-only folder); names the file. Nothing
+    half-written is left: the name holds what it held before (or nothing), and the temp file is gone."""
+
+    @classmethod
+    def of(cls, path: object, err: OSError) -> OutputWriteError:
+        """The error for ``err`` raised while writing ``path`` (its errno kept)."""
+        out = cls(f"cannot write '{path}': {err.strerror or err}")
+        out.errno = err.errno
+        return out
+
+
 class ShardError(TadmError, ValueError):
     """A problem with a shard set or with ``tadm shard``'s input or output folder."""
 

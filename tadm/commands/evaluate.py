@@ -34,6 +34,7 @@ from tadm.commands.common import (
     writable_folder,
 )
 from tadm.errors import InputError
+from tadm.ops.files import DestinationExists
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +119,11 @@ def evaluate_command(argv: Sequence[str]) -> int:
         markdown = report.write(args.output, overwrite=args.overwrite)
     except OSError as err:  # the results are computed: show them even when they cannot be saved
         print(report.markdown())
-        print(f"error: could not write the report to '{args.output}': {error_line(err)}", file=sys.stderr)
+        if isinstance(err, DestinationExists):
+            why = f"'{err.filename}' was written by another run meanwhile and is kept (--overwrite replaces)"
+        else:
+            why = error_line(err)  # names the report file (OutputWriteError)
+        print(f"error: the report was not saved: {why}", file=sys.stderr)
         return EXIT_FAILED
     print(markdown)
     print(f"wrote per_image.csv, summary.md and summary.json to {args.output}")

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tadm.errors import OutputWriteError
 from tadm.evaluation.protocols import Protocol, TadmProtocol
-from tadm.ops.files import atomic_write_text
+from tadm.ops.files import DestinationExists, atomic_write_text
 
 CSV_COLUMNS = ("path", "height", "width", "method", "psnr_y", "ssim_y", "lpips", "dists", "seconds")
 CSV_COLUMNS += ("protocol", "color_fix")  # last, so the columns before them keep their places
@@ -205,9 +206,13 @@ class EvalReport:
     def write(self, output_dir: str | os.PathLike[str], overwrite: bool = True) -> str:
         """Write ``per_image.csv``, ``summary.md`` and ``summary.json`` (each atomically) to ``output_dir``;
         return the Markdown. ``overwrite=False`` never replaces a report file, even one another run wrote
-        after the command checked (:class:`~tadm.ops.files.DestinationExists`)."""
+        after the command checked (:class:`~tadm.ops.files.DestinationExists`). A file that cannot be
+        written is an :class:`~tadm.errors.OutputWriteError` naming it."""
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputWriteError.of(out, err) from err
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
@@ -218,9 +223,13 @@ class EvalReport:
                 + [self.protocol.name, self.color_fix, _csv_float(r.lr_bpp)]
             )
         text = self.markdown()
-        atomic_write_text(out / "per_image.csv", buf.getvalue(), overwrite=overwrite)
-        atomic_write_text(out / "summary.md", text, overwrite=overwrite)
-        atomic_write_text(out / "summary.json", self.as_json(), overwrite=overwrite)
+        for name, content in zip(REPORT_FILES, (buf.getvalue(), text, self.as_json()), strict=True):
+            try:
+                atomic_write_text(out / name, content, overwrite=overwrite)
+            except DestinationExists:
+                raise
+            except OSError as err:  # a full disk: name the file (its temp file is already gone)
+                raise OutputWriteError.of(out / name, err) from err
         return text
 
 

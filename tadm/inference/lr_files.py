@@ -17,7 +17,8 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from tadm.datamodules.image_io import ImageReadError
-from tadm.ops.files import atomic_write
+from tadm.errors import OutputWriteError
+from tadm.ops.files import DestinationExists, atomic_write
 
 FORMAT_VERSION = "1"
 _PREFIX = "tadm:"
@@ -85,7 +86,8 @@ def write_png(
     """Save an image in [-1,1] as an 8-bit RGB PNG (optionally with text chunks), atomically.
 
     ``overwrite=False`` never replaces an existing file, even one another run finished while this one
-    was encoding: :class:`~tadm.ops.files.DestinationExists` then (the codec commands count it skipped)."""
+    was encoding: :class:`~tadm.ops.files.DestinationExists` then (the codec commands count it skipped). Any
+    other failure to write is an :class:`~tadm.errors.OutputWriteError` naming ``path``."""
     arr = to_uint8(image)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
@@ -94,7 +96,12 @@ def write_png(
     def write(tmp: Path) -> None:
         Image.fromarray(arr, mode="RGB").save(tmp, format="PNG", pnginfo=info, compress_level=6)
 
-    return atomic_write(path, write, overwrite=overwrite)
+    try:
+        return atomic_write(path, write, overwrite=overwrite)
+    except DestinationExists:
+        raise
+    except OSError as err:  # a full disk, a quota, a read-only folder: name the file, not just the errno
+        raise OutputWriteError.of(path, err) from err
 
 
 def write_lr(path: str | os.PathLike[str], y: Tensor, meta: LRMeta, overwrite: bool = True) -> Path:

@@ -5,9 +5,11 @@ torchmetrics' or reported n/a (with the reason) when unavailable."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 import statistics
 import tarfile
 import urllib.error
@@ -544,3 +546,26 @@ def test_a_report_written_without_overwrite_never_replaces_one(scored: EvalRepor
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     scored.write(tmp_path, overwrite=True)
     assert (tmp_path / "summary.md").read_text() != "theirs"
+
+
+def test_a_report_file_that_cannot_be_written_is_named(
+    scored: EvalReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while writing a report file: the error (a TadmError and an OSError) names that file, and
+    no temp file is left."""
+    from tadm.errors import TadmError
+
+    real_write_text = Path.write_text
+
+    def write_text(self: Path, text: str, *a: object, **k: object) -> int:
+        if self.name.startswith(".summary.json."):
+            real_write_text(self, text[:10], *a, **k)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(OSError) as info:
+        scored.write(tmp_path)
+    assert isinstance(info.value, TadmError)
+    assert str(info.value) == f"cannot write '{tmp_path / 'summary.json'}': No space left on device"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

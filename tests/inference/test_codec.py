@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -419,7 +421,7 @@ def test_evaluate_prints_its_table_when_the_report_cannot_be_written(
 ) -> None:
     import tadm.evaluation.report as report
 
-    def disk_full(path: object, text: str) -> None:
+    def disk_full(path: object, text: str, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(report, "atomic_write_text", disk_full)
@@ -485,3 +487,64 @@ def test_an_output_another_run_finishes_meanwhile_is_kept_and_counted_skipped(
     assert sorted(p.name for p in out.iterdir()) == ["astronaut.png"]  # no temp file left behind
     assert _run(verb, "--ckpt", ckpt, src, "--output", out, "--overwrite", *FAST) == 0
     assert dest.read_bytes() != theirs and read_lr(dest)[0].shape[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full disk names the file being written and leaves nothing behind
+
+
+def _disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The disk fills while the temp file of ``name`` is written: a few bytes land, then ENOSPC."""
+    real_save = Image.Image.save
+
+    def save(self: Image.Image, fp: object, *a: object, **k: object) -> None:
+        if Path(str(fp)).name.startswith(f".{name}."):
+            Path(str(fp)).write_bytes(b"\x89PNG\r\n\x1a\n")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_a_full_disk_names_the_output_and_leaves_no_temp_file(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "lr"
+    _disk_full_at(monkeypatch, "coffee.png")
+    args = ("downscale", "--ckpt", ckpt, photos / "astronaut.png", photos / "coffee.jpg", "--output", out)
+    assert _run(*args, *FAST) == 1
+    captured = capsys.readouterr()
+    line = f"cannot write '{out / 'coffee.png'}': No space left on device"
+    assert line in captured.err and line in captured.out  # on stderr when it happens, and in the summary
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png"]  # no temp file, no partial file
+
+
+def test_evaluate_names_the_report_file_it_cannot_write_and_leaves_no_temp_file(
+    ckpt: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import tadm.ops.files as files
+
+    real_fsync = files.fsync_file
+
+    def fsync_file(path: str | os.PathLike[str]) -> None:  # delayed allocation: the flush finds the disk full
+        if Path(path).name.startswith(".summary.md."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(path)
+
+    monkeypatch.setattr(files, "fsync_file", fsync_file)
+    out = tmp_path / "r"
+    code = _run(
+        "evaluate", "--ckpt", ckpt, photos / "astronaut.png", "-o", out, "--no-fid", "--no-perceptual", *FAST
+    )
+    captured = capsys.readouterr()
+    assert code == 1 and "| bicubic x16 |" in captured.out  # the numbers are shown anyway
+    assert f"cannot write '{out / 'summary.md'}': No space left on device" in captured.err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
