@@ -1,0 +1,14 @@
+"""``tadm demo``: the codec as a local web page (docs/demo.md).
+
+- :mod:`~tadm.demo.round_trip`: what the page shows, without gradio: a photo through the real codec
+  (``Codec.downscale``, the LR file ``tadm downscale`` writes, ``Codec.upscale`` of that file), bicubic down + up,
+  PSNR-Y / SSIM-Y / LPIPS from ``tadm evaluate``'s metrics, the timestep map; every bad input becomes one
+  :class:`~tadm.demo.round_trip.DemoError` line for the page; progress per tile and Stop.
+- :mod:`~tadm.demo.app`: the gradio page around it (the only module that imports gradio, the ``demo`` extra).
+
+Sits beside training and studies, below the commands (``tadm.commands.demo`` imports it lazily); may import
+the model, inference, evaluation and data layers; nothing below imports it.
+"""
+
+#: photos above this many pixels are refused with a message (``tadm demo --max-megapixels``); the commands take any
+DEFAULT_MAX_MEGAPIXELS = 16.0
