@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tadm.commands.common import (
     writable_folder,
 )
 from tadm.datamodules.inputs import InputFile, collect_inputs
-from tadm.inference.codec import DEFAULT_MAX_HR_SIDE
+from tadm.inference.codec import BYTES_PER_HR_PIXEL, DEFAULT_MAX_HR_MEGAPIXELS, DEFAULT_MAX_HR_SIDE
 from tadm.ops.files import DestinationExists
 
 
@@ -64,6 +65,17 @@ def _run_codec(
     return report.exit_code
 
 
+def _positive_megapixels(text: str) -> float:
+    """``--max-hr-megapixels``: a number above 0 (``inf``: no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of megapixels above 0, got {text!r}")
+    return value
+
+
 @command("tadm downscale")
 def downscale_command(argv: Sequence[str]) -> int:
     """HR images -> 8-bit LR PNGs (with HR size, scale and checkpoint ids as PNG metadata)."""
@@ -98,6 +110,14 @@ def upscale_command(argv: Sequence[str]) -> int:
         help="refuse an input without tadm metadata whose restored longer side would pass this "
         f"(it is probably a full-size photo, not an LR file; default {DEFAULT_MAX_HR_SIDE})",
     )
+    ap.add_argument(
+        "--max-hr-megapixels",
+        type=_positive_megapixels,
+        default=DEFAULT_MAX_HR_MEGAPIXELS,
+        help="refuse an input whose restored image would pass this many megapixels: an upscale takes about "
+        f"{BYTES_PER_HR_PIXEL} bytes of memory per output pixel besides the model (default "
+        f"{DEFAULT_MAX_HR_MEGAPIXELS}, about {DEFAULT_MAX_HR_MEGAPIXELS * BYTES_PER_HR_PIXEL / 1e3:.1f} GB)",
+    )
     args = ap.parse_args(list(argv))
     from tadm.inference.heatmap import timestep_panel
     from tadm.inference.lr_files import read_lr, write_png
@@ -109,7 +129,9 @@ def upscale_command(argv: Sequence[str]) -> int:
 
     def write(f: InputFile, dest: Path) -> None:
         y, meta = read_lr(f.path)
-        size = codec.target_size(y, meta, str(f.path), max_hr_side=args.max_hr_side)
+        size = codec.target_size(
+            y, meta, str(f.path), max_hr_side=args.max_hr_side, max_hr_megapixels=args.max_hr_megapixels
+        )
         out = codec.upscale(y, size)
         if args.save_timesteps and out.timesteps is not None and model.aligner is not None:
             factor = model.backbone.downsample_factor

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -31,6 +32,16 @@ Precision = Literal["fp32", "bf16", "fp16"]
 #: an LR file without tadm metadata whose restored longer side would pass this is refused: it is far
 #: more likely a full-size photo given to ``tadm upscale`` by mistake (16K = 16384 px, DIV8K's size x2)
 DEFAULT_MAX_HR_SIDE = 16384
+#: peak memory of one ``tadm upscale`` per output pixel, beyond the model's own: the slope of its peak RSS
+#: between 2048x2048 and 4096x4096 outputs of the quickstart model (``benchmarks/upscale_memory.py``:
+#: 33.4 bytes; its 192-channel lossless latent is the heaviest per pixel; SD 2.1's tiled path took
+#: 15 bytes). Tiles keep the model's working memory constant; the whole-image buffers (LR, latent,
+#: blend accumulator and weights, output, its 8-bit copy, the PNG encoder) grow with the output.
+BYTES_PER_HR_PIXEL = 34
+#: what those whole-image buffers may take by default (a laptop's share; ``--max-hr-megapixels`` raises it)
+DEFAULT_HR_MEMORY_BYTES = 4 * 2**30
+#: the default output size limit of ``tadm upscale``: 126 MP (e.g. 11200x11200, or DIV8K's largest x2)
+DEFAULT_MAX_HR_MEGAPIXELS = round(DEFAULT_HR_MEMORY_BYTES / BYTES_PER_HR_PIXEL / 1e6)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -159,14 +170,25 @@ class Codec:
         )
 
     def target_size(
-        self, y: Tensor, meta: LRMeta | None, name: str, max_hr_side: int = DEFAULT_MAX_HR_SIDE
+        self,
+        y: Tensor,
+        meta: LRMeta | None,
+        name: str,
+        max_hr_side: int = DEFAULT_MAX_HR_SIDE,
+        max_hr_megapixels: float = DEFAULT_MAX_HR_MEGAPIXELS,
     ) -> tuple[int, int]:
         """The HR size to restore an LR image ``y`` to, after checking the file ``name`` fits this model.
 
         Without tadm metadata the checkpoint's scale is assumed (with a warning), unless the result would
         be longer than ``max_hr_side``: such an input is refused as a full-size image. Another scale or
-        rescaler, or an LR size that disagrees with the recorded HR size, is an :class:`LRFileError`.
+        rescaler, or an LR size that disagrees with the recorded HR size, is an :class:`LRFileError`; so
+        is an output over ``max_hr_megapixels`` (the memory it would take, :data:`BYTES_PER_HR_PIXEL`).
         """
+        size = self._checked_size(y, meta, name, max_hr_side)
+        _check_memory(name, size, (y.shape[-2] * self.scale, y.shape[-1] * self.scale), max_hr_megapixels)
+        return size
+
+    def _checked_size(self, y: Tensor, meta: LRMeta | None, name: str, max_hr_side: int) -> tuple[int, int]:
         scale, h, w = self.scale, y.shape[-2], y.shape[-1]
         if meta is None and max(h, w) * scale > max_hr_side:
             raise LRFileError(
@@ -197,3 +219,26 @@ class Codec:
                 f"x{scale} (expected LR {pw // scale}x{ph // scale}); was it resized?"
             )
         return meta.hr_height, meta.hr_width
+
+
+def _check_memory(
+    name: str, size: tuple[int, int], processed: tuple[int, int], max_hr_megapixels: float
+) -> None:
+    """Refuse an upscale whose whole-image buffers (``processed``: the padded HR size) would pass the limit,
+    saying what it would cost and which option raises the limit."""
+    pixels = processed[0] * processed[1]
+    if pixels <= max_hr_megapixels * 1e6:
+        return
+    mp = pixels / 1e6
+    digits = 1 if mp >= 1 else 2
+    needed = math.ceil(mp) if mp >= 1 else math.ceil(mp * 100) / 100
+    raise LRFileError(
+        f"{name}: restoring it to {size[1]}x{size[0]} px ({mp:.{digits}f} MP) would take about "
+        f"{_bytes_text(pixels * BYTES_PER_HR_PIXEL)} of memory besides the model, over the limit of "
+        f"{max_hr_megapixels:g} MP (about {_bytes_text(max_hr_megapixels * 1e6 * BYTES_PER_HR_PIXEL)}); "
+        f"--max-hr-megapixels {needed} upscales it anyway"
+    )
+
+
+def _bytes_text(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

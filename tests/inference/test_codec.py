@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -548,3 +549,51 @@ def test_evaluate_names_the_report_file_it_cannot_write_and_leaves_no_temp_file(
     assert code == 1 and "| bicubic x16 |" in captured.out  # the numbers are shown anyway
     assert f"cannot write '{out / 'summary.md'}': No space left on device" in captured.err
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output size an upscale accepts is a memory limit
+
+
+def test_an_upscale_over_the_memory_limit_is_refused_with_its_cost_and_the_option(ckpt: Path) -> None:
+    """Files with and without metadata: the refusal says what the output would cost and which option raises
+    the limit; under the limit (or with it raised) the size is returned."""
+    from tadm.errors import LRFileError
+    from tadm.inference.codec import BYTES_PER_HR_PIXEL
+    from tadm.inference.lr_files import LRMeta
+
+    codec = load_codec(ckpt)
+    y = torch.zeros(1, 3, 8, 12)  # x16: 192x128 = 0.025 MP
+    meta = LRMeta(128, 192, 16, codec.rescaler_id, codec.model_id)
+    for m in (meta, None):
+        with pytest.warns(UserWarning) if m is None else contextlib.nullcontext():
+            assert codec.target_size(y, m, "a.png", max_hr_megapixels=0.03) == (128, 192)
+        with pytest.raises(LRFileError) as info:
+            codec.target_size(y, m, "a.png", max_hr_megapixels=0.02)
+        message = str(info.value)
+        mb = 192 * 128 * BYTES_PER_HR_PIXEL / 1e6
+        assert message.startswith("a.png: restoring it to 192x128 px (0.02 MP) would take about")
+        assert (
+            f"{mb:.1f} MB of memory" in message and "--max-hr-megapixels 0.03 upscales it anyway" in message
+        )
+
+
+def test_the_default_limit_refuses_a_restore_the_side_limit_let_through(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 1024x1024 PNG without metadata becomes 16384x16384 at x16: within --max-hr-side 16384, but 268 MP
+    (about 9 GB): refused by default, before any work; the limit is a plain option of tadm upscale."""
+    from tadm.inference.codec import Codec
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a restore over the memory limit must not be attempted")
+
+    monkeypatch.setattr(Codec, "upscale", never)
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir()
+    Image.fromarray(np.full((1024, 1024, 3), 90, np.uint8)).save(big)
+    assert _run("upscale", "--ckpt", ckpt, big, "--output", tmp_path / "out", *FAST) == 1
+    err = capsys.readouterr().err
+    assert "16384x16384 px (268.4 MP) would take about" in err and "GB of memory" in err
+    assert "--max-hr-megapixels 269 upscales it anyway" in err
+    assert not (tmp_path / "out").exists()
