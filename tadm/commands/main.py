@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(
         "tadm.commands.compare:compare_command", "evaluated runs side by side: a table and plots"
     ),
+    "demo": Command("tadm.commands.demo:demo_command", "the codec as a local web page (gradio: tadm[demo])"),
 }
 
 #: LightningCLI's subcommands (``tadm.commands.lightning``); ``tests/model/test_startup.py`` checks the names

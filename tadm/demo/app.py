@@ -1,0 +1,486 @@
+"""The ``tadm demo`` page: gradio around :class:`~tadm.demo.round_trip.Demo` (the only module that imports gradio).
+
+Two tabs. "Photo -> LR -> photo": a photo (uploaded or bundled) goes through the codec; the page shows the LR
+file at its real size and magnified (nearest neighbour) with its pixels, bytes and bits per pixel of the
+original, the photo restored from that file, bicubic down + up, a before/after slider between any two of
+original / restored / bicubic, PSNR-Y / SSIM-Y (then LPIPS / DISTS when VGG16 is on disk) for both, the
+enhancer's timestep map, and both PNGs to download. "LR file -> photo": an LR file restored alone.
+
+gradio is imported inside the functions, after ``GRADIO_ANALYTICS_ENABLED=False`` (no analytics, no update
+check); uploads and results live in a temporary folder deleted when the demo stops. One codec job runs at a
+time (memory: one CLI call's); Stop ends it at the next tile; any error is a line in the page and the app
+goes on serving.
+"""
+
+# No ``from __future__ import annotations`` here: gradio finds the ``gr.Request`` parameter of a handler by
+# its annotation, which must be the class itself, not a string naming a name local to ``build_app``.
+import base64
+import html
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tadm.demo.round_trip import Cancelled, Demo, PhotoResult, RestoreResult, Scores
+from tadm.errors import TadmError
+from tadm.inference.codec import Codec
+
+#: what the before/after slider can compare
+VIEWS = ("original", "restored", "bicubic")
+#: the largest upload gradio accepts (a 16 MP 16-bit PNG is ~100 MB); a larger one gets gradio's message
+MAX_UPLOAD = "300mb"
+CSS = """
+.tadm-lr-real img, #lr-magnified img, #lr-magnified-2 img { image-rendering: pixelated; }
+.tadm-lr-real img { border: 1px solid #888; vertical-align: middle; margin-right: 0.8em; }
+.tadm-scores { border-collapse: collapse; margin: 0.3em 0; }
+.tadm-scores th, .tadm-scores td { padding: 0.25em 0.9em; border-bottom: 1px solid #ddd; text-align: right; }
+.tadm-scores td:first-child, .tadm-scores th:first-child { text-align: left; }
+"""
+
+
+def serve(
+    codec: Codec,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    max_megapixels: float | None = None,
+    max_hr_side: int | None = None,
+    perceptual: bool = True,
+    samples: Sequence[Path] = (),
+) -> int:
+    """Serve the page until Ctrl-C (KeyboardInterrupt) or SIGTERM (exit 143); the temporary folder goes with it."""
+    with tempfile.TemporaryDirectory(prefix="tadm-demo-") as tmp:
+        work = Path(tmp)
+        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported and when Blocks start
+        os.environ["GRADIO_TEMP_DIR"] = str(
+            work / "uploads"
+        )  # uploads go with the demo, not into /tmp/gradio
+        import gradio as gr
+
+        options: dict[str, Any] = {"perceptual": perceptual}
+        if max_megapixels is not None:
+            options["max_megapixels"] = max_megapixels
+        if max_hr_side is not None:
+            options["max_hr_side"] = max_hr_side
+        demo = Demo(codec, work / "results", **options)
+        print(f"tadm demo: {demo.describe()}; warming up ...", flush=True)
+        demo.warm_up()
+        app = build_app(demo, samples)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            _, local_url, share_url = app.launch(
+                server_name=host,
+                server_port=port,
+                share=share,
+                prevent_thread_lock=True,
+                inbrowser=False,
+                show_error=True,
+                quiet=True,
+                allowed_paths=[str(demo.work_dir), *{str(Path(p).parent) for p in samples}],
+                max_file_size=MAX_UPLOAD,
+                ssr_mode=False,
+                mcp_server=False,
+                pwa=False,
+                enable_monitoring=False,
+                theme=gr.themes.Default(),
+                css=CSS,
+            )
+            where = f"{local_url}" + (f" and {share_url}" if share_url else "")
+            print(f"tadm demo: serving at {where} (Ctrl-C stops)", flush=True)
+            while True:
+                time.sleep(0.5)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            app.close()
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends the server like Ctrl-C does, so the temporary folder is removed."""
+    sys.exit(128 + signum)
+
+
+class Jobs:
+    """The running job of each browser session, so that its Stop stops that job and no other."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, key: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[key] = event
+        return event
+
+    def end(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(key) is event:
+                del self._events[key]
+
+    def stop(self, key: str) -> bool:
+        """Ask the session's running job to stop; False when none runs."""
+        with self._lock:
+            event = self._events.get(key)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+
+def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
+    """The gr.Blocks page for ``demo`` (not launched)."""
+    import gradio as gr
+
+    jobs = Jobs()
+
+    def run_photo(path: str | None, request: gr.Request, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        if not path:
+            return _photo_outputs(gr, "Upload a photo or pick a bundled one.")
+        key = _session(request)
+        cancel = jobs.start(key)
+        name = Path(path).name
+        try:
+            result = demo.round_trip(path, name=name, progress=_progress(progress), cancel=cancel)
+        except Cancelled:
+            return _photo_outputs(gr, f"Stopped: {name}.")
+        except TadmError as err:
+            return _photo_outputs(gr, _error(err))
+        except Exception as err:  # a bug: say it in the page, log it, keep serving
+            return _photo_outputs(gr, _internal_error(err))
+        finally:
+            jobs.end(key, cancel)
+        views = _photo_views(result, demo.codec.scale)
+        status = _done(result.name, result.hr_size, result.seconds, result.notes)
+        return (
+            status,
+            _lr_html(result.lr_file, result.lr_size, result.hr_size),
+            views["lr"],
+            views["restored"],
+            views["bicubic"],
+            (views["original"], views["restored"]),
+            _scores_html(result.scores, demo.perceptual_reason(result) or "computing ..."),
+            gr.update(value=views.get("timesteps"), label=_timestep_label(result), visible=demo.has_enhancer),
+            str(result.lr_file),
+            str(result.restored_file),
+            {"result": result, "views": views},
+        )
+
+    def run_perceptual(state: dict[str, Any] | None, request: gr.Request) -> Any:
+        if not state:
+            return gr.update()
+        result: PhotoResult = state["result"]
+        if demo.perceptual_reason(result) is not None:
+            return gr.update()
+        key = _session(request)
+        cancel = jobs.start(key)
+        try:
+            scores = demo.perceptual(result, cancel=cancel)
+        except Cancelled:
+            return _scores_html(result.scores, "LPIPS/DISTS: stopped")
+        except Exception as err:
+            traceback.print_exc()
+            return _scores_html(result.scores, f"LPIPS/DISTS failed: {type(err).__name__}: {err}")
+        finally:
+            jobs.end(key, cancel)
+        return _scores_html(scores or result.scores, None)
+
+    def slide(left: str, right: str, state: dict[str, Any] | None) -> Any:
+        if not state:
+            return None
+        return (state["views"][left], state["views"][right])
+
+    def run_restore(path: str | None, request: gr.Request, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        if not path:
+            return _restore_outputs(gr, "Upload an LR PNG (from `tadm downscale` or the first tab).")
+        key = _session(request)
+        cancel = jobs.start(key)
+        name = Path(path).name
+        try:
+            result = demo.restore(path, name=name, progress=_progress(progress), cancel=cancel)
+        except Cancelled:
+            return _restore_outputs(gr, f"Stopped: {name}.")
+        except TadmError as err:
+            return _restore_outputs(gr, _error(err))
+        except Exception as err:
+            return _restore_outputs(gr, _internal_error(err))
+        finally:
+            jobs.end(key, cancel)
+        folder = result.restored_file.parent
+        h, w = result.lr.shape[:2]
+        magnified = _save_view(folder / "lr.view.png", _nearest(result.lr, demo.codec.scale))
+        return (
+            _done(result.name, result.hr_size, result.seconds, result.notes),
+            _lr_html(Path(path), (h, w), result.hr_size),
+            magnified,
+            str(result.restored_file),
+            gr.update(value=_heat(result), label=_timestep_label(result), visible=demo.has_enhancer),
+            str(result.restored_file),
+        )
+
+    def stop(request: gr.Request) -> str:
+        return "Stopping ..." if jobs.stop(_session(request)) else "Nothing is running."
+
+    with gr.Blocks(title="tadm demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
+        gr.Markdown(
+            f"## tadm: extreme image rescaling, x{demo.codec.scale}\n"
+            f"{demo.describe()} · {demo.perceptual_note} · photos up to {demo.max_megapixels:g} MP · runs on this "
+            "machine; nothing is sent anywhere",
+            elem_id="model",
+        )
+        with gr.Tabs():
+            with gr.Tab("Photo → LR → photo", id="photo-tab"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        photo = gr.File(
+                            label="Photo", file_count="single", type="filepath", elem_id="photo-input"
+                        )
+                        with gr.Row():
+                            run_button = gr.Button("Round trip", variant="primary", elem_id="photo-run")
+                            stop_button = gr.Button("Stop", variant="stop", elem_id="photo-stop")
+                    with gr.Column(scale=1):
+                        if samples:
+                            gr.Examples(
+                                [[str(p)] for p in samples],
+                                inputs=[photo],
+                                label="Bundled photos (public domain / CC0)",
+                                examples_per_page=8,
+                            )
+                status = gr.Markdown("Upload a photo or pick a bundled one.", elem_id="photo-status")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        lr_real = gr.HTML(elem_id="lr-real")
+                        scores = gr.HTML(elem_id="scores")
+                    lr_big = gr.Image(
+                        label="LR image magnified (nearest neighbour)",
+                        type="filepath",
+                        interactive=False,
+                        elem_id="lr-magnified",
+                        scale=1,
+                    )
+                with gr.Row():
+                    restored = gr.Image(
+                        label="Restored from the LR file",
+                        type="filepath",
+                        interactive=False,
+                        elem_id="restored",
+                    )
+                    bicubic = gr.Image(
+                        label="Bicubic down + up (the baseline)",
+                        type="filepath",
+                        interactive=False,
+                        elem_id="bicubic",
+                    )
+                with gr.Row():
+                    left = gr.Dropdown(
+                        list(VIEWS), value="original", label="Slider: left", elem_id="slider-left"
+                    )
+                    right = gr.Dropdown(
+                        list(VIEWS), value="restored", label="Slider: right", elem_id="slider-right"
+                    )
+                slider = gr.ImageSlider(label="Before / after", type="filepath", elem_id="slider")
+                timesteps = gr.Image(
+                    label="Timestep map the aligner chose",
+                    type="filepath",
+                    interactive=False,
+                    visible=demo.has_enhancer,
+                    elem_id="timesteps",
+                )
+                with gr.Row():
+                    lr_download = gr.File(label="LR file (what tadm upscale reads)", elem_id="lr-download")
+                    restored_download = gr.File(label="Restored PNG", elem_id="restored-download")
+                state = gr.State(None)
+            with gr.Tab("LR file → photo", id="restore-tab"):
+                with gr.Row():
+                    lr_input = gr.File(
+                        label="LR PNG", file_count="single", type="filepath", elem_id="lr-input"
+                    )
+                    with gr.Column():
+                        restore_button = gr.Button("Restore", variant="primary", elem_id="lr-run")
+                        restore_stop = gr.Button("Stop", variant="stop", elem_id="lr-stop")
+                restore_status = gr.Markdown(
+                    "Upload an LR PNG (from `tadm downscale` or the first tab).", elem_id="lr-status"
+                )
+                with gr.Row():
+                    lr_view = gr.HTML(elem_id="lr-real-2")
+                    lr_big_2 = gr.Image(
+                        label="LR image magnified (nearest neighbour)",
+                        type="filepath",
+                        interactive=False,
+                        elem_id="lr-magnified-2",
+                    )
+                restored_2 = gr.Image(
+                    label="Restored", type="filepath", interactive=False, elem_id="restored-2"
+                )
+                timesteps_2 = gr.Image(
+                    label="Timestep map the aligner chose",
+                    type="filepath",
+                    interactive=False,
+                    visible=demo.has_enhancer,
+                    elem_id="timesteps-2",
+                )
+                restored_download_2 = gr.File(label="Restored PNG", elem_id="restored-download-2")
+
+        photo_outputs = [
+            status,
+            lr_real,
+            lr_big,
+            restored,
+            bicubic,
+            slider,
+            scores,
+            timesteps,
+            lr_download,
+            restored_download,
+            state,
+        ]
+        heavy = {"concurrency_limit": 1, "concurrency_id": "codec"}
+        photo_events = []
+        for trigger in (photo.change, run_button.click):
+            event = trigger(run_photo, [photo], photo_outputs, show_progress="full", **heavy)
+            photo_events += [
+                event,
+                event.then(run_perceptual, [state], [scores], show_progress="hidden", **heavy),
+            ]
+        for dropdown in (left, right):
+            dropdown.change(slide, [left, right, state], [slider], queue=False)
+        stop_button.click(stop, None, [status], cancels=photo_events, queue=False)
+
+        restore_outputs = [restore_status, lr_view, lr_big_2, restored_2, timesteps_2, restored_download_2]
+        restore_events = [
+            trigger(run_restore, [lr_input], restore_outputs, show_progress="full", **heavy)
+            for trigger in (lr_input.change, restore_button.click)
+        ]
+        restore_stop.click(stop, None, [restore_status], cancels=restore_events, queue=False)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- page pieces
+
+
+def _session(request: Any) -> str:
+    return str(getattr(request, "session_hash", None) or "local")
+
+
+def _progress(progress: Any) -> Callable[[float, str], None]:
+    def report(fraction: float, text: str) -> None:
+        progress(fraction, desc=text)
+
+    return report
+
+
+def _photo_outputs(gr: Any, message: str) -> tuple[Any, ...]:
+    """The photo tab with ``message`` and nothing else: no result of an earlier photo beside an error."""
+    # status, LR, LR magnified, restored, bicubic, slider, scores, timesteps, 2 downloads, state
+    return (message, "", None, None, None, None, "", gr.update(value=None), None, None, None)
+
+
+def _restore_outputs(gr: Any, message: str) -> tuple[Any, ...]:
+    # status, LR, LR magnified, restored, timesteps, download
+    return (message, "", None, None, gr.update(value=None), None)
+
+
+def _error(err: BaseException) -> str:
+    return f"**Could not process it:** {_md(str(err))}"
+
+
+def _internal_error(err: BaseException) -> str:
+    traceback.print_exc()
+    return (
+        f"**Internal error** ({type(err).__name__}: {_md(str(err))}). This is a bug in tadm, not your file; "
+        "the details are in the terminal running `tadm demo`. The page is ready for the next one."
+    )
+
+
+def _md(text: str) -> str:
+    """A message as Markdown text: its own lines joined, HTML escaped (file names are the user's)."""
+    return html.escape(" ".join(text.split()), quote=False)
+
+
+def _done(name: str, hr_size: tuple[int, int], seconds: dict[str, float], notes: Sequence[str]) -> str:
+    h, w = hr_size
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+    lines = [f"**Done:** {_md(name)}, {w}x{h} px, in {sum(seconds.values()):.2f} s ({parts})."]
+    lines += [f"- {_md(note)}" for note in notes]
+    return "\n".join(lines)
+
+
+def _lr_html(lr_file: Path, lr_size: tuple[int, int], hr_size: tuple[int, int]) -> str:
+    """The LR file itself at its real size (the PNG's own bytes, inline) and what it costs."""
+    data = lr_file.read_bytes()
+    (h, w), (hh, hw) = lr_size, hr_size
+    bpp = 8 * len(data) / (hh * hw)
+    src = "data:image/png;base64," + base64.b64encode(data).decode()
+    return (
+        f'<div class="tadm-lr-real"><img id="lr-real-img" src="{src}" width="{w}" height="{h}" '
+        f'alt="the LR file at its real size"><span id="lr-facts" data-lr-width="{w}" data-lr-height="{h}" '
+        f'data-bytes="{len(data)}">LR file: <b>{w}x{h} px</b> ({w * h:,} pixels), <b>{len(data):,} bytes</b> '
+        f"= <b>{bpp:.3f} bits per pixel</b> of the {hw}x{hh} original (24 uncompressed; "
+        f"{24 / bpp:.0f}x smaller), shown at its real size</span></div>"
+    )
+
+
+def _scores_html(scores: dict[str, Scores], pending: str | None) -> str:
+    """PSNR-Y / SSIM-Y / LPIPS / DISTS of both methods; each cell carries its exact value (``data-value``)."""
+
+    def cell(method: str, metric: str, value: float | None, digits: int) -> str:
+        if value is None:
+            return f'<td data-method="{method}" data-metric="{metric}">n/a</td>'
+        return f'<td data-method="{method}" data-metric="{metric}" data-value="{value!r}">{value:.{digits}f}</td>'
+
+    rows = []
+    for method, label in (("restored", "tadm (restored)"), ("bicubic", "bicubic down + up")):
+        s = scores[method]
+        rows.append(
+            f"<tr><td>{label}</td>{cell(method, 'psnr_y', s.psnr_y, 2)}{cell(method, 'ssim_y', s.ssim_y, 4)}"
+            f"{cell(method, 'lpips', s.lpips, 4)}{cell(method, 'dists', s.dists, 4)}</tr>"
+        )
+    note = f'<div class="tadm-note">{html.escape(pending)}</div>' if pending else ""
+    return (
+        '<table class="tadm-scores"><tr><th>against the original</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th>'
+        f"<th>LPIPS</th><th>DISTS</th></tr>{''.join(rows)}</table>{note}"
+    )
+
+
+def _timestep_label(result: PhotoResult | RestoreResult) -> str:
+    if result.timestep_range is None or result.aligner_range is None:
+        return "Timestep map the aligner chose"
+    (lo, hi), (a, b) = result.timestep_range, result.aligner_range
+    return f"Timestep map the aligner chose: t from {lo:.0f} to {hi:.0f} (its range {a:g}-{b:g}; viridis)"
+
+
+def _heat(result: PhotoResult | RestoreResult) -> str | None:
+    return None if result.timesteps_file is None else str(result.timesteps_file)
+
+
+def _nearest(image: np.ndarray, factor: int) -> np.ndarray:
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _save_view(path: Path, image: np.ndarray) -> str:
+    """A picture only shown (fast PNG); the files offered for download are the codec's own."""
+    Image.fromarray(image).save(path, format="PNG", compress_level=1)
+    return str(path)
+
+
+def _photo_views(result: PhotoResult, scale: int) -> dict[str, str]:
+    folder = result.lr_file.parent
+    views = {
+        "original": _save_view(folder / "original.view.png", result.original),
+        "restored": str(result.restored_file),
+        "bicubic": _save_view(folder / "bicubic.view.png", result.bicubic),
+        "lr": _save_view(folder / "lr.view.png", _nearest(result.lr, scale)),
+    }
+    if result.timesteps_file is not None:
+        views["timesteps"] = str(result.timesteps_file)
+    return views

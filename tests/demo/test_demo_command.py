@@ -1,0 +1,80 @@
+"""``tadm demo`` without a browser: its help and defaults need no gradio, a missing gradio is one line naming
+the extra (exit 2, before the model loads), and a bad checkpoint is one line too."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tadm.commands import demo as demo_command
+from tadm.commands.main import main
+from tests.helpers import REPO
+
+
+def test_help_imports_no_gradio_and_names_the_server_options(tmp_path: Path) -> None:
+    code = (
+        "import sys\nfrom tadm.commands.main import main\n"
+        "try:\n    main(['demo', '--help'])\nexcept SystemExit as stop:\n    assert stop.code in (0, None)\n"
+        "print('GRADIO-IMPORTED' if 'gradio' in sys.modules else 'NO-GRADIO')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith("NO-GRADIO"), done.stdout[-500:]
+    for option in (
+        "--ckpt",
+        "--host",
+        "--port",
+        "--share",
+        "--max-megapixels",
+        "--latent-tile",
+        "--color-fix",
+    ):
+        assert option in done.stdout, option
+
+
+def test_defaults_serve_the_shipped_model_on_localhost_only() -> None:
+    args = demo_command.parser().parse_args([])
+    assert args.ckpt == str(REPO / "assets" / "models" / "quickstart_x16.safetensors")
+    assert Path(args.ckpt).is_file()
+    assert (args.host, args.port, args.share) == ("127.0.0.1", None, False)
+    assert [p.name for p in demo_command.SAMPLE_FOLDERS] == ["val", "heldout"]
+
+
+def test_without_gradio_it_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: find_spec says None, import fails
+    assert importlib.util.find_spec("gradio") is None
+    assert main(["demo", "--ckpt", "no/such/model.safetensors"]) == 2  # the extra is named before the model
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "tadm demo: error: the web demo needs gradio, which is not installed: pip install 'tadm[demo]' "
+        "(in a checkout: pip install -e '.[demo]')"
+    )
+
+
+def test_a_missing_checkpoint_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "gradio" else real(name, *a)
+    )
+    assert main(["demo", "--ckpt", "no/such/model.safetensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and err[0].startswith("tadm demo: error: ") and "no/such/model.safetensors" in err[0]
+    ), err
+
+
+@pytest.mark.parametrize("bad", [["--port", "0"], ["--port", "70000"], ["--max-megapixels", "0"]])
+def test_bad_server_options_are_refused(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        demo_command.parser().parse_args(bad)
+    assert stop.value.code == 2 and bad[0] in capsys.readouterr().err
