@@ -28,7 +28,13 @@ PREDICTION_TYPES = _EPS + _V + _SAMPLE
 
 
 def _float_t(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor:
-    """``t`` as a floating tensor on the schedule's device, at least the schedule's precision."""
+    """``t`` as a floating tensor on the schedule's device, at least the schedule's precision.
+
+    A Python number is filled in on the device rather than copied there (``as_tensor``): on a GPU that copy
+    blocks the CPU until the GPU is idle, once per enhancer tile for the hybrid scheduler's fixed t0."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        kind = torch.get_default_dtype() if isinstance(t, float) else torch.int64  # as_tensor's dtype
+        t = torch.full((), t, dtype=kind, device=alphas_cumprod.device)
     t = torch.as_tensor(t, device=alphas_cumprod.device)
     dtype = (
         torch.promote_types(t.dtype, alphas_cumprod.dtype) if t.is_floating_point() else alphas_cumprod.dtype
@@ -51,7 +57,8 @@ def abar_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor:
     lo = t.detach().floor().clamp(max=last - 1).long()
     frac = t - lo.to(t.dtype)  # gradient 1 w.r.t. t
     a = alphas_cumprod.to(t.dtype)
-    return a[lo] * (1 - frac) + a[lo + 1] * frac
+    # take, not a[lo]: indexing with a 0-dim tensor reads its value on the host (a GPU sync)
+    return torch.take(a, lo) * (1 - frac) + torch.take(a, lo + 1) * frac
 
 
 def _broadcast_abar(abar: Tensor | float, z_t: Tensor) -> Tensor:

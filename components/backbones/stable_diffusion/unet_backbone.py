@@ -130,7 +130,10 @@ class StableDiffusionBackbone(DiffusersBackbone):
         kwargs: dict[str, Any] = {}
         if self.preset.family == "sdxl":
             h, w = (s * self.downsample_factor for s in z_t.shape[-2:])
-            time_ids = torch.tensor([h, w, 0, 0, h, w], device=z_t.device, dtype=self.unet.dtype)
+            # (h, w, 0, 0, h, w): filled on the device, as torch.tensor([...]) would be a blocking host copy
+            time_ids = torch.zeros(6, device=z_t.device, dtype=self.unet.dtype)
+            time_ids[0::4].fill_(h)
+            time_ids[1::4].fill_(w)
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": self.pooled_prompt_embeds.expand(b, -1).to(self.unet.dtype),
                 "time_ids": time_ids.expand(b, -1),

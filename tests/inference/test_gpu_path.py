@@ -1,0 +1,231 @@
+"""What the CPU can prove about the GPU inference path (issue 25): one VAE call per tile when an image is one
+VAE tile, no host synchronisation anywhere in the tiled round trip, and ``--compile`` == eager.
+
+A host synchronisation is what makes the CPU wait for the GPU inside the tile loop, so that it cannot queue
+the next tile's kernels while the GPU works: reading a value (``.item()``, ``float(t)``, ``bool(t)``,
+indexing with a 0-dim tensor: all ``aten::_local_scalar_dense``), an op whose output size depends on the data
+(``nonzero``, boolean masks, ``unique``), a copy to the host (``.cpu()``, ``.numpy()``, ``.tolist()``) and a
+tensor made from Python data on the device (``torch.tensor([...], device=cuda)``: a blocking host-to-device
+copy, ``aten::lift_fresh``). On the CPU none of them waits for anything, but all of them are visible to a
+``TorchDispatchMode`` or as Python calls, so :class:`HostSyncCounter` counts them where they would happen on a
+GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tadm.components.aligners.tpm import TimestepPredictionModule
+from tadm.components.rescalers.dfrm import DFRM
+from tadm.inference import pipeline
+from tadm.inference.tiling import Tiling, tile_starts
+from tadm.model import TADMModel
+from tadm.testing.twins.unet_twins import StableDiffusionTwin
+
+#: aten ops that wait for the device on a GPU (their CPU twins run the same calls)
+SYNCING_OPS = frozenset(
+    {
+        "_local_scalar_dense",  # .item(), float(), int(), bool(), a 0-dim tensor as an index
+        "is_nonzero",
+        "nonzero",
+        "nonzero_static",
+        "masked_select",
+        "_unique",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "lift_fresh",  # torch.tensor / as_tensor of Python data: a blocking host-to-device copy on a GPU
+        "lift_fresh_copy",
+    }
+)
+#: indexing ops that wait for the device when an index is a boolean mask (its size is the mask's count)
+MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+#: Tensor methods that copy to the host (on a CPU tensor they dispatch nothing, so they are patched)
+HOST_COPIES = ("cpu", "numpy", "tolist")
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the syncing aten ops and host copies made while active, each with where it was called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING_OPS:
+            self.record(name)
+        elif name in MASK_INDEXING and _has_mask(args[1] if len(args) > 1 else ()):
+            self.record(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+    def record(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+        where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-3:][::-1])
+        self.found[f"{what} at {where}"] += 1
+
+
+@contextmanager
+def counting_host_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostSyncCounter]:
+    """A :class:`HostSyncCounter` plus counting wrappers of the host-copy Tensor methods, while in the block."""
+    counter = HostSyncCounter()
+    with monkeypatch.context() as patch:
+        for method in HOST_COPIES:
+            patch.setattr(torch.Tensor, method, _counted(getattr(torch.Tensor, method), method, counter))
+        with counter:
+            yield counter
+
+
+def _has_mask(indices: Any) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+def _counted(fn: Callable[..., Any], what: str, counter: HostSyncCounter) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        counter.record(f".{what}()")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _tiny_sd_enhancer(preset: str) -> TADMModel:
+    """A stage-2 model on a tiny Stable Diffusion twin: slim DFRM, TPM, hybrid scheduler with its Refiner."""
+    torch.manual_seed(0)
+    model = TADMModel(
+        backbone=StableDiffusionTwin(preset),
+        rescaler=DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2),
+        stage="enhancer",
+        aligner=TimestepPredictionModule(),
+    )
+    return model.load_parts().eval()
+
+
+#: several tiles in every tiling at 144x208 px: enhancer 2x3, VAE 2x2 (synchronised statistics), DFRM 2x2
+MANY_TILES = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, lr_tile=8, lr_overlap=3)
+
+
+def test_the_sync_counter_sees_what_would_wait_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter can fail: each kind of host synchronisation planted in a step is counted once."""
+    x = torch.rand(4)
+    plants: list[Callable[[], object]] = [
+        lambda: x.sum().item(),
+        lambda: float(x.max()),
+        lambda: bool(x.any()),
+        lambda: x[x > 0.5],
+        lambda: x.nonzero(),
+        lambda: x[torch.tensor(1)],
+        lambda: torch.tensor([1.0, 2.0], device=x.device),
+        lambda: torch.as_tensor(0.5, device=x.device),
+        lambda: x.cpu(),
+        lambda: x.tolist(),
+        lambda: x.numpy(),
+    ]
+    for i, plant in enumerate(plants):
+        with counting_host_syncs(monkeypatch) as counter:
+            plant()
+        assert sum(counter.found.values()) >= 1, f"plant {i} not counted"
+    with counting_host_syncs(monkeypatch) as counter:  # what the pipeline does instead
+        (x * 2 + torch.full((), 0.5)).clamp(0, 1).sum(dim=0)
+        x[1:3].fill_(2.0)
+    assert not counter.found, counter.found
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd21", "tiny-sdxl"])
+def test_no_host_synchronisation_in_the_tiled_round_trip(
+    preset: str, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """Downscale and upscale, every stage on several tiles (VAE tiles with synchronised GroupNorm statistics),
+    without one op that would make the CPU wait for the GPU."""
+    model = _tiny_sd_enhancer(preset)
+    x = torch.rand(1, 3, 144, 208) * 2 - 1
+    assert len(tile_starts(18, 16, 8)) * len(tile_starts(26, 16, 8)) == 6  # enhancer tiles
+    with torch.no_grad(), counting_host_syncs(monkeypatch) as counter:
+        trip = pipeline.round_trip(model.backbone, model.rescaler, x, model.enhance_fn, MANY_TILES)
+    assert trip.reconstruction.shape == x.shape and trip.timesteps is not None
+    assert not counter.found, "\n".join(f"{n} x {w}" for w, n in counter.found.items())
+
+
+def test_sdxl_size_conditioning_is_made_on_the_device_with_the_same_values() -> None:
+    """SDXL's time_ids (original size, crop offset, target size) are filled in on the device now, not copied
+    from a Python list: still (h, w, 0, 0, h, w) of the tile in image pixels, one row per sample."""
+    model = _tiny_sd_enhancer("tiny-sdxl")
+    unet = model.backbone.unet
+    assert unet is not None
+    seen: list[Tensor] = []
+    unet.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.backbone.predict(torch.randn(2, 4, 12, 20), torch.tensor([10.0, 200.0]))
+    expected = torch.tensor([[96, 160, 0, 0, 96, 160]] * 2, dtype=unet.dtype)
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+
+
+class _CallCounter:
+    """Counts calls of a module's forward (the VAE's encoder / decoder)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("size", "tiles"), [((128, 128), 1), ((128, 208), 2), ((144, 208), 4)])
+def test_one_vae_call_per_tile_and_no_statistics_pass_for_one_tile(
+    size: tuple[int, int], tiles: int, one_thread: None
+) -> None:
+    """With synchronised GroupNorm statistics the VAE runs every tile twice (statistics, then output) when an
+    image has several VAE tiles, and exactly once when it is one tile: no statistics pass at all."""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    vae = model.backbone.vae
+    assert vae is not None
+    encoder, decoder = _CallCounter(vae.encoder), _CallCounter(vae.decoder)
+    tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, vae_norm="synced")
+    x = torch.rand(1, 3, *size) * 2 - 1
+    with torch.no_grad():
+        pipeline.round_trip(model.backbone, model.rescaler, x, model.enhance_fn, tiling)
+    calls_per_tile = 1 if tiles == 1 else 2
+    assert (encoder.calls, decoder.calls) == (tiles * calls_per_tile, tiles * calls_per_tile)
+
+
+def test_the_default_tiling_decodes_a_512_px_image_once(one_thread: None) -> None:
+    """At the GPU benchmark's 512x512 (default 768-px VAE tiles) the decoder runs once, encode too."""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    vae = model.backbone.vae
+    assert vae is not None
+    encoder, decoder = _CallCounter(vae.encoder), _CallCounter(vae.decoder)
+    y = model.downscale(torch.rand(1, 3, 512, 512) * 2 - 1, Tiling())
+    model.upscale(y, (512, 512), Tiling())
+    assert (encoder.calls, decoder.calls) == (1, 1)
+
+
+@pytest.mark.slow  # torch.compile (inductor) of even the tiny UNet takes 1-2 minutes on a 2-core CPU
+def test_compiled_unet_gives_the_eager_output(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """``--compile`` (``prepare_inference(compile=True)``: torch.compile of the UNet, what ``load_codec`` does)
+    restores the same image as eager on the tiny SD 2.1 twin, on tiles, within float tolerance."""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    y = torch.rand(1, 3, 9, 13) * 2 - 1
+    with torch.no_grad():
+        eager = pipeline.upscale(model.backbone, model.rescaler, y, (144, 208), model.enhance_fn, MANY_TILES)
+        model.backbone.prepare_inference(compile=True)
+        unet = model.backbone.unet
+        assert unet is not None and hasattr(unet, "_orig_mod")  # really compiled
+        compiled = pipeline.upscale(
+            model.backbone, model.rescaler, y, (144, 208), model.enhance_fn, MANY_TILES
+        )
+    assert eager.timesteps is not None and compiled.timesteps is not None
+    torch.testing.assert_close(compiled.image, eager.image, atol=1e-4, rtol=0)
+    torch.testing.assert_close(compiled.timesteps, eager.timesteps)
