@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QS_CKPT := runs/quickstart/checkpoints/last.ckpt
 
-.PHONY: setup quickstart quickstart-model study-demo test test-all lint format clean
+.PHONY: setup quickstart quickstart-model study-demo test test-all test-browser lint format clean
 
 setup: $(STAMP)
 
@@ -35,13 +35,21 @@ study-demo: export OMP_NUM_THREADS = 1
 study-demo: setup
 	$(BIN)/tadm study run configs/studies/demo.yaml
 
-# The fast suite (what CI runs): two workers (one torch thread each), the slowest tests listed at the end.
+# The fast suite (what CI runs first): two workers (one torch thread each), the slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not browser" --durations=15
 
-# Every test, the slow ones included (run it before every stop; they are skipped when CI=true).
+# Every test, the slow ones included (run it before every stop; they are skipped when CI=true); the browser
+# test is test-browser's.
 test-all: setup
-	CI= $(BIN)/python -m pytest -q -n 2 --durations=15
+	CI= $(BIN)/python -m pytest -q -n 2 -m "not browser" --durations=15
+
+# `tadm demo` driven in Chromium (tests/demo/test_browser.py; CI runs it after `make test`). First installs what
+# it needs when missing: the demo extra and Playwright into .venv, adding packages and changing none (gradio
+# asks for an older Pillow than the suite's), and Debian's chromium with apt (as root). Screenshots: runs/browser/.
+test-browser: setup
+	$(BIN)/python tests/demo/browser_setup.py
+	TADM_BROWSER_TEST=required $(BIN)/python -m pytest -q -m browser -rs --durations=5 tests/demo
 
 # The evaluation protocols checked against pyiqa itself (tests/evaluation/test_protocols.py; `make test` skips that
 # check). pyiqa declares ~40 dependencies (bitsandbytes, datasets, pyarrow, numba, timm, ...) but its PSNR

@@ -40,7 +40,9 @@ VIEWS = ("original", "restored", "bicubic")
 MAX_UPLOAD = "300mb"
 CSS = """
 .tadm-lr-real img, #lr-magnified img, #lr-magnified-2 img { image-rendering: pixelated; }
-.tadm-lr-real img { border: 1px solid #888; vertical-align: middle; margin-right: 0.8em; }
+.tadm-lr-real img {
+  box-sizing: content-box; max-width: none; outline: 1px solid #888; vertical-align: middle; margin: 0 0.8em 0 0;
+}
 .tadm-scores { border-collapse: collapse; margin: 0.3em 0; }
 .tadm-scores th, .tadm-scores td { padding: 0.25em 0.9em; border-bottom: 1px solid #ddd; text-align: right; }
 .tadm-scores td:first-child, .tadm-scores th:first-child { text-align: left; }
@@ -169,31 +171,33 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
             views["restored"],
             views["bicubic"],
             (views["original"], views["restored"]),
-            _scores_html(result.scores, demo.perceptual_reason(result) or "computing ..."),
+            _scores_html(
+                result.scores, demo.perceptual_reason(result.hr_size) or "LPIPS/DISTS: computing ..."
+            ),
             gr.update(value=views.get("timesteps"), label=_timestep_label(result), visible=demo.has_enhancer),
             str(result.lr_file),
             str(result.restored_file),
-            {"result": result, "views": views},
+            # what later steps need; the images stay on disk, not in the session's memory
+            {"views": views, "scores": result.scores, "hr_size": result.hr_size},
         )
 
     def run_perceptual(state: dict[str, Any] | None, request: gr.Request) -> Any:
-        if not state:
-            return gr.update()
-        result: PhotoResult = state["result"]
-        if demo.perceptual_reason(result) is not None:
+        if not state or demo.perceptual_reason(state["hr_size"]) is not None:
             return gr.update()
         key = _session(request)
         cancel = jobs.start(key)
         try:
-            scores = demo.perceptual(result, cancel=cancel)
+            views = state["views"]
+            original, restored, bicubic = (_load_view(views[k]) for k in ("original", "restored", "bicubic"))
+            scores = demo.perceptual(original, restored, bicubic, cancel=cancel)
         except Cancelled:
-            return _scores_html(result.scores, "LPIPS/DISTS: stopped")
-        except Exception as err:
+            return _scores_html(state["scores"], "LPIPS/DISTS: stopped")
+        except Exception as err:  # a result pruned from disk meanwhile, a bug: the scores shown stay
             traceback.print_exc()
-            return _scores_html(result.scores, f"LPIPS/DISTS failed: {type(err).__name__}: {err}")
+            return _scores_html(state["scores"], f"LPIPS/DISTS failed: {type(err).__name__}: {err}")
         finally:
             jobs.end(key, cancel)
-        return _scores_html(scores or result.scores, None)
+        return _scores_html(scores or state["scores"], None)
 
     def slide(left: str, right: str, state: dict[str, Any] | None) -> Any:
         if not state:
@@ -229,7 +233,11 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         )
 
     def stop(request: gr.Request) -> str:
-        return "Stopping ..." if jobs.stop(_session(request)) else "Nothing is running."
+        return (
+            "**Stopped.** The page is ready for the next one."
+            if jobs.stop(_session(request))
+            else "Nothing is running."
+        )
 
     with gr.Blocks(title="tadm demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(
@@ -261,6 +269,11 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
                     with gr.Column(scale=1):
                         lr_real = gr.HTML(elem_id="lr-real")
                         scores = gr.HTML(elem_id="scores")
+                        with gr.Row():
+                            lr_download = gr.File(
+                                label="LR file (what tadm upscale reads)", elem_id="lr-download"
+                            )
+                            restored_download = gr.File(label="Restored PNG", elem_id="restored-download")
                     lr_big = gr.Image(
                         label="LR image magnified (nearest neighbour)",
                         type="filepath",
@@ -296,9 +309,6 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
                     visible=demo.has_enhancer,
                     elem_id="timesteps",
                 )
-                with gr.Row():
-                    lr_download = gr.File(label="LR file (what tadm upscale reads)", elem_id="lr-download")
-                    restored_download = gr.File(label="Restored PNG", elem_id="restored-download")
                 state = gr.State(None)
             with gr.Tab("LR file → photo", id="restore-tab"):
                 with gr.Row():
@@ -471,6 +481,11 @@ def _save_view(path: Path, image: np.ndarray) -> str:
     """A picture only shown (fast PNG); the files offered for download are the codec's own."""
     Image.fromarray(image).save(path, format="PNG", compress_level=1)
     return str(path)
+
+
+def _load_view(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def _photo_views(result: PhotoResult, scale: int) -> dict[str, str]:

@@ -373,27 +373,33 @@ class Demo:
         return notes
 
     def perceptual(
-        self, result: PhotoResult, cancel: threading.Event | None = None
+        self,
+        original: np.ndarray,
+        restored: np.ndarray,
+        bicubic: np.ndarray,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Scores] | None:
-        """The result's scores with LPIPS and DISTS (``tadm evaluate``'s, from the same 8-bit images), or None
-        with :meth:`perceptual_reason` saying why (no VGG16 weights, a photo too large for VGG16 here)."""
-        if self.perceptual_reason(result) is not None:
+        """PSNR-Y, SSIM-Y, LPIPS and DISTS of a round trip's restored and bicubic images ((H, W, 3) uint8, as
+        :class:`PhotoResult` holds them and the page's files store them) against the original, as
+        ``tadm evaluate`` scores them (the metrics see 8-bit images either way); None when
+        :meth:`perceptual_reason` gives a reason not to."""
+        if self.perceptual_reason((int(original.shape[0]), int(original.shape[1]))) is not None:
             return None
         assert self.perceptual_metrics is not None
-        x = _from_uint8(result.original)
+        x = _from_uint8(original)
         scores = {}
         with self._lock:
-            for method, image in (("restored", result.restored), ("bicubic", result.bicubic)):
+            for method, image in (("restored", restored), ("bicubic", bicubic)):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("stopped")
                 scores[method] = _scores(self.perceptual_metrics.image(_from_uint8(image), x))
         return scores
 
-    def perceptual_reason(self, result: PhotoResult) -> str | None:
-        """Why a result gets no LPIPS / DISTS (None: it gets them)."""
+    def perceptual_reason(self, hr_size: tuple[int, int]) -> str | None:
+        """Why a photo of ``hr_size`` (H, W) gets no LPIPS / DISTS (None: it gets them)."""
         if self.perceptual_metrics is None:
             return self.perceptual_note
-        h, w = result.hr_size
+        h, w = hr_size
         if h * w > PERCEPTUAL_MAX_MEGAPIXELS * 1e6:
             return (
                 f"LPIPS/DISTS: not computed above {PERCEPTUAL_MAX_MEGAPIXELS:g} MP (VGG16 on the whole image needs "
@@ -571,7 +577,7 @@ def _perceptual_metrics(codec: Codec, protocol: Any) -> tuple[Metrics | None, st
     """Metrics with LPIPS / DISTS when the VGG16 weights are on disk (never downloaded), else why not."""
     weights = vgg16_weights_path()
     if not weights.is_file():
-        return None, f"LPIPS/DISTS: not computed, torchvision's VGG16 weights are not at {weights}"
+        return None, f"LPIPS/DISTS: off, no VGG16 weights ({weights.name} in torch's hub cache; docs/demo.md)"
     try:
         return Metrics(codec.device, perceptual=True, fid=False, protocol=protocol), "LPIPS/DISTS: VGG16"
     except (FileNotFoundError, OSError, RuntimeError) as err:

@@ -85,7 +85,7 @@ def test_lpips_when_the_vgg_weights_are_there(tmp_path: Path, torch_home: Path, 
     photo = _photo(tmp_path, "crop.png", (64, 48))
     result = demo.round_trip(photo)
     assert result.scores["restored"].lpips is None  # the result comes first; LPIPS after it
-    scores = demo.perceptual(result)
+    scores = demo.perceptual(result.original, result.restored, result.bicubic)
     assert scores is not None
     rows = evaluated_rows(QUICKSTART, photo, tmp_path / "report")
     for method in ("restored", "bicubic"):
@@ -93,7 +93,8 @@ def test_lpips_when_the_vgg_weights_are_there(tmp_path: Path, torch_home: Path, 
         assert scores[method].lpips == pytest.approx(float(rows[method]["lpips"]), abs=1e-6), method
         assert scores[method].dists == pytest.approx(float(rows[method]["dists"]), abs=1e-6), method
     tiny = demo.round_trip(_photo(tmp_path, "tiny.png", (40, 24)))
-    assert demo.perceptual(tiny) is None and "undefined under 32 px" in str(demo.perceptual_reason(tiny))
+    assert demo.perceptual(tiny.original, tiny.restored, tiny.bicubic) is None
+    assert "undefined under 32 px" in str(demo.perceptual_reason(tiny.hr_size))
 
 
 def test_no_vgg_weights_no_lpips_and_no_download(
@@ -101,9 +102,10 @@ def test_no_vgg_weights_no_lpips_and_no_download(
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     demo = Demo(load_codec(QUICKSTART), tmp_path / "work")
-    assert demo.perceptual_metrics is None and "VGG16 weights are not at" in demo.perceptual_note
+    assert demo.perceptual_metrics is None and "no VGG16 weights (vgg16-397923af.pth" in demo.perceptual_note
     result = demo.round_trip(_photo(tmp_path, "crop.png"))
-    assert demo.perceptual(result) is None and demo.perceptual_reason(result) == demo.perceptual_note
+    assert demo.perceptual(result.original, result.restored, result.bicubic) is None
+    assert demo.perceptual_reason(result.hr_size) == demo.perceptual_note
     assert not (tmp_path / "empty").exists()  # nothing was fetched
 
 
