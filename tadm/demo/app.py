@@ -16,6 +16,7 @@ goes on serving.
 # its annotation, which must be the class itself, not a string naming a name local to ``build_app``.
 import base64
 import html
+import math
 import os
 import signal
 import sys
@@ -153,7 +154,9 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         cancel = jobs.start(key)
         name = Path(path).name
         try:
-            result = demo.round_trip(path, name=name, progress=_progress(progress), cancel=cancel)
+            result = demo.round_trip(
+                path, name=name, progress=_progress(progress), cancel=cancel, scores=None
+            )
         except Cancelled:
             return _photo_outputs(gr, f"Stopped: {name}.")
         except TadmError as err:
@@ -172,7 +175,7 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
             views["bicubic"],
             (views["original"], views["restored"]),
             _scores_html(
-                result.scores, demo.perceptual_reason(result.hr_size) or "LPIPS/DISTS: computing ..."
+                result.scores, _pending(demo, result) if result.scores else "computing the scores ..."
             ),
             gr.update(value=views.get("timesteps"), label=_timestep_label(result), visible=demo.has_enhancer),
             str(result.lr_file),
@@ -181,8 +184,29 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
             {"views": views, "scores": result.scores, "hr_size": result.hr_size},
         )
 
+    def run_scores(state: dict[str, Any] | None, request: gr.Request) -> tuple[Any, Any]:
+        """PSNR-Y / SSIM-Y of a large photo once its images are on the page (the numbers ``round_trip`` gives)."""
+        if not state or state["scores"]:
+            return gr.update(), state
+        key = _session(request)
+        cancel = jobs.start(key)
+        try:
+            views = state["views"]
+            original, restored, bicubic = (_load_view(views[k]) for k in ("original", "restored", "bicubic"))
+            scores = demo.score(original, restored, bicubic, cancel=cancel)
+        except Cancelled:
+            return _scores_html(None, "scores: stopped"), state
+        except Exception as err:
+            traceback.print_exc()
+            return _scores_html(None, f"scores failed: {type(err).__name__}: {err}"), state
+        finally:
+            jobs.end(key, cancel)
+        state = {**state, "scores": scores}
+        pending = demo.perceptual_reason(state["hr_size"]) or "LPIPS/DISTS: computing ..."
+        return _scores_html(scores, pending), state
+
     def run_perceptual(state: dict[str, Any] | None, request: gr.Request) -> Any:
-        if not state or demo.perceptual_reason(state["hr_size"]) is not None:
+        if not state or not state["scores"] or demo.perceptual_reason(state["hr_size"]) is not None:
             return gr.update()
         key = _session(request)
         cancel = jobs.start(key)
@@ -358,10 +382,9 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         photo_events = []
         for trigger in (photo.change, run_button.click):
             event = trigger(run_photo, [photo], photo_outputs, show_progress="full", **heavy)
-            photo_events += [
-                event,
-                event.then(run_perceptual, [state], [scores], show_progress="hidden", **heavy),
-            ]
+            scored = event.then(run_scores, [state], [scores, state], show_progress="hidden", **heavy)
+            perceptual = scored.then(run_perceptual, [state], [scores], show_progress="hidden", **heavy)
+            photo_events += [event, scored, perceptual]
         for dropdown in (left, right):
             dropdown.change(slide, [left, right, state], [slider], queue=False)
         stop_button.click(stop, None, [status], cancels=photo_events, queue=False)
@@ -376,6 +399,10 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- page pieces
+
+
+def _pending(demo: Demo, result: PhotoResult) -> str:
+    return demo.perceptual_reason(result.hr_size) or "LPIPS/DISTS: computing ..."
 
 
 def _session(request: Any) -> str:
@@ -440,17 +467,18 @@ def _lr_html(lr_file: Path, lr_size: tuple[int, int], hr_size: tuple[int, int]) 
     )
 
 
-def _scores_html(scores: dict[str, Scores], pending: str | None) -> str:
+def _scores_html(scores: dict[str, Scores] | None, pending: str | None) -> str:
     """PSNR-Y / SSIM-Y / LPIPS / DISTS of both methods; each cell carries its exact value (``data-value``)."""
 
     def cell(method: str, metric: str, value: float | None, digits: int) -> str:
-        if value is None:
-            return f'<td data-method="{method}" data-metric="{metric}">n/a</td>'
+        if value is None or math.isnan(value):
+            shown = "n/a" if value is None else "..."
+            return f'<td data-method="{method}" data-metric="{metric}">{shown}</td>'
         return f'<td data-method="{method}" data-metric="{metric}" data-value="{value!r}">{value:.{digits}f}</td>'
 
     rows = []
     for method, label in (("restored", "tadm (restored)"), ("bicubic", "bicubic down + up")):
-        s = scores[method]
+        s = (scores or {}).get(method) or Scores(math.nan, math.nan)
         rows.append(
             f"<tr><td>{label}</td>{cell(method, 'psnr_y', s.psnr_y, 2)}{cell(method, 'ssim_y', s.ssim_y, 4)}"
             f"{cell(method, 'lpips', s.lpips, 4)}{cell(method, 'dists', s.dists, 4)}</tr>"

@@ -44,6 +44,8 @@ from tadm.inference.tiling import enhancer_tiles, tile_starts
 
 #: LPIPS / DISTS run VGG16 on the whole image: above this they are skipped (GBs of activations; slow on a CPU)
 PERCEPTUAL_MAX_MEGAPIXELS = 2.0
+#: ``round_trip(scores=None)`` scores photos up to this size at once (well under a second), larger ones later
+INLINE_SCORES_MEGAPIXELS = 1.0
 #: result folders kept on disk (older ones are deleted; the page has already been sent its files)
 KEEP_RESULTS = 16
 
@@ -210,9 +212,12 @@ class Demo:
         name: str | None = None,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        scores: bool | None = True,
     ) -> PhotoResult:
         """Photo -> the LR file ``tadm downscale`` writes -> the photo ``tadm upscale`` restores from it; bicubic
-        down + up beside it; both scored against the photo as ``tadm evaluate`` scores them."""
+        down + up beside it; both scored against the photo as ``tadm evaluate`` scores them. ``scores=False``:
+        scored later by :meth:`score` on the result's images (the same numbers), so that a page shows a large
+        photo's images first; None: inline up to :data:`INLINE_SCORES_MEGAPIXELS`, later above."""
         name = name or Path(path).name
         notes = self._check_photo(path, name)
         x = _read(path, name)[None]
@@ -222,6 +227,8 @@ class Demo:
                 f"{w}x{h} px is smaller than one LR pixel at x{self.codec.scale}: the codec pads it (reflect) to "
                 f"{self.codec.pad_multiple} px per side first, and its scores say little about so few pixels"
             )
+        if scores is None:
+            scores = h * w <= INLINE_SCORES_MEGAPIXELS * 1e6
         with self._job(name, progress, cancel, _PHOTO_PHASES) as (job, out):
             job.plan((h, w))
             job.phase("downscale")
@@ -252,10 +259,12 @@ class Demo:
             job.phase("scores")
             start = time.perf_counter()
             bicubic = bicubic_round_trip(x.to(self.codec.device), self.codec.scale)
-            scores = {  # LPIPS / DISTS come after the result (:meth:`perceptual`): VGG16 takes seconds on a CPU
-                "restored": _scores(self.metrics.image(up.image, x)),
-                "bicubic": _scores(self.metrics.image(bicubic, x)),
-            }
+            scored = {}  # LPIPS / DISTS come after the result (:meth:`perceptual`): VGG16 takes seconds on a CPU
+            if scores:
+                scored = {
+                    "restored": self.metrics.image(up.image, x),
+                    "bicubic": self.metrics.image(bicubic, x),
+                }
             t_scores = time.perf_counter() - start
             heat = self._heat_map(up.timesteps, (h, w), out / f"{_stem(name)}.restored.timesteps.png")
         return PhotoResult(
@@ -266,9 +275,9 @@ class Demo:
             restored=to_uint8(up.image),
             restored_file=restored_file,
             bicubic=to_uint8(bicubic),
-            scores=scores,
+            scores={method: _scores(values) for method, values in scored.items()},
             notes=notes,
-            seconds={"downscale": t_down, "upscale": t_up, "scores": t_scores},
+            seconds={"downscale": t_down, "upscale": t_up, **({"scores": t_scores} if scores else {})},
             **heat,
         )
 
@@ -372,6 +381,36 @@ class Demo:
             notes.append(f"{name} has transparency: composited over white")
         return notes
 
+    def score(
+        self,
+        original: np.ndarray,
+        restored: np.ndarray,
+        bicubic: np.ndarray,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Scores]:
+        """PSNR-Y and SSIM-Y of a round trip's restored and bicubic images against the original, from their 8-bit
+        pixels ((H, W, 3) uint8, as :class:`PhotoResult` holds them and the page's files store them): the
+        metrics round both images to 8 bits first, so these equal ``round_trip``'s and ``tadm evaluate``'s
+        bit for bit."""
+        return self._score(self.metrics, original, restored, bicubic, cancel)
+
+    def _score(
+        self,
+        metrics: Metrics,
+        original: np.ndarray,
+        restored: np.ndarray,
+        bicubic: np.ndarray,
+        cancel: threading.Event | None,
+    ) -> dict[str, Scores]:
+        x = _from_uint8(original)
+        scores = {}
+        with self._lock:
+            for method, image in (("restored", restored), ("bicubic", bicubic)):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("stopped")
+                scores[method] = _scores(metrics.image(_from_uint8(image), x))
+        return scores
+
     def perceptual(
         self,
         original: np.ndarray,
@@ -386,14 +425,7 @@ class Demo:
         if self.perceptual_reason((int(original.shape[0]), int(original.shape[1]))) is not None:
             return None
         assert self.perceptual_metrics is not None
-        x = _from_uint8(original)
-        scores = {}
-        with self._lock:
-            for method, image in (("restored", restored), ("bicubic", bicubic)):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("stopped")
-                scores[method] = _scores(self.perceptual_metrics.image(_from_uint8(image), x))
-        return scores
+        return self._score(self.perceptual_metrics, original, restored, bicubic, cancel)
 
     def perceptual_reason(self, hr_size: tuple[int, int]) -> str | None:
         """Why a photo of ``hr_size`` (H, W) gets no LPIPS / DISTS (None: it gets them)."""

@@ -188,6 +188,15 @@ def _download(page: Any, element: str, folder: Path) -> Path:
     return target
 
 
+def _scores_shown(page: Any) -> float:
+    """Seconds until PSNR-Y / SSIM-Y appear (they follow the images)."""
+    start = time.perf_counter()
+    page.wait_for_selector(
+        '#scores td[data-method="bicubic"][data-metric="ssim_y"][data-value]', timeout=STEP
+    )
+    return time.perf_counter() - start
+
+
 def _cell(page: Any, method: str, metric: str) -> Any:
     return page.locator(f'#scores td[data-method="{method}"][data-metric="{metric}"]')
 
@@ -197,7 +206,10 @@ def test_a_bundled_photos_round_trip_is_the_commands(
 ) -> None:
     page = session.page
     seconds = _upload(page, CHELSEA)
-    print(f"\nchelsea.png 451x300: {seconds:.2f} s from upload to result in the page")
+    scored = _scores_shown(page)
+    print(
+        f"\nchelsea.png 451x300: {seconds:.2f} s from upload to the result in the page, {scored:.2f} s more to the scores"
+    )
     # the LR image, shown at its real size: the photo's size / 16 (rounded up: the codec pads)
     facts = page.locator("#lr-facts")
     lr_w, lr_h = int(facts.get_attribute("data-lr-width")), int(facts.get_attribute("data-lr-height"))
@@ -291,7 +303,10 @@ def test_stop_stops_a_large_photo_and_the_next_upload_works(session: Session, tm
         "document.querySelector('#photo-status').innerText.includes('Stopped')", timeout=STEP
     )
     seconds = _upload(page, tmp_path / "large.png")
-    print(f"\nlarge.png 2560x1600: {seconds:.2f} s from upload to result in the page (one torch thread)")
+    scored = _scores_shown(page)
+    print(
+        f"\nlarge.png 2560x1600: {seconds:.2f} s from upload to the result, {scored:.2f} s more to the scores (1 thread)"
+    )
     facts = page.locator("#lr-facts")
     assert (int(facts.get_attribute("data-lr-width")), int(facts.get_attribute("data-lr-height"))) == (
         160,

@@ -73,6 +73,14 @@ def test_a_photos_round_trip_is_the_commands_one(demo: Demo, tmp_path: Path) -> 
     for method in ("restored", "bicubic"):
         assert result.scores[method].psnr_y == float(rows[method]["psnr_y"]), method
         assert result.scores[method].ssim_y == float(rows[method]["ssim_y"]), method
+    # the page scores later, from the 8-bit images it saved: the same numbers, bit for bit
+    assert demo.score(result.original, result.restored, result.bicubic) == result.scores
+    later = demo.round_trip(CHELSEA, scores=False)
+    assert later.scores == {} and "scores" not in later.seconds
+    assert demo.score(later.original, later.restored, later.bicubic) == result.scores
+    assert (
+        demo.round_trip(CHELSEA, scores=None).scores == result.scores
+    )  # auto: a small photo is scored at once
     assert result.timesteps is None and not result.notes  # a stage-1 model: no timestep map
     assert _no_wrappers_left(demo)
 
@@ -172,6 +180,7 @@ def test_unusual_photos_are_read_as_the_commands_read_them_and_said(
     photo = _photo(tmp_path, f"photo{suffix}", mode=mode)
     result = demo.round_trip(photo)
     assert any(note in line for line in result.notes), result.notes
+    assert demo.score(result.original, result.restored, result.bicubic) == result.scores  # 16-bit too
     assert result.lr_file.read_bytes() == downscaled_file(QUICKSTART, photo, tmp_path / "lr").read_bytes()
 
 
