@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +139,97 @@ def for_each(
     return report
 
 
+#: what one item of a batch came to: True done, False skipped, or the error that item alone raised
+Outcome = bool | BaseException
+
+
+def for_each_batch(
+    batches: Iterable[Sequence[T]],
+    process: Callable[[Sequence[T]], Sequence[Outcome]],
+    name: Callable[[T], str],
+    description: str,
+    total: int | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """:func:`for_each` over batches: ``process(batch)`` returns one :data:`Outcome` per item, in order.
+
+    An item's own error (unreadable, an output that cannot be written) is its outcome; an error that escapes
+    ``process`` (the batched model call failed) is retried item by item (:func:`each_alone`), so one bad input
+    in a batch is reported alone and the others are still processed. The bar advances per item.
+    """
+    report = RunReport()
+    start = time.perf_counter()
+    with progress_bar(total, description, progress) as advance:
+        for batch in batches:
+            for item, outcome in zip(batch, each_alone(batch, process), strict=True):
+                if isinstance(outcome, BaseException):
+                    report.failed.append((name(item), error_line(outcome)))
+                    print(f"error: {error_line(outcome)}", file=sys.stderr)
+                elif outcome is False:
+                    report.skipped += 1
+                else:
+                    report.done += 1
+            advance(len(batch))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+R = TypeVar("R")
+
+
+def each_alone(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[R]]) -> list[R | BaseException]:
+    """``run(items)``; when that raises one of :data:`ITEM_ERRORS`, ``run([item])`` for each item instead, so an
+    error belongs to the item that causes it (a batch of one keeps its error)."""
+    try:
+        results = list(run(items))
+    except ITEM_ERRORS as err:
+        if len(items) == 1:
+            return [err]
+        results = []
+        for item in items:
+            try:
+                results += run([item])
+            except ITEM_ERRORS as one:
+                results.append(one)
+    if len(results) != len(items):
+        raise RuntimeError(f"a batch of {len(items)} gave {len(results)} results")  # a bug, not bad input
+    return results
+
+
+def size_batches(
+    items: Iterable[T],
+    key: Callable[[T], Hashable | None],
+    batch_size: int,
+    max_items: Callable[[T], int] | None = None,
+) -> list[list[T]]:
+    """Items grouped by ``key`` (e.g. the image size: only same-size images stack into one tensor), in batches
+    of up to ``batch_size`` (and ``max_items(first item)`` of its group, e.g. what memory allows).
+
+    Groups keep the order of their first item, items their order within a group; an item whose key is None
+    (its header could not be read) is a batch of its own, so its error is reported as without batching.
+    """
+    groups: dict[Hashable, list[T]] = {}
+    for i, item in enumerate(items):
+        k = key(item) if batch_size > 1 else None
+        groups.setdefault(("alone", i) if k is None else ("key", k), []).append(item)
+    batches = []
+    for group in groups.values():
+        n = max(1, min(batch_size, max_items(group[0]) if max_items else batch_size))
+        batches += [group[i : i + n] for i in range(0, len(group), n)]
+    return batches
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def writable_folder(path: Path, option: str = "--output") -> Path:
     """Prove ``path`` can be created and written, before any model loads, without leaving anything
     behind: a file in the way, a read-only folder or a full disk is a one-line error now, not a
@@ -211,6 +302,17 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPUs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_batch_size_argument(ap: argparse.ArgumentParser) -> None:
+    """``--batch-size N`` of the commands that run many images (downscale, upscale, evaluate)."""
+    ap.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="images of the same size processed together (inputs are grouped by size; raise on GPUs for "
+        "throughput; outputs as with 1, see docs/codec.md)",
+    )
 
 
 def add_color_fix_argument(ap: argparse.ArgumentParser) -> None:

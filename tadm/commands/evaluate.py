@@ -6,9 +6,10 @@ Each HR image goes HR -> 8-bit LR -> HR through the checkpoint (tiled like ``tad
 for reference, through bicubic down + bicubic up at the same scale. Writes ``per_image.csv``, ``summary.md``
 (printed too) and ``summary.json``. ``--protocol`` picks how PSNR-Y / SSIM-Y are computed
 (:mod:`tadm.evaluation.protocols`): ``pyiqa`` as in the TADM paper, ``basicsr`` as in IRN; ``--color-fix``
-corrects the checkpoint's reconstructions (the bicubic row is its own reference), and the report records it. A bad file is
-reported, the rest evaluated, and the exit status is 1. A report already in ``--output`` is refused before
-any work unless ``--overwrite``. (``tadm test --config ...`` is LightningCLI's test loop on a data module.)
+corrects the checkpoint's reconstructions (the bicubic row is its own reference), and the report records it.
+``--batch-size N`` runs the round trips of up to N same-size images together (a GPU's throughput; the report is
+batch size 1's but for the timings). A bad file is reported, the rest evaluated, and the exit status is 1. A
+report already in ``--output`` is refused before any work unless ``--overwrite``. (``tadm test --config ...`` is LightningCLI's test loop on a data module.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from tadm.commands.common import (
     EXIT_FAILED,
     EXIT_OK,
+    add_batch_size_argument,
     add_color_fix_argument,
     add_model_arguments,
     command,
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tadm evaluate", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="HR image files, folders, glob patterns or .tar shards")
     add_model_arguments(ap)
+    add_batch_size_argument(ap)
     ap.add_argument(
         "--output",
         "-o",
@@ -111,7 +114,7 @@ def evaluate_command(argv: Sequence[str]) -> int:
     name = f"tadm {Path(args.ckpt).name} [{codec.model_id[:8]}]"
     methods = {name: model} if args.no_bicubic else {name: model, f"bicubic x{codec.scale}": bicubic}
     _warm_up(codec)
-    evaluation = Evaluation(methods, metrics, color_fix=codec.color_fix)
+    evaluation = Evaluation(methods, metrics, color_fix=codec.color_fix, batch_size=args.batch_size)
     for_each(images, evaluation.add, lambda item: item.path, "evaluate", images.total, not args.no_progress)
     report = evaluation.finish()
     report.model = _model_facts(args.ckpt, codec)

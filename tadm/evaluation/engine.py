@@ -24,6 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,13 @@ class Evaluation:
     errors and the run goes on, so one bad file does not cost the whole test set. The caller owns the
     loop (``tadm evaluate`` runs it under the commands' progress bar). ``color_fix`` names the colour
     correction the methods apply (:mod:`tadm.ops.color_fix`; the methods apply it, the report records it).
+
+    ``batch_size`` > 1 runs each method on up to that many same-size images at once (B, 3, H, W): methods must
+    then treat the samples of a batch independently (the codec's round trip and bicubic do). Images wait for
+    others of their size among the next ``4 * batch_size`` (:meth:`finish` runs the rest); a batch a method
+    fails on is retried image by image, so a failure is recorded for the image that causes it. Results are
+    recorded in input order, so the report is the one batch size 1 makes, but for the timings (an image's
+    seconds are its share of its batch's) and the rounding of kernels that a batch may choose differently.
     """
 
     def __init__(
@@ -225,26 +233,79 @@ class Evaluation:
         methods: Mapping[str, Method],
         metrics: Metrics,
         color_fix: str = "none",
+        batch_size: int = 1,
     ) -> None:
         if not methods:
             raise ValueError("no methods to evaluate")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.methods = dict(methods)
         self.metrics = metrics
+        self.batch_size = batch_size
         self.report = EvalReport(
             methods=list(methods), protocol=metrics.protocol, color_fix=check_color_fix(color_fix)
         )
         self._real = FeatureStats()
         self._fake = {name: FeatureStats() for name in methods}
+        self._waiting: dict[tuple[int, ...], list[tuple[int, EvalImage]]] = {}  # same-size images by size
+        self._results: dict[int, _ImageResult] = {}  # scored, not yet recorded (an earlier one is waiting)
+        self._added = 0
+        self._recorded = 0
 
     def add(self, item: EvalImage | BadImage) -> None:
-        """Score one image with every method (or record why it could not be read)."""
+        """Score one image with every method (or record why it could not be read); with ``batch_size`` > 1
+        the image may wait for others of its size."""
+        index = self._added
+        self._added += 1
         if isinstance(item, BadImage):
-            self.report.errors.append(EvalError(item.path, None, item.reason))
+            self._results[index] = _ImageResult(item.path, error=EvalError(item.path, None, item.reason))
         else:
-            _evaluate_one(item, self.methods, self.metrics, self.report, self._real, self._fake)
+            size = tuple(_as_batch(item.image).shape)
+            group = self._waiting.setdefault(size, [])
+            group.append((index, item))
+            if len(group) >= self.batch_size:
+                self._score(size)
+            elif sum(len(g) for g in self._waiting.values()) > 4 * self.batch_size:
+                self._score(
+                    min(self._waiting, key=lambda k: self._waiting[k][0][0])
+                )  # the oldest waits longest
+        self._record()
+
+    def flush(self) -> None:
+        """Score the images still waiting for a full batch."""
+        while self._waiting:
+            self._score(min(self._waiting, key=lambda k: self._waiting[k][0][0]))
+        self._record()
+
+    def _score(self, size: tuple[int, ...]) -> None:
+        group = self._waiting.pop(size)
+        results = _score_images([item for _, item in group], self.methods, self.metrics)
+        self._results.update(zip([index for index, _ in group], results, strict=True))
+
+    def _record(self) -> None:
+        """Record scored images in input order: rows, errors, and FID features (their order sets KID's subsets)."""
+        while self._recorded in self._results:
+            result = self._results.pop(self._recorded)
+            self._recorded += 1
+            if result.digest is not None:
+                self.report.image_digests[result.path] = result.digest
+            if result.error is not None:
+                self.report.errors.append(result.error)
+                continue
+            if result.real_features is not None:
+                self._real.add(result.real_features)
+            for name, outcome in result.methods:
+                if isinstance(outcome, EvalError):
+                    self.report.errors.append(outcome)
+                    continue
+                row, features = outcome
+                if features is not None:
+                    self._fake[name].add(features)
+                self.report.rows.append(row)
 
     def finish(self) -> EvalReport:
         """FID and KID per method and the notes on what was not computed; returns the report."""
+        self.flush()
         report, metrics, real = self.report, self.metrics, self._real
         small_kid: dict[tuple[int, int], list[str]] = {}
         for name in self.methods:
@@ -274,6 +335,11 @@ class Evaluation:
             )
         report.notes += [f"{what} not computed: {why}." for what, why in metrics.not_computed.items()]
         report.notes += metrics.caveats
+        if self.batch_size > 1:
+            report.notes.append(
+                f"The methods ran on batches of up to {self.batch_size} same-size images: an image's seconds "
+                "are its share of its batch's time."
+            )
         return report
 
 
@@ -282,66 +348,116 @@ def evaluate(
     methods: Mapping[str, Method],
     metrics: Metrics,
     color_fix: str = "none",
+    batch_size: int = 1,
 ) -> EvalReport:
     """Score every method on every image (see :class:`Evaluation`) and return the report."""
-    evaluation = Evaluation(methods, metrics, color_fix)
+    evaluation = Evaluation(methods, metrics, color_fix, batch_size)
     for item in images:
         evaluation.add(item)
     return evaluation.finish()
 
 
-def _evaluate_one(
-    item: EvalImage,
-    methods: Mapping[str, Method],
-    metrics: Metrics,
-    report: EvalReport,
-    real: FeatureStats,
-    fake: dict[str, FeatureStats],
-) -> None:
-    x = item.image if item.image.dim() == 4 else item.image.unsqueeze(0)
-    x = x.to(metrics.device, torch.float32)
-    height, width = int(x.shape[-2]), int(x.shape[-1])
-    report.image_digests[item.path] = image_digest(x)
-    try:
-        real_features = metrics.fid_features(x)
-    except Exception as exc:
-        report.errors.append(EvalError(item.path, None, f"FID features failed: {type(exc).__name__}: {exc}"))
-        return
-    if real_features is not None:
-        real.add(real_features)
-    for name, method in methods.items():
+#: a method's result on one image: its row and FID features, or why it has none
+MethodOutcome = tuple[ImageRow, Tensor | None] | EvalError
+
+
+@dataclass
+class _ImageResult:
+    """One image scored by every method, to be recorded in input order."""
+
+    path: str
+    digest: str | None = None
+    error: EvalError | None = None  # unreadable, or its FID features failed: no method was run
+    real_features: Tensor | None = None
+    methods: list[tuple[str, MethodOutcome]] = field(default_factory=list)
+
+
+def _as_batch(image: Tensor) -> Tensor:
+    return image if image.dim() == 4 else image.unsqueeze(0)
+
+
+def _score_images(
+    items: list[EvalImage], methods: Mapping[str, Method], metrics: Metrics
+) -> list[_ImageResult]:
+    """Every method on the images (same size; together when more than one), then the metrics image by image."""
+    xs = [_as_batch(item.image).to(metrics.device, torch.float32) for item in items]
+    results = [_ImageResult(item.path, digest=image_digest(x)) for item, x in zip(items, xs, strict=True)]
+    for result, x in zip(results, xs, strict=True):
         try:
-            pred, lr, seconds = _timed(method, x, metrics.device)
-            lr_bpp = None if lr is None else png_bits(lr) / (height * width)
-            if pred.shape != x.shape:
-                raise ValueError(
-                    f"the method returned shape {tuple(pred.shape)} for an input of {tuple(x.shape)}"
-                )
-            if not torch.isfinite(pred).all():
-                raise ValueError("the method returned non-finite values")
-            values = metrics.image(pred, x)
-            features = metrics.fid_features(pred)
+            result.real_features = metrics.fid_features(x)
+        except Exception as exc:
+            result.error = EvalError(result.path, None, f"FID features failed: {type(exc).__name__}: {exc}")
+    scored = [(result, x) for result, x in zip(results, xs, strict=True) if result.error is None]
+    for name, method in methods.items():
+        runs = _run_method(method, [x for _, x in scored], metrics.device)
+        for (result, x), run in zip(scored, runs, strict=True):
+            result.methods.append((name, _method_outcome(result.path, name, x, run, metrics)))
+    return results
+
+
+#: one image's run of a method: (reconstruction, LR image or None, seconds), or what it raised
+Run = tuple[Tensor, Tensor | None, float] | Exception
+
+
+def _run_method(method: Method, xs: list[Tensor], device: torch.device) -> list[Run]:
+    """``method`` on the images stacked into one batch, split back per image (seconds shared evenly); when the
+    batch fails or comes back in another shape, on each image alone, so an error belongs to its image."""
+    if len(xs) > 1:
+        try:
+            pred, lr, seconds = _timed(method, torch.cat(xs), device)
+            if pred.shape[0] != len(xs) or (lr is not None and lr.shape[0] != len(xs)):
+                raise ValueError(f"the method returned {pred.shape[0]} images for a batch of {len(xs)}")
+            return [
+                (pred[i : i + 1], None if lr is None else lr[i : i + 1], seconds / len(xs))
+                for i in range(len(xs))
+            ]
+        except Exception as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+    runs: list[Run] = []
+    for x in xs:
+        try:
+            runs.append(_timed(method, x, device))
         except Exception as exc:  # one failure must not cost the rest of the test set
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            report.errors.append(EvalError(item.path, name, f"{type(exc).__name__}: {exc}"))
-            continue
-        if features is not None:
-            fake[name].add(features)
-        report.rows.append(
-            ImageRow(
-                item.path,
-                height,
-                width,
-                name,
-                float(values["psnr_y"]),  # type: ignore[arg-type]
-                float(values["ssim_y"]),  # type: ignore[arg-type]
-                values["lpips"],
-                values["dists"],
-                seconds,
-                lr_bpp,
+            runs.append(exc)
+    return runs
+
+
+def _method_outcome(path: str, name: str, x: Tensor, run: Run, metrics: Metrics) -> MethodOutcome:
+    """The row of one method on one image (its metrics and FID features), or the error that stopped it."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    try:
+        if isinstance(run, Exception):
+            raise run
+        pred, lr, seconds = run
+        lr_bpp = None if lr is None else png_bits(lr) / (height * width)
+        if pred.shape != x.shape:
+            raise ValueError(
+                f"the method returned shape {tuple(pred.shape)} for an input of {tuple(x.shape)}"
             )
-        )
+        if not torch.isfinite(pred).all():
+            raise ValueError("the method returned non-finite values")
+        values = metrics.image(pred, x)
+        features = metrics.fid_features(pred)
+    except Exception as exc:  # one failure must not cost the rest of the test set
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        return EvalError(path, name, f"{type(exc).__name__}: {exc}")
+    row = ImageRow(
+        path,
+        height,
+        width,
+        name,
+        float(values["psnr_y"]),  # type: ignore[arg-type]
+        float(values["ssim_y"]),  # type: ignore[arg-type]
+        values["lpips"],
+        values["dists"],
+        seconds,
+        lr_bpp,
+    )
+    return row, features
 
 
 def image_digest(x: Tensor) -> str:

@@ -137,3 +137,26 @@ def read_lr(path: str | os.PathLike[str]) -> tuple[Tensor, LRMeta | None]:
         return from_uint8(arr), meta
     y = load_image(path)[None]
     return from_uint8(to_uint8(y)), meta
+
+
+@dataclass(frozen=True)
+class LRHeader:
+    """What an LR file's header says, without decoding its pixels: its (h, w) and the (H, W) it restores to."""
+
+    lr_size: tuple[int, int]
+    hr_size: tuple[int, int]
+
+
+def read_lr_header(path: str | os.PathLike[str], scale: int) -> LRHeader | None:
+    """The sizes of an LR file from its PNG header and text chunks (``scale`` x its size without tadm metadata),
+    for grouping files into batches (the batch still checks the decoded file); None when the header cannot be
+    read (reading the file reports why)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            # the text chunks before the pixels (where write_png puts them): ``im.text`` would decode the image
+            meta = LRMeta.from_text({k: v for k, v in im.info.items() if isinstance(v, str)}, path)
+    except (OSError, SyntaxError, ValueError):  # ImageReadError is a ValueError
+        return None
+    hr = (h * scale, w * scale) if meta is None else (meta.hr_height, meta.hr_width)
+    return LRHeader((h, w), hr)

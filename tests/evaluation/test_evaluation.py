@@ -237,6 +237,40 @@ def test_a_failing_method_is_recorded_and_the_rest_goes_on() -> None:
     assert _table(text)["raises"][:2] == ["0", "n/a"]
 
 
+def test_batches_of_same_size_images_report_what_one_at_a_time_reports() -> None:
+    """batch_size 3: each method sees same-size images together (a batch waits for its size among the next
+    images), a batch a method fails on is retried image by image so only the bad image fails, and the report
+    (rows, errors, FID/KID features) is in input order, as with batch size 1."""
+    metrics = Metrics(perceptual=False, fid_feature=_TinyFeatures())
+    sizes = [(32, 40), (32, 40), (40, 32), (32, 40), (40, 32), (32, 40), (32, 40), (24, 24)]
+    images: list[EvalImage | BadImage] = [EvalImage(f"{i}.png", _image(i, *hw)) for i, hw in enumerate(sizes)]
+    images.insert(3, BadImage("bad.png", "bad.png: not an image"))
+    poison = images[5]  # 4.png, in a batch with 2.png
+    assert isinstance(poison, EvalImage)
+    seen: list[int] = []
+
+    def noisy(x: Tensor) -> Tensor:
+        seen.append(x.shape[0])
+        if any(torch.equal(one, poison.image) for one in x):
+            raise RuntimeError("a stand-in for an image the model cannot take")
+        return (x * 0.9).clamp(-1, 1)  # per sample, like the codec
+
+    one_by_one = evaluate(images, {"noisy": noisy, "identity": _identity}, metrics)
+    seen.clear()
+    batched = evaluate(images, {"noisy": noisy, "identity": _identity}, metrics, batch_size=3)
+    # 0,1,3 (32x40) full; then 2,4 (40x32) fail together and go one by one; 5,6 and 24x24 at the end
+    assert seen == [3, 2, 1, 1, 2, 1]
+    assert [(r.path, r.method, r.psnr_y, r.ssim_y, r.lr_bpp) for r in batched.rows] == [
+        (r.path, r.method, r.psnr_y, r.ssim_y, r.lr_bpp) for r in one_by_one.rows
+    ]
+    assert batched.errors == one_by_one.errors and [e.path for e in batched.errors] == ["bad.png", "4.png"]
+    assert batched.fid == one_by_one.fid and batched.kid == one_by_one.kid
+    assert batched.image_digests == one_by_one.image_digests
+    assert "batches of up to 3 same-size images" in batched.markdown()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate(images, {"noisy": noisy}, metrics, batch_size=0)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
