@@ -130,14 +130,16 @@ class Codec:
 
     @torch.no_grad()
     def downscale(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """HR (1,3,H,W) in [-1,1] -> (8-bit LR image in [-1,1] of the padded HR image, (H, W))."""
+        """HR (B,3,H,W) in [-1,1] -> (8-bit LR images in [-1,1] of the padded HR images, (H, W)); a batch is
+        images of one size (``--batch-size``), each computed as alone up to kernel rounding."""
         m = self.module
         y, size, _ = pipeline.downscale(m.backbone, m.rescaler, x.to(self.device).float(), self.tiling)
         return y, size
 
     @torch.no_grad()
     def upscale(self, y: Tensor, size: tuple[int, int]) -> pipeline.Upscaled:
-        """LR (1,3,h,w) in [-1,1] -> HR image cropped to ``size`` (and the timestep map used)."""
+        """LR (B,3,h,w) in [-1,1] -> HR images cropped to ``size`` (and the timestep maps used); a batch is LR
+        images that restore to one size."""
         m = self.module
         if m.aligner is not None and m.aligner.needs_true_latent:
             raise CheckpointError(
