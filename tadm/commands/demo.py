@@ -13,6 +13,7 @@ says otherwise, makes a public gradio.live link only with ``--share``, and sends
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 def demo_command(argv: Sequence[str]) -> int:
     """Serve the demo page until Ctrl-C."""
     args = parser().parse_args(list(argv))
-    if importlib.util.find_spec("gradio") is None:  # before the model loads: say what to install, exit 2
+    if not _installed("gradio"):  # before the model loads: say what to install, exit 2
         raise TadmError(f"the web demo needs gradio, which is not installed: {INSTALL_HINT}")
     if args.ckpt == str(QUICKSTART_MODEL) and not QUICKSTART_MODEL.is_file():
         raise InputError(
@@ -103,6 +104,18 @@ def demo_command(argv: Sequence[str]) -> int:
         perceptual=not args.no_perceptual,
         samples=samples,
     )
+
+
+def _installed(package: str) -> bool:
+    """Importable and installed: an uninstalled gradio can leave a folder behind (a file it wrote at run time),
+    which imports as an empty namespace package."""
+    if importlib.util.find_spec(package) is None:
+        return False
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _is_photo(path: Path) -> bool:

@@ -3,6 +3,7 @@ the extra (exit 2, before the model loads), and a bad checkpoint is one line too
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -59,13 +60,37 @@ def test_without_gradio_it_says_which_extra_to_install(
     )
 
 
+def _never(*args: object) -> None:
+    raise AssertionError("the model was loaded: the missing gradio was not noticed")
+
+
+def test_a_folder_left_by_an_uninstalled_gradio_is_no_gradio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gradio writes a file into its package folder at run time; `pip uninstall` leaves that folder behind,
+    and it imports as an empty namespace package."""
+    (tmp_path / "gradio").mkdir()
+    (tmp_path / "gradio" / "hash_seed.txt").write_text("0")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gradio", raising=False)
+    real = importlib.metadata.distribution
+
+    def no_gradio(name: str) -> object:
+        if name == "gradio":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_gradio)
+    monkeypatch.setattr(demo_command, "load_from_args", _never)  # fail fast, never serve
+    assert importlib.util.find_spec("gradio") is not None
+    assert main(["demo"]) == 2
+    assert "needs gradio, which is not installed" in capsys.readouterr().err
+
+
 def test_a_missing_checkpoint_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "gradio" else real(name, *a)
-    )
+    monkeypatch.setattr(demo_command, "_installed", lambda name: True)  # as if gradio were there
     assert main(["demo", "--ckpt", "no/such/model.safetensors"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
