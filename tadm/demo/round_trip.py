@@ -624,7 +624,7 @@ def _scores(values: dict[str, float | None]) -> Scores:
 
 def _from_uint8(image: np.ndarray) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) in [-1, 1]: the metrics round to 8 bits first, so this loses nothing."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def _read(path: str | Path, name: str) -> Tensor:
