@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def demo_command(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
     if not _installed("gradio"):  # before the model loads: say what to install, exit 2
         raise TadmError(f"the web demo needs gradio, which is not installed: {INSTALL_HINT}")
+    # a taken port or an address not of this machine: one line now, not after the model has loaded
+    _check_listen(args.host, args.port)
     if args.ckpt == str(QUICKSTART_MODEL) and not QUICKSTART_MODEL.is_file():
         raise InputError(
             f"no --ckpt given, and the shipped model is not at '{QUICKSTART_MODEL}': give --ckpt"
@@ -104,6 +107,22 @@ def demo_command(argv: Sequence[str]) -> int:
         perceptual=not args.no_perceptual,
         samples=samples,
     )
+
+
+def _check_listen(host: str, port: int | None) -> None:
+    """Bind ``host:port`` once, as the server will (without a port gradio picks a free one itself)."""
+    if port is None:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        raise InputError(
+            f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose another --port, "
+            "or leave it out for the first free one from 7860"
+        ) from err
 
 
 def _installed(package: str) -> bool:

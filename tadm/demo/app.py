@@ -81,7 +81,8 @@ def serve(
         app = build_app(demo, samples)
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
-            _, local_url, share_url = app.launch(
+            _, local_url, share_url = _launch(
+                app,
                 server_name=host,
                 server_port=port,
                 share=share,
@@ -106,6 +107,19 @@ def serve(
             signal.signal(signal.SIGTERM, previous)
             app.close()
     return 0
+
+
+def _launch(app: Any, **options: Any) -> Any:
+    """``app.launch``; no free port (gradio tries 7860-7959 without --port) is one line naming the options."""
+    try:
+        return app.launch(**options)
+    except OSError as err:
+        port = options.get("server_port")
+        where = f"port {port}" if port else "a free port from 7860 to 7959"
+        reason = str(err).split(". You can")[0]
+        raise TadmError(
+            f"cannot listen on {options.get('server_name')}, {where}: {reason}; choose a --port"
+        ) from err
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

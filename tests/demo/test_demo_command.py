@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_without_gradio_it_says_which_extra_to_install(
 
 
 def _never(*args: object) -> None:
-    raise AssertionError("the model was loaded: the missing gradio was not noticed")
+    raise AssertionError("the model was loaded: the problem was not noticed before it")
 
 
 def test_a_folder_left_by_an_uninstalled_gradio_is_no_gradio(
@@ -103,3 +104,18 @@ def test_bad_server_options_are_refused(bad: list[str], capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as stop:
         demo_command.parser().parse_args(bad)
     assert stop.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo_command, "_installed", lambda name: True)
+    monkeypatch.setattr(demo_command, "load_from_args", _never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tadm demo: error: --host 127.0.0.1 --port {port}: cannot listen there ("), err
+    assert "\n" not in err
