@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 PREFIX = "RESULT "
@@ -19,11 +20,14 @@ def report(result: dict[str, Any]) -> None:
     print(PREFIX + json.dumps(result), flush=True)
 
 
-def run_case(script: str, case: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
-    """``python SCRIPT --case CASE``: its result, or None and why (timed out, killed, its last error line)."""
+def run_case(
+    script: str, case: str, timeout: float, args: Sequence[str] = ()
+) -> tuple[dict[str, Any] | None, str]:
+    """``python SCRIPT --case CASE [ARGS]``: its result, or None and why (timed out, killed, its last error
+    line)."""
     try:
         proc = subprocess.run(
-            [sys.executable, script, "--case", case], capture_output=True, text=True, timeout=timeout
+            [sys.executable, script, "--case", case, *args], capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:g} s"

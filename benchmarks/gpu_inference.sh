@@ -8,7 +8,8 @@
 #
 #   bash benchmarks/gpu_inference.sh                 # uses .venv/bin/python if present, else python
 #   PYTHON=python3 bash benchmarks/gpu_inference.sh --compile
-# Extra arguments go to benchmarks/upscale.py (e.g. --compile, --precision fp16, --repeats 5).
+# Extra arguments go to benchmarks/upscale.py (e.g. --compile, --precision fp16, --repeats 5, --batches 1 8).
+# benchmarks/gpu_all.sh runs the whole GPU set of issue 25 (training steps, batches, --compile, a profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -2,19 +2,29 @@
 
 Builds the SD 2.1-base (or SDXL) UNet and VAE at full size with random weights, a full-size x16 DFRM,
 the TPM and the hybrid scheduler, then runs ``Codec.upscale`` (tiled exactly like ``tadm upscale``:
-latent tiles 96 / overlap 32, VAE tiles 768 px / overlap 128) on a random 8-bit LR image, and reports:
+latent tiles 96 / overlap 32, VAE tiles 768 px / overlap 128) on random 8-bit LR images, and reports per
+preset, output size, batch (``--batches``: images per call, as ``tadm upscale --batch-size``) and mode
+(``--modes eager compile``: ``--compile`` compiles the UNet after the eager cases):
 
-- total upscale time, and the time spent inside UNet forwards and VAE-decoder forwards (hooks),
-  so ``overhead = total / (UNet + decoder) - 1`` is measured in the same run (target <= 10 %);
+- throughput: ``--repeats`` upscales after one warm-up, nothing hooked (no extra synchronisation): seconds per
+  call and images/s;
+- where the time goes, from one more upscale with every part timed (CUDA-synchronised forward hooks): UNet,
+  VAE decoder (and its GroupNorm statistics pass), DFRM, TPM, hybrid scheduler; ``overhead = total / (UNet +
+  decoder) - 1`` of that run (target <= 10 %), ``gn_stats_share`` = the statistics pass / the decoder's
+  output pass (target <= 30 %; 0 when the image is one VAE tile);
+- host synchronisations of one upscale (``--sync-count``, CUDA only): ``torch.cuda.set_sync_debug_mode``'s
+  warnings, which name every op that makes the CPU wait;
 - peak memory: RSS on the CPU (each size in its own process, so each peak is its own; target:
-  7680x4320 <= 1.5 x 2048x2048), ``torch.cuda.max_memory_allocated`` on a GPU;
-- on a GPU, images/s over ``--repeats`` runs after one warm-up.
+  7680x4320 <= 1.5 x 2048x2048), ``torch.cuda.max_memory_allocated`` over the timed calls on a GPU;
+- ``--profile``: one more upscale of the first size under ``torch.profiler`` (first batch, each mode): the
+  top ops by GPU (CPU) time and the count of CUDA synchronisation calls, printed and written to
+  ``--profile-out``.
 
     .venv/bin/python benchmarks/upscale.py                                   # CPU, sd21-base, 512/2048/8K
     .venv/bin/python benchmarks/upscale.py --sizes 512x512 --presets sdxl
-    .venv/bin/python benchmarks/upscale.py --device cuda --precision bf16 --tile-batch 4 --repeats 3
+    python benchmarks/upscale.py --device cuda --precision bf16 --tile-batch 4 --batches 1 8 --modes eager compile
 
-Prints a table (and ``--json FILE`` writes the rows); asserts nothing.
+Prints a table (and ``--json FILE`` writes the rows after every case); asserts nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +79,27 @@ def build_codec(
     return Codec(model, Tiling(tile_batch=tile_batch), precision)  # type: ignore[arg-type]
 
 
+def build_tiny_codec(
+    preset: str, device: str, precision: str, tile_batch: int, channels_last: bool, compile_unet: bool
+):  # type: ignore[no-untyped-def]
+    """The same codec on the preset's tiny twin (``--tiny``): a check of the script, not a measurement."""
+    from tadm.components.aligners.tpm import TimestepPredictionModule
+    from tadm.components.rescalers.dfrm import DFRM
+    from tadm.inference.codec import Codec
+    from tadm.inference.tiling import Tiling
+    from tadm.model import TADMModel
+    from tadm.testing.twins.unet_twins import StableDiffusionTwin
+
+    torch.manual_seed(0)
+    twin = StableDiffusionTwin("tiny-sdxl" if preset == "sdxl" else "tiny-sd21")
+    rescaler = DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2)
+    model = TADMModel(twin, rescaler, stage="enhancer", aligner=TimestepPredictionModule()).load_parts()
+    model.to(torch.device(device)).eval()
+    model.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
+    tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, tile_batch=tile_batch)
+    return Codec(model, tiling, precision)  # type: ignore[arg-type]
+
+
 def sync(device: torch.device) -> None:
     """Wait for the GPU, so wall-clock timers measure finished work."""
     if device.type == "cuda":
@@ -76,19 +107,23 @@ def sync(device: torch.device) -> None:
 
 
 class Timer:
-    """Wall time and count of timed calls (synchronised on CUDA)."""
+    """Wall time and count of timed calls (synchronised on CUDA), while ``enabled`` (off: free)."""
+
+    enabled = False  # one switch for every timer: throughput runs are not hooked
 
     def __init__(self, device: torch.device) -> None:
         self.seconds, self.calls, self.device, self._t0 = 0.0, 0, device, 0.0
 
     def start(self, *_: Any) -> None:
-        sync(self.device)
-        self._t0 = time.perf_counter()
+        if Timer.enabled:
+            sync(self.device)
+            self._t0 = time.perf_counter()
 
     def stop(self, *_: Any) -> None:
-        sync(self.device)
-        self.seconds += time.perf_counter() - self._t0
-        self.calls += 1
+        if Timer.enabled:
+            sync(self.device)
+            self.seconds += time.perf_counter() - self._t0
+            self.calls += 1
 
     def reset(self) -> None:
         self.seconds, self.calls = 0.0, 0
@@ -99,159 +134,323 @@ class ForwardTimer(Timer):
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         super().__init__(device)
-        module.register_forward_pre_hook(self.start)
-        module.register_forward_hook(self.stop)
+        self.hooks = [module.register_forward_pre_hook(self.start), module.register_forward_hook(self.stop)]
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 class CallTimer(Timer):
-    """Time spent inside a module-level function of ``tadm.inference.pipeline`` (patched in place)."""
+    """Time spent inside a module-level function (``tadm.inference.pipeline.rescale_up``, ...), patched in place."""
 
-    def __init__(self, name: str, device: torch.device) -> None:
-        from tadm.inference import pipeline
-
+    def __init__(self, module: Any, name: str, device: torch.device) -> None:
         super().__init__(device)
-        inner = getattr(pipeline, name)
+        inner = getattr(module, name)
 
         def timed(*a: Any, **kw: Any) -> Any:
             self.start()
-            out = inner(*a, **kw)
-            self.stop()
-            return out
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.stop()
 
-        setattr(pipeline, name, timed)
+        setattr(module, name, timed)
 
 
 def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def part_timers(codec: Any, dev: torch.device) -> dict[str, Timer]:
+    """Timers of the UNet (whatever the backbone calls: the compiled wrapper once compiled), the VAE decoder,
+    its GroupNorm statistics pass, and the rest of the path: DFRM upscale (fp32), TPM, hybrid scheduler."""
+    from tadm.inference import groupnorm_sync, pipeline
+
+    m = codec.module
+    return {
+        "unet": ForwardTimer(m.backbone.unet, dev),
+        "decoder": ForwardTimer(m.backbone.vae.decoder, dev),
+        "gn_stats": CallTimer(groupnorm_sync, "collect_group_stats", dev),
+        "dfrm": CallTimer(pipeline, "rescale_up", dev),
+        "aligner": ForwardTimer(m.aligner, dev),
+        "enhancer": ForwardTimer(m.enhancer, dev),
+    }
+
+
+def count_host_syncs(codec: Any, y: torch.Tensor, size: tuple[int, int], dev: torch.device) -> dict[str, Any]:
+    """One upscale under ``torch.cuda.set_sync_debug_mode("warn")``: the synchronising ops it makes, by the
+    first line of their warning."""
+    import warnings
+
+    if dev.type != "cuda":
+        return {}
+    sync(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            codec.upscale(y, size)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    kinds: dict[str, int] = {}
+    for w in caught:
+        line = str(w.message).splitlines()[0][:120]
+        if "synchroniz" in line.lower():
+            kinds[line] = kinds.get(line, 0) + 1
+    return {"host_syncs": sum(kinds.values()), "host_sync_kinds": kinds}
+
+
 def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
     dev = torch.device(args.device)
     t_build = time.perf_counter()
-    codec = build_codec(
-        preset, args.device, args.precision, args.tile_batch, args.channels_last, args.compile
-    )
+    make = build_tiny_codec if args.tiny else build_codec
+    codec = make(preset, args.device, args.precision, args.tile_batch, args.channels_last, False)
     build_s = time.perf_counter() - t_build
-    unet = codec.module.backbone.unet
-    unet_timer = ForwardTimer(getattr(unet, "_orig_mod", unet), dev)
-    dec_timer = ForwardTimer(codec.module.backbone.vae.decoder, dev)
-    # the rest of the path, to see where the overhead goes: DFRM upscale (fp32), TPM, hybrid scheduler
-    parts = {
-        "dfrm": CallTimer("rescale_up", dev),
-        "aligner": ForwardTimer(codec.module.aligner, dev),
-        "enhancer": ForwardTimer(codec.module.enhancer, dev),
-    }
     rss_loaded = rss_gb()
     rows = []
-    for size in sizes:
-        w, h = (int(v) for v in size.split("x"))
-        g = torch.Generator().manual_seed(0)
-        y = torch.randint(0, 256, (1, 3, -(-h // 16), -(-w // 16)), generator=g).float() / 127.5 - 1
-        # warm-up (kernels, allocator, compile) on the GPU with this size; on the CPU with a small image
-        warm = (h, w) if dev.type == "cuda" else (512, 512)
-        codec.upscale(y[..., : warm[0] // 16, : warm[1] // 16], warm)
-        sync(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        for timer in (unet_timer, dec_timer, *parts.values()):
-            timer.reset()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = codec.upscale(y, (h, w))
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-        assert out.image.shape[-2:] == (h, w) and torch.isfinite(out.image).all()
-        total = sum(times)
-        inner = unet_timer.seconds + dec_timer.seconds
-        rows.append(
-            {
-                "preset": preset,
-                "size": size,
-                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "precision": args.precision,
-                "seconds": total / args.repeats,
-                "images_per_s": args.repeats / total,
-                "unet_s": unet_timer.seconds / args.repeats,
-                "unet_calls": unet_timer.calls // args.repeats,
-                "decoder_s": dec_timer.seconds / args.repeats,
-                "decoder_calls": dec_timer.calls // args.repeats,
-                "overhead": total / inner - 1 if inner else float("nan"),
-                **{f"{k}_s": t.seconds / args.repeats for k, t in parts.items()},
-                "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1024**3 if dev.type == "cuda" else None,
-                "peak_rss_gb": rss_gb(),
-                "rss_after_build_gb": rss_loaded,
-                "build_s": build_s,
-                "attention": type(
-                    next(iter(getattr(unet, "_orig_mod", unet).attn_processors.values()))
-                ).__name__,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        if args.profile:
-            profile_once(codec, y, (h, w), dev)
+    timers = part_timers(codec, dev)
+    warmed: set[tuple[int, int, str]] = set()
+    for mode in args.modes:
+        if mode == "compile":
+            unet_timer = timers["unet"]
+            assert isinstance(unet_timer, ForwardTimer)
+            unet_timer.remove()  # no hooks inside the compiled graph: the timer goes on the compiled wrapper
+            codec.module.backbone.prepare_inference(compile=True)  # what tadm upscale --compile does
+            timers["unet"] = ForwardTimer(codec.module.backbone.unet, dev)
+        for size in sizes:
+            w, h = (int(v) for v in size.split("x"))
+            for batch in args.batches:
+                # the UNet sees at most max(--tile-batch, batch) samples per call
+                codec.tiling = replace(codec.tiling, tile_batch=max(1, args.tile_batch // batch))
+                g = torch.Generator().manual_seed(0)
+                y = (
+                    torch.randint(0, 256, (batch, 3, -(-h // 16), -(-w // 16)), generator=g).float() / 127.5
+                    - 1
+                )
+                warm = (h, w, mode) not in warmed  # another batch of a size warmed at this mode needs none
+                warmed.add((h, w, mode))
+                row = one_case(args, codec, timers, y, (h, w), dev, warm)
+                row |= {"preset": preset, "size": size, "batch": batch, "mode": mode, "build_s": build_s}
+                row |= {"rss_after_build_gb": rss_loaded, "tile_batch": codec.tiling.tile_batch}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json_rows is not None:
+                    args.json_rows.append(row)
+                    write_json(args)
+                if args.profile and size == sizes[0] and batch == args.batches[0]:
+                    profile_once(
+                        codec, y, (h, w), dev, f"{preset} {size} batch {batch} {mode}", args.profile_out
+                    )
     return rows
 
 
-def profile_once(codec: Any, y: torch.Tensor, size: tuple[int, int], dev: torch.device) -> None:
-    """One more upscale under torch.profiler: the ops that take the most time (self time)."""
+def one_case(
+    args: argparse.Namespace,
+    codec: Any,
+    timers: dict[str, Timer],
+    y: torch.Tensor,
+    size: tuple[int, int],
+    dev: torch.device,
+    warm: bool = True,
+) -> dict[str, Any]:
+    """Warm-up, timed calls with nothing hooked (``--repeats`` at most, fewer once ``--seconds-per-case`` is
+    spent), then, for one image per call, one upscale with every part timed and the host-sync count."""
+    h, w = size
+    batch = y.shape[0]
+    # warm-up (kernels, allocator, compile) on the GPU with this size; on the CPU with a small image
+    t0 = time.perf_counter()
+    if warm and dev.type == "cuda":
+        codec.upscale(y, size)
+    elif warm:
+        codec.upscale(y[:1, :, :32, :32], (512, 512))
+    sync(dev)
+    warm_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times: list[float] = []
+    while not times or (len(times) < args.repeats and sum(times) < args.seconds_per_case):
+        t0 = time.perf_counter()
+        out = codec.upscale(y, size)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    assert out.image.shape == (batch, 3, h, w) and torch.isfinite(out.image).all()
+    peak_gpu = torch.cuda.max_memory_allocated(dev) / 1024**3 if dev.type == "cuda" else None
+    total = sum(times)
+    row: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "precision": args.precision,
+        "seconds": total / len(times),
+        "seconds_per_image": total / len(times) / batch,
+        "images_per_s": len(times) * batch / total,
+        "repeats": len(times),
+        "warmup_s": warm_s if warm else None,
+        "peak_gpu_gb": peak_gpu,
+        "peak_rss_gb": rss_gb(),
+        "attention": type(
+            next(iter(_unwrapped(codec.module.backbone.unet).attn_processors.values()))
+        ).__name__,
+    }
+    if batch == 1 or args.breakdown_all:
+        row |= breakdown(codec, timers, y, size, dev)
+    if args.sync_count and batch == 1:
+        row |= count_host_syncs(codec, y, size, dev)
+    return row
+
+
+def breakdown(
+    codec: Any, timers: dict[str, Timer], y: torch.Tensor, size: tuple[int, int], dev: torch.device
+) -> dict[str, Any]:
+    """One upscale with every part timed (each hook synchronises: its total is a little above a clean call)."""
+    for timer in timers.values():
+        timer.reset()
+    Timer.enabled = True
+    try:
+        t0 = time.perf_counter()
+        codec.upscale(y, size)
+        sync(dev)
+        hooked_s = time.perf_counter() - t0
+    finally:
+        Timer.enabled = False
+    unet, dec, stats = timers["unet"].seconds, timers["decoder"].seconds, timers["gn_stats"].seconds
+    return {
+        "hooked_s": hooked_s,
+        "unet_s": unet,
+        "unet_calls": timers["unet"].calls,
+        "decoder_s": dec,
+        "decoder_calls": timers["decoder"].calls,
+        "overhead": hooked_s / (unet + dec) - 1 if unet + dec else float("nan"),
+        "gn_stats_s": stats,
+        "gn_stats_share": stats / (dec - stats) if dec > stats else float("nan"),
+        **{f"{k}_s": timers[k].seconds for k in ("dfrm", "aligner", "enhancer")},
+    }
+
+
+def _unwrapped(module: torch.nn.Module) -> Any:
+    return getattr(module, "_orig_mod", module)
+
+
+def profile_once(
+    codec: Any, y: torch.Tensor, size: tuple[int, int], dev: torch.device, what: str, out: str | None
+) -> None:
+    """One more upscale under torch.profiler: the ops that take the most GPU (CPU) time, and how often the
+    CPU waited for the GPU (CUDA synchronisation and device-to-host copies)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         codec.upscale(y, size)
         sync(dev)
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(f"profile of one upscale to {size[1]}x{size[0]}, by {key}:")
-    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), flush=True)
+    events = prof.key_averages()
+    key = "self_cpu_time_total"
+    if dev.type == "cuda":
+        key = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+    waits = {
+        e.key: e.count
+        for e in events
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+        or ("Memcpy" in e.key and "DtoH" in e.key)
+    }
+    text = (
+        f"profile of one upscale, {what}, by {key}:\n"
+        + events.table(sort_by=key, row_limit=25, max_name_column_width=70)
+        + f"\nCUDA synchronisation calls and device-to-host copies: {waits or 'none'}\n\n"
+    )
+    print(text, flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(text)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| preset | output | device | prec | s/image | img/s | UNet s (calls) | decoder s (calls) | overhead | peak RSS GB | peak GPU GB |"
+    head = (
+        "| preset | output | batch | mode | device | prec | s / call | images / s | UNet s (calls) | decoder s (calls) "
+        "| GN stats / decoder | overhead | host syncs | peak GPU GB | peak RSS GB |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         gpu = f"{r['peak_gpu_gb']:.2f}" if r["peak_gpu_gb"] is not None else "-"
+        syncs = r.get("host_syncs", "-")
         lines.append(
-            f"| {r['preset']} | {r['size']} | {r['device']} | {r['precision']} | {r['seconds']:.2f} | "
-            f"{r['images_per_s']:.3f} | {r['unet_s']:.2f} ({r['unet_calls']}) | {r['decoder_s']:.2f} "
-            f"({r['decoder_calls']}) | {100 * r['overhead']:+.1f}% | {r['peak_rss_gb']:.2f} | {gpu} |"
+            f"| {r['preset']} | {r['size']} | {r['batch']} | {r['mode']} | {r['device']} | {r['precision']} | "
+            f"{r['seconds']:.3f} | {r['images_per_s']:.2f} | {_parts(r)} | {syncs} | {gpu} | {r['peak_rss_gb']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _parts(r: dict[str, Any]) -> str:
+    """The breakdown columns (UNet, decoder, statistics pass, overhead), or dashes for a throughput-only row."""
+    if "unet_s" not in r:
+        return "- | - | - | -"
+    return (
+        f"{r['unet_s']:.3f} ({r['unet_calls']}) | {r['decoder_s']:.3f} ({r['decoder_calls']}) | "
+        f"{100 * r['gn_stats_share']:+.0f}% | {100 * r['overhead']:+.1f}%"
+    )
+
+
+def write_json(args: argparse.Namespace) -> None:
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(args.json_rows, fh, indent=1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["sd21-base"], choices=sorted(UNETS))
     ap.add_argument("--sizes", nargs="+", default=["512x512", "2048x2048", "7680x4320"], help="WxH outputs")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1], help="images per upscale call")
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=("eager", "compile"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--tile-batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls per case, at most")
+    ap.add_argument(
+        "--seconds-per-case", type=float, default=float("inf"), help="no more timed calls once this is spent"
+    )
+    ap.add_argument("--breakdown-all", action="store_true", help="time the parts for batches > 1 too")
+    ap.add_argument("--tiny", action="store_true", help="tiny twins instead of full-size (a dry run)")
+    ap.add_argument(
+        "--tile-batch", type=int, default=1, help="latent tiles per UNet call (divided by the batch)"
+    )
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="the same as --modes compile")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
-    ap.add_argument("--json", default=None, help="also write the rows to this file")
-    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per size")
+    ap.add_argument("--json", default=None, help="also write the rows to this file (after every case)")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--profile", action="store_true", help="also profile the first size and batch per mode")
+    ap.add_argument("--profile-out", default=None, help="append the profiles to this file")
+    ap.add_argument("--sync-count", action="store_true", help="count host synchronisations (CUDA)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in this process
     args = ap.parse_args()
+    if args.compile:
+        args.modes = ["compile"]
+    args.json_rows = [] if args.json else None
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     if args.one or args.device != "cpu":
-        for preset in args.presets:  # one process per preset: the GPU peak is reset per size
+        for preset in args.presets:  # the GPU peak is reset per case
             rows += run_case(args, preset, args.sizes)
     else:  # CPU: every size in a fresh process, so each peak RSS is that size's own
         for preset in args.presets:
             for size in args.sizes:
                 cmd = [sys.executable, __file__, "--one", "--presets", preset, "--sizes", size]
+                cmd += ["--precision", args.precision, "--repeats", str(args.repeats)]
+                cmd += ["--seconds-per-case", str(args.seconds_per_case)] + (["--tiny"] if args.tiny else [])
+                cmd += ["--breakdown-all"] if args.breakdown_all else []
                 cmd += [
-                    "--precision",
-                    args.precision,
-                    "--repeats",
-                    str(args.repeats),
-                    "--tile-batch",
-                    str(args.tile_batch),
+                    f
+                    for f in ("--profile", "--sync-count", "--channels-last")
+                    if getattr(args, f[2:].replace("-", "_"))
                 ]
+                cmd += ["--profile-out", args.profile_out] if args.profile_out else []
+                cmd += ["--tile-batch", str(args.tile_batch), "--modes", *args.modes]
+                cmd += ["--batches", *map(str, args.batches)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 out = [line for line in res.stdout.splitlines() if line.startswith("{")]
@@ -260,21 +459,25 @@ def main() -> None:
                         f"{preset} {size}: FAILED (exit {res.returncode})\n{res.stderr[-2000:]}", flush=True
                     )
                     continue
-                rows.append(json.loads(out[-1]))
-                print(out[-1], flush=True)
+                for line in out:
+                    rows.append(json.loads(line))
+                    print(line, flush=True)
+                if args.json_rows is not None:
+                    args.json_rows[:] = rows
+                    write_json(args)
     if not args.one:
         print(table(rows))
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(table(rows) + "\n")
         if len({r["size"] for r in rows}) > 1:
             for preset in args.presets:
-                by = {r["size"]: r for r in rows if r["preset"] == preset}
+                by = {r["size"]: r for r in rows if r["preset"] == preset and r["batch"] == 1}
                 if "2048x2048" in by and "7680x4320" in by:
                     k = "peak_gpu_gb" if by["2048x2048"]["peak_gpu_gb"] is not None else "peak_rss_gb"
                     print(
                         f"{preset}: peak memory 7680x4320 / 2048x2048 = {by['7680x4320'][k] / by['2048x2048'][k]:.2f}x"
                     )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":
