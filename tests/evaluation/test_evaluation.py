@@ -269,6 +269,19 @@ def test_batches_of_same_size_images_report_what_one_at_a_time_reports() -> None
     assert "batches of up to 3 same-size images" in batched.markdown()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(images, {"noisy": noisy}, metrics, batch_size=0)
+    # twelve sizes, none twice: an image waits among at most 4 x batch_size others, then runs alone
+    odd = [EvalImage(f"odd{i}.png", _image(100 + i, 24 + 4 * i, 32)) for i in range(12)]
+    seen.clear()
+    evaluation = engine.Evaluation({"noisy": noisy}, metrics, batch_size=2)
+    for image in odd[:8]:
+        evaluation.add(image)
+    assert seen == []  # 8 waiting: none has a partner yet
+    evaluation.add(odd[8])
+    assert seen == [1]  # the ninth: the oldest (odd0) runs alone
+    for image in odd[9:]:
+        evaluation.add(image)
+    report = evaluation.finish()
+    assert seen == [1] * 12 and [r.path for r in report.rows] == [f"odd{i}.png" for i in range(12)]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
