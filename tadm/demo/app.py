@@ -103,10 +103,39 @@ def serve(
             print(f"tadm demo: serving at {where} (Ctrl-C stops)", flush=True)
             while True:
                 time.sleep(0.5)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+            _exit_after(2 * EXIT_GRACE_S, code if isinstance(code, int) else 1)  # after close and cleanup
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-            app.close()
+            _close(app, EXIT_GRACE_S)
     return 0
+
+
+#: seconds the server's threads get to end after Ctrl-C / SIGTERM before the process exits without them
+EXIT_GRACE_S = 10.0
+
+
+def _close(app: Any, timeout: float) -> None:
+    """``app.close()``, waiting at most ``timeout`` s: an open browser connection can hold uvicorn's shutdown."""
+    closer = threading.Thread(target=app.close, daemon=True)
+    closer.start()
+    closer.join(timeout)
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """Make sure the process ends: gradio's worker threads are not daemons, and one still waiting on a
+    connection would keep the interpreter from exiting after the temporary folder is gone."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def _launch(app: Any, **options: Any) -> Any:

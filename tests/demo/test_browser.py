@@ -93,6 +93,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C as a terminal delivers it, even when this test runs as a background job (`make test-browser &`
+        # starts everything with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     served = Server(f"http://127.0.0.1:{port}/", process, root / "tmp")
     ready = threading.Event()
