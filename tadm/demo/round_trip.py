@@ -33,9 +33,9 @@ from torch import Tensor
 from tadm.datamodules.image_io import ImageReadError, image_size, load_image
 from tadm.demo import DEFAULT_MAX_MEGAPIXELS
 from tadm.errors import LRFileError, TadmError
-from tadm.evaluation.engine import MIN_PERCEPTUAL_SIDE, Metrics
 from tadm.evaluation.perceptual import vgg16_weights_path
 from tadm.evaluation.protocols import get_protocol
+from tadm.evaluation.scoring import MIN_PERCEPTUAL_SIDE, Metrics
 from tadm.inference.codec import DEFAULT_MAX_HR_SIDE, Codec
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.lr_files import LRMeta, read_lr, to_uint8, write_lr, write_png

@@ -28,11 +28,12 @@ from tadm.datamodules.image_io import load_image
 from tadm.datamodules.inputs import BadImage, EvalImage, iter_hr_images
 from tadm.datamodules.shard_writer import pack_shards
 from tadm.errors import InputError
-from tadm.evaluation import engine, fid
-from tadm.evaluation.engine import Metrics, MetricUnavailableWarning, evaluate
+from tadm.evaluation import engine, fid, scoring
+from tadm.evaluation.engine import evaluate
 from tadm.evaluation.fid import FID_WEIGHTS_FILE
 from tadm.evaluation.protocols import get_protocol
 from tadm.evaluation.report import CSV_COLUMNS, EvalReport
+from tadm.evaluation.scoring import Metrics, MetricUnavailableWarning
 
 
 def _image(seed: int, h: int = 32, w: int = 40) -> Tensor:
@@ -522,7 +523,7 @@ def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
     perceptual: Metrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """8K images can exhaust a GPU in VGG; the values must come from the CPU copy, with one warning."""
-    real = engine._lpips_dists
+    real = scoring._lpips_dists
     calls: list[str] = []
 
     def oom_on_gpu(net: nn.Module, p: Tensor, t: Tensor) -> tuple[float, float]:
@@ -531,7 +532,7 @@ def test_gpu_out_of_memory_in_lpips_retries_the_image_on_the_cpu(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(net, p, t)
 
-    monkeypatch.setattr(engine, "_lpips_dists", oom_on_gpu)
+    monkeypatch.setattr(scoring, "_lpips_dists", oom_on_gpu)
     monkeypatch.setattr(perceptual, "device", torch.device("cuda"))  # only the fallback's branch sees it
     monkeypatch.setattr(perceptual, "_perceptual_cpu", None)
     x, y = _image(0)[None], _noise(0.2)(_image(0)[None])
