@@ -2,8 +2,9 @@
 
 - :mod:`~tadm.demo.round_trip`: what the page shows, without gradio: a photo through the real codec
   (``Codec.downscale``, the LR file ``tadm downscale`` writes, ``Codec.upscale`` of that file), bicubic down + up,
-  PSNR-Y / SSIM-Y / LPIPS from ``tadm evaluate``'s metrics, the timestep map; every bad input becomes one
-  :class:`~tadm.demo.round_trip.DemoError` line for the page; progress per tile and Stop.
+  PSNR-Y / SSIM-Y / LPIPS from ``tadm evaluate``'s metrics, the timestep map; around it
+  :mod:`~tadm.demo.uploads` (every bad input becomes one :class:`~tadm.demo.uploads.DemoError` line for the
+  page), :mod:`~tadm.demo.jobs` (progress per tile and Stop) and :mod:`~tadm.demo.results` (what a job returns).
 - :mod:`~tadm.demo.app`: the gradio page around it (the only module that imports gradio, the ``demo`` extra).
 
 Sits beside training and studies, below the commands (``tadm.commands.demo`` imports it lazily); may import

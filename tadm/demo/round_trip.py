@@ -8,9 +8,10 @@ The work is the commands' own code, not a copy: ``Codec.downscale`` and ``write_
 Large photos go through the codec's tiling, as in the commands; one job runs at a time, so the demo needs no
 more memory than the CLI.
 
-Every problem a user can cause is a :class:`DemoError` with one line naming the file; the page shows it and
-the next upload works. A running job reports each tile (``progress(fraction, text)``) and stops at the next
-tile once ``cancel`` is set (:class:`Cancelled`).
+Every problem a user can cause is a :class:`~tadm.demo.uploads.DemoError` with one line naming the file; the
+page shows it and the next upload works. A running job reports each tile (``progress(fraction, text)``) and
+stops at the next tile once ``cancel`` is set (:class:`~tadm.demo.jobs.Cancelled`). The results it returns are
+:mod:`tadm.demo.results`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from tadm.datamodules.image_io import ImageReadError, image_size, load_image
+from tadm.datamodules.image_io import ImageReadError, image_size
 from tadm.demo import DEFAULT_MAX_MEGAPIXELS
-from tadm.errors import LRFileError, TadmError
+from tadm.demo.jobs import Cancelled, Job, ProgressFn
+from tadm.demo.results import PhotoResult, RestoreResult, Scores
+from tadm.demo.uploads import DemoError, check_photo, read_error_line, read_photo, safe_stem
+from tadm.errors import LRFileError
 from tadm.evaluation.perceptual import vgg16_weights_path
 from tadm.evaluation.protocols import get_protocol
 from tadm.evaluation.scoring import MIN_PERCEPTUAL_SIDE, Metrics
@@ -40,7 +43,6 @@ from tadm.inference.codec import DEFAULT_MAX_HR_SIDE, Codec
 from tadm.inference.heatmap import timestep_panel
 from tadm.inference.lr_files import LRMeta, read_lr, to_uint8, write_lr, write_png
 from tadm.inference.pipeline import bicubic_round_trip
-from tadm.inference.tiling import enhancer_tiles, tile_starts
 
 #: LPIPS / DISTS run VGG16 on the whole image: above this they are skipped (GBs of activations; slow on a CPU)
 PERCEPTUAL_MAX_MEGAPIXELS = 2.0
@@ -48,90 +50,6 @@ PERCEPTUAL_MAX_MEGAPIXELS = 2.0
 INLINE_SCORES_MEGAPIXELS = 1.0
 #: result folders kept on disk (older ones are deleted; the page has already been sent its files)
 KEEP_RESULTS = 16
-
-#: ``progress(fraction in [0, 1], text)``
-ProgressFn = Callable[[float, str], None]
-
-
-class DemoError(TadmError, ValueError):
-    """A problem with what a user gave the page (a file, its size, its model): one line naming the file."""
-
-
-class Cancelled(TadmError, RuntimeError):
-    """The user pressed Stop: raised at the next tile of the running job."""
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One reconstruction against the original, as ``tadm evaluate`` scores it (None: not computed)."""
-
-    psnr_y: float
-    ssim_y: float
-    lpips: float | None = None
-    dists: float | None = None
-
-
-@dataclass
-class PhotoResult:
-    """A photo's round trip: the files written (LR PNG, restored PNG, heat map) and what the page shows."""
-
-    name: str
-    original: np.ndarray
-    """(H, W, 3) uint8: the photo as the codec read it (16-bit, CMYK, palette ... converted as the commands do)."""
-    lr: np.ndarray
-    """(h, w, 3) uint8: the LR image, exactly the LR file's pixels."""
-    lr_file: Path
-    restored: np.ndarray
-    restored_file: Path
-    bicubic: np.ndarray
-    scores: dict[str, Scores]
-    """``restored`` and ``bicubic`` against the original."""
-    timesteps: np.ndarray | None = None
-    """(H, W, 3) uint8 heat map of the enhancer's timesteps (``tadm upscale --save-timesteps``); None: no enhancer."""
-    timesteps_file: Path | None = None
-    timestep_range: tuple[float, float] | None = None
-    """The smallest and largest timestep the aligner chose."""
-    aligner_range: tuple[float | None, float | None] | None = None
-    notes: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def hr_size(self) -> tuple[int, int]:
-        return int(self.original.shape[0]), int(self.original.shape[1])
-
-    @property
-    def lr_size(self) -> tuple[int, int]:
-        return int(self.lr.shape[0]), int(self.lr.shape[1])
-
-    @property
-    def lr_bytes(self) -> int:
-        return self.lr_file.stat().st_size
-
-    @property
-    def bits_per_pixel(self) -> float:
-        """The LR file's size (metadata included) per pixel of the original."""
-        h, w = self.hr_size
-        return 8 * self.lr_bytes / (h * w)
-
-
-@dataclass
-class RestoreResult:
-    """An LR file restored alone (the receiving side of the codec)."""
-
-    name: str
-    lr: np.ndarray
-    restored: np.ndarray
-    restored_file: Path
-    timesteps: np.ndarray | None = None
-    timesteps_file: Path | None = None
-    timestep_range: tuple[float, float] | None = None
-    aligner_range: tuple[float | None, float | None] | None = None
-    notes: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def hr_size(self) -> tuple[int, int]:
-        return int(self.restored.shape[0]), int(self.restored.shape[1])
 
 
 @dataclass
@@ -219,8 +137,8 @@ class Demo:
         scored later by :meth:`score` on the result's images (the same numbers), so that a page shows a large
         photo's images first; None: inline up to :data:`INLINE_SCORES_MEGAPIXELS`, later above."""
         name = name or Path(path).name
-        notes = self._check_photo(path, name)
-        x = _read(path, name)[None]
+        notes = check_photo(path, name, self.max_pixels, self.max_megapixels)
+        x = read_photo(path, name)[None]
         h, w = x.shape[-2:]
         if min(h, w) < self.codec.scale:
             notes.append(
@@ -235,7 +153,7 @@ class Demo:
             start = time.perf_counter()
             y, (hh, ww) = self.codec.downscale(x)
             lr_file = write_lr(
-                out / f"{_stem(name)}.lr.png",
+                out / f"{safe_stem(name)}.lr.png",
                 y,
                 LRMeta(hh, ww, self.codec.scale, self.codec.rescaler_id, self.codec.model_id),
             )
@@ -254,7 +172,7 @@ class Demo:
                 size = self.codec.target_size(y_file, meta, name, self.max_hr_side)
                 out_up = self.codec.upscale(y_file, size)
                 up = _Restored(out_up.image, out_up.timesteps)
-            restored_file = write_png(out / f"{_stem(name)}.restored.png", up.image)
+            restored_file = write_png(out / f"{safe_stem(name)}.restored.png", up.image)
             t_up = time.perf_counter() - start
             job.phase("scores")
             start = time.perf_counter()
@@ -266,7 +184,7 @@ class Demo:
                     "bicubic": self.metrics.image(bicubic, x),
                 }
             t_scores = time.perf_counter() - start
-            heat = self._heat_map(up.timesteps, (h, w), out / f"{_stem(name)}.restored.timesteps.png")
+            heat = self._heat_map(up.timesteps, (h, w), out / f"{safe_stem(name)}.restored.timesteps.png")
         return PhotoResult(
             name=name,
             original=to_uint8(x),
@@ -275,7 +193,7 @@ class Demo:
             restored=to_uint8(up.image),
             restored_file=restored_file,
             bicubic=to_uint8(bicubic),
-            scores={method: _scores(values) for method, values in scored.items()},
+            scores={method: Scores.from_metrics(values) for method, values in scored.items()},
             notes=notes,
             seconds={"downscale": t_down, "upscale": t_up, **({"scores": t_scores} if scores else {})},
             **heat,
@@ -300,7 +218,7 @@ class Demo:
                 )
             y, meta = read_lr(path)
         except ImageReadError as err:
-            raise DemoError(_read_error_line(err, name)) from err
+            raise DemoError(read_error_line(err, name)) from err
         notes: list[str] = []
         if self._needs_hr():
             raise DemoError(
@@ -325,9 +243,9 @@ class Demo:
             job.phase("restore")
             start = time.perf_counter()
             up = self.codec.upscale(y, size)
-            restored_file = write_png(out / f"{_stem(name)}.restored.png", up.image)
+            restored_file = write_png(out / f"{safe_stem(name)}.restored.png", up.image)
             seconds = {"upscale": time.perf_counter() - start}
-            heat = self._heat_map(up.timesteps, size, out / f"{_stem(name)}.restored.timesteps.png")
+            heat = self._heat_map(up.timesteps, size, out / f"{safe_stem(name)}.restored.timesteps.png")
         return RestoreResult(
             name=name,
             lr=to_uint8(y),
@@ -342,44 +260,6 @@ class Demo:
     def _needs_hr(self) -> bool:
         aligner = self.codec.module.aligner
         return aligner is not None and aligner.needs_true_latent
-
-    def _check_photo(self, path: str | Path, name: str) -> list[str]:
-        """Refuse what the page cannot show before decoding (size, tadm LR files); say how the file is read."""
-        try:
-            h, w = image_size(path)
-        except ImageReadError as err:
-            raise DemoError(_read_error_line(err, name)) from err
-        # the header only (``info``: the text chunks before the pixels, where tadm's are); a file that fails
-        # here fails with the loader's own message when it is decoded
-        mode, info, rawmodes = "", {}, []
-        with contextlib.suppress(Exception), Image.open(path) as im:
-            mode, info = im.mode, dict(im.info)
-            rawmodes = [str(t.args) for t in getattr(im, "tile", None) or []]
-        has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in info
-        if h * w > self.max_pixels:
-            raise DemoError(
-                f"{name}: {w}x{h} px ({h * w / 1e6:.1f} MP) is above this demo's limit of {self.max_megapixels:g} MP "
-                "(`tadm demo --max-megapixels`); `tadm downscale` and `tadm upscale` take any size"
-            )
-        if "tadm:scale" in info:
-            raise DemoError(
-                f"{name} is an LR file made by tadm (x{info.get('tadm:scale')}, for a {info.get('tadm:hr_size')} "
-                "photo): restore it in the 'LR file -> photo' tab"
-            )
-        notes = []
-        if mode == "CMYK":
-            notes.append(
-                f"{name} is CMYK: converted to RGB (Pillow's conversion, as `tadm downscale` reads it)"
-            )
-        elif mode == "P":
-            notes.append(f"{name} is a palette image: converted to RGB")
-        elif mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16"):
-            notes.append(f"{name} is grayscale ({mode}): the codec sees three equal channels")
-        if mode.startswith("I;16") or mode == "I" or any(";16" in r for r in rawmodes):
-            notes.append(f"{name} has 16 bits per sample: read at full precision; the LR file is 8-bit")
-        if has_alpha:
-            notes.append(f"{name} has transparency: composited over white")
-        return notes
 
     def score(
         self,
@@ -408,7 +288,7 @@ class Demo:
             for method, image in (("restored", restored), ("bicubic", bicubic)):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("stopped")
-                scores[method] = _scores(metrics.image(_from_uint8(image), x))
+                scores[method] = Scores.from_metrics(metrics.image(_from_uint8(image), x))
         return scores
 
     def perceptual(
@@ -463,16 +343,16 @@ class Demo:
         progress: ProgressFn | None,
         cancel: threading.Event | None,
         phases: dict[str, tuple[float, float]],
-    ) -> Iterator[tuple[_Job, Path]]:
+    ) -> Iterator[tuple[Job, Path]]:
         """One job at a time, reporting tiles and honouring Stop; its own result folder; no partial results:
         a job that fails or is stopped leaves no folder."""
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("stopped")
             self._jobs += 1
-            out = self.work_dir / f"{self._jobs:05d}-{_stem(name)}"
+            out = self.work_dir / f"{self._jobs:05d}-{safe_stem(name)}"
             out.mkdir(parents=True, exist_ok=True)
-            job = _Job(self.codec, progress, cancel, phases)
+            job = Job(self.codec, progress, cancel, phases)
             try:
                 with job.instrumented():
                     yield job, out
@@ -497,112 +377,8 @@ class Demo:
             shutil.rmtree(old, ignore_errors=True)
 
 
-class _Job:
-    """Counts the model's calls while a job runs: each rescaler tile, VAE tile and enhancer tile reports
-    progress and checks Stop. The calls are wrapped on the instances for the job's duration only."""
-
-    #: (attribute owner, method): what a tile of each kind calls
-    WRAPPED = (
-        ("rescaler", "downscale"),
-        ("rescaler", "upscale"),
-        ("backbone", "encode"),
-        ("backbone", "decode"),
-    )
-
-    def __init__(
-        self,
-        codec: Codec,
-        progress: ProgressFn | None,
-        cancel: threading.Event | None,
-        phases: dict[str, tuple[float, float]],
-    ) -> None:
-        self.codec, self.progress, self.cancel, self.phases = codec, progress, cancel, phases
-        self.phase_name = next(iter(phases))
-        self.calls: dict[str, int] = {}
-        self._totals: dict[str, dict[str, int]] = {}
-
-    def phase(self, name: str) -> None:
-        self.phase_name = name
-        self.calls = {}
-        self.report(self.phases[name][0], name)
-
-    def report(self, fraction: float, text: str) -> None:
-        if self.progress is not None:
-            self.progress(min(1.0, max(0.0, fraction)), text)
-
-    def _tick(self, kind: str) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("stopped")
-        self.calls[kind] = self.calls.get(kind, 0) + 1
-        lo, hi = self.phases[self.phase_name]
-        done = self.calls.get("rescaler", 0) + self.calls.get("enhancer", 0)
-        total = max(done, self.expected)
-        counts = ", ".join(
-            f"{k} tile {n}" + (f"/{self.totals[k]}" if k in self.totals else "")
-            for k, n in self.calls.items()
-        )
-        self.report(lo + (hi - lo) * done / max(total, 1), f"{self.phase_name}: {counts}")
-
-    @property
-    def totals(self) -> dict[str, int]:
-        return self._totals.get(self.phase_name, {})
-
-    @property
-    def expected(self) -> int:
-        return sum(self.totals.values())
-
-    @contextlib.contextmanager
-    def instrumented(self) -> Iterator[None]:
-        m = self.codec.module
-        wrapped: list[tuple[Any, str, Any]] = []
-
-        def wrap(owner: Any, method: str, kind: str) -> None:
-            inner = getattr(owner, method)
-
-            def counted(*args: Any, **kwargs: Any) -> Any:
-                self._tick(kind)
-                return inner(*args, **kwargs)
-
-            wrapped.append((owner, method, vars(owner).get(method, _ABSENT)))
-            object.__setattr__(owner, method, counted)
-
-        try:
-            for part, method in self.WRAPPED:
-                wrap(getattr(m, part), method, "rescaler" if part == "rescaler" else "VAE")
-            if m.enhance_fn is not None:
-                wrap(m.backbone, "predict", "enhancer")
-            yield
-        finally:
-            for owner, method, before in reversed(wrapped):
-                if before is _ABSENT:
-                    object.__delattr__(owner, method)
-                else:
-                    object.__setattr__(owner, method, before)
-
-    def plan(self, hr_size: tuple[int, int]) -> None:
-        """Expected rescaler and enhancer tiles of both phases for an HR image (what the progress counts)."""
-        c = self.codec
-        m, tiling, s, f = c.pad_multiple, c.tiling, c.scale, c.module.backbone.downsample_factor
-        gh, gw = -(-hr_size[0] // m) * m // s, -(-hr_size[1] // m) * m // s
-        lr_tiles = _grid_tiles(gh, gw, tiling.lr_tile, 2 * tiling.lr_overlap)
-        self._totals = {"downscale": {"rescaler": lr_tiles}, "restore": {"rescaler": lr_tiles}}
-        if c.module.enhance_fn is not None:
-            tile, overlap = enhancer_tiles(tiling, c.module.backbone.latent_multiple)
-            n = _grid_tiles(gh * s // f, gw * s // f, tile, overlap, c.module.backbone.latent_multiple)
-            self._totals["restore"]["enhancer"] = -(-n // tiling.tile_batch)
-
-
 #: each phase's share of a photo's progress bar
 _PHOTO_PHASES = {"downscale": (0.0, 0.35), "restore": (0.35, 0.9), "scores": (0.9, 1.0)}
-_ABSENT = object()
-
-
-def _grid_tiles(h: int, w: int, tile: int, overlap: int, align: int = 1) -> int:
-    """How many tiles :mod:`tadm.inference.tiling` cuts an ``h`` x ``w`` grid into (1 when it fits one tile)."""
-    if tile <= 0 or (h <= tile and w <= tile):
-        return 1
-    th, tw = min(tile, h), min(tile, w)
-    return len(tile_starts(h, th, overlap, align)) * len(tile_starts(w, tw, overlap, align))
 
 
 def _perceptual_metrics(codec: Codec, protocol: Any) -> tuple[Metrics | None, str]:
@@ -616,31 +392,6 @@ def _perceptual_metrics(codec: Codec, protocol: Any) -> tuple[Metrics | None, st
         return None, f"LPIPS/DISTS: not computed ({type(err).__name__}: {err})"
 
 
-def _scores(values: dict[str, float | None]) -> Scores:
-    return Scores(
-        float(values["psnr_y"] or 0.0), float(values["ssim_y"] or 0.0), values["lpips"], values["dists"]
-    )
-
-
 def _from_uint8(image: np.ndarray) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) in [-1, 1]: the metrics round to 8 bits first, so this loses nothing."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-
-
-def _read(path: str | Path, name: str) -> Tensor:
-    try:
-        return load_image(path)
-    except ImageReadError as err:
-        raise DemoError(_read_error_line(err, name)) from err
-
-
-def _read_error_line(err: ImageReadError, name: str) -> str:
-    """The loader's message with the user's file name instead of the upload's temporary path."""
-    return f"{name}: {err.problem}" if err.problem else f"{name}: {err}"
-
-
-def _stem(name: str) -> str:
-    """A safe file stem for an uploaded name ("a.v2.jpg" -> "a.v2", as the commands name outputs)."""
-    stem = Path(name).stem if "." in name else name
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem).strip("._")
-    return safe[:80] or "image"

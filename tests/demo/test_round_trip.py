@@ -13,7 +13,10 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from tadm.commands.main import main
-from tadm.demo.round_trip import Cancelled, Demo, DemoError, PhotoResult
+from tadm.demo.jobs import Cancelled
+from tadm.demo.results import PhotoResult
+from tadm.demo.round_trip import Demo
+from tadm.demo.uploads import DemoError
 from tadm.inference.tiling import Tiling
 from tadm.model.loading import load_codec
 from tests.demo.cli_reference import downscaled_file, evaluated_rows
