@@ -5,7 +5,8 @@
   PSNR-Y / SSIM-Y / LPIPS from ``tadm evaluate``'s metrics, the timestep map; around it
   :mod:`~tadm.demo.uploads` (every bad input becomes one :class:`~tadm.demo.uploads.DemoError` line for the
   page), :mod:`~tadm.demo.jobs` (progress per tile and Stop) and :mod:`~tadm.demo.results` (what a job returns).
-- :mod:`~tadm.demo.app`: the gradio page around it (the only module that imports gradio, the ``demo`` extra).
+- :mod:`~tadm.demo.app`: the gradio page around it (the only module that imports gradio, the ``demo`` extra);
+  what the page shows of a result (Markdown, HTML, picture files) comes from :mod:`~tadm.demo.views`.
 
 Sits beside training and studies, below the commands (``tadm.commands.demo`` imports it lazily); may import
 the model, inference, evaluation and data layers; nothing below imports it.

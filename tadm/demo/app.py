@@ -4,7 +4,8 @@ Two tabs. "Photo -> LR -> photo": a photo (uploaded or bundled) goes through the
 file at its real size and magnified (nearest neighbour) with its pixels, bytes and bits per pixel of the
 original, the photo restored from that file, bicubic down + up, a before/after slider between any two of
 original / restored / bicubic, PSNR-Y / SSIM-Y (then LPIPS / DISTS when VGG16 is on disk) for both, the
-enhancer's timestep map, and both PNGs to download. "LR file -> photo": an LR file restored alone.
+enhancer's timestep map, and both PNGs to download. "LR file -> photo": an LR file restored alone. What the
+page shows of a result (Markdown, HTML, picture files) is made in :mod:`tadm.demo.views`; this module wires it.
 
 gradio is imported inside the functions, after ``GRADIO_ANALYTICS_ENABLED=False`` (no analytics, no update
 check); uploads and results live in a temporary folder deleted when the demo stops. One codec job runs at a
@@ -14,9 +15,6 @@ goes on serving.
 
 # No ``from __future__ import annotations`` here: gradio finds the ``gr.Request`` parameter of a handler by
 # its annotation, which must be the class itself, not a string naming a name local to ``build_app``.
-import base64
-import html
-import math
 import os
 import signal
 import sys
@@ -28,10 +26,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from tadm.demo.round_trip import Cancelled, Demo, PhotoResult, RestoreResult, Scores
+from tadm.demo.jobs import Cancelled, SessionJobs
+from tadm.demo.results import PhotoResult
+from tadm.demo.round_trip import Demo
+from tadm.demo.views import (
+    CSS,
+    done_md,
+    error_md,
+    heat_file,
+    internal_error_md,
+    load_view,
+    lr_html,
+    nearest,
+    photo_views,
+    save_view,
+    scores_html,
+    timestep_label,
+)
 from tadm.errors import TadmError
 from tadm.inference.codec import Codec
 
@@ -39,15 +50,6 @@ from tadm.inference.codec import Codec
 VIEWS = ("original", "restored", "bicubic")
 #: the largest upload gradio accepts (a 16 MP 16-bit PNG is ~100 MB); a larger one gets gradio's message
 MAX_UPLOAD = "300mb"
-CSS = """
-.tadm-lr-real img, #lr-magnified img, #lr-magnified-2 img { image-rendering: pixelated; }
-.tadm-lr-real img {
-  box-sizing: content-box; max-width: none; outline: 1px solid #888; vertical-align: middle; margin: 0 0.8em 0 0;
-}
-.tadm-scores { border-collapse: collapse; margin: 0.3em 0; }
-.tadm-scores th, .tadm-scores td { padding: 0.25em 0.9em; border-bottom: 1px solid #ddd; text-align: right; }
-.tadm-scores td:first-child, .tadm-scores th:first-child { text-align: left; }
-"""
 
 
 def serve(
@@ -156,39 +158,11 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     sys.exit(128 + signum)
 
 
-class Jobs:
-    """The running job of each browser session, so that its Stop stops that job and no other."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def start(self, key: str) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._events[key] = event
-        return event
-
-    def end(self, key: str, event: threading.Event) -> None:
-        with self._lock:
-            if self._events.get(key) is event:
-                del self._events[key]
-
-    def stop(self, key: str) -> bool:
-        """Ask the session's running job to stop; False when none runs."""
-        with self._lock:
-            event = self._events.get(key)
-        if event is None:
-            return False
-        event.set()
-        return True
-
-
 def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
     """The gr.Blocks page for ``demo`` (not launched)."""
     import gradio as gr
 
-    jobs = Jobs()
+    jobs = SessionJobs()
 
     def run_photo(path: str | None, request: gr.Request, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
         if not path:
@@ -203,24 +177,24 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         except Cancelled:
             return _photo_outputs(gr, f"Stopped: {name}.")
         except TadmError as err:
-            return _photo_outputs(gr, _error(err))
+            return _photo_outputs(gr, error_md(err))
         except Exception as err:  # a bug: say it in the page, log it, keep serving
-            return _photo_outputs(gr, _internal_error(err))
+            return _photo_outputs(gr, internal_error_md(err))
         finally:
             jobs.end(key, cancel)
-        views = _photo_views(result, demo.codec.scale)
-        status = _done(result.name, result.hr_size, result.seconds, result.notes)
+        views = photo_views(result, demo.codec.scale)
+        status = done_md(result.name, result.hr_size, result.seconds, result.notes)
         return (
             status,
-            _lr_html(result.lr_file, result.lr_size, result.hr_size),
+            lr_html(result.lr_file, result.lr_size, result.hr_size),
             views["lr"],
             views["restored"],
             views["bicubic"],
             (views["original"], views["restored"]),
-            _scores_html(
+            scores_html(
                 result.scores, _pending(demo, result) if result.scores else "computing the scores ..."
             ),
-            gr.update(value=views.get("timesteps"), label=_timestep_label(result), visible=demo.has_enhancer),
+            gr.update(value=views.get("timesteps"), label=timestep_label(result), visible=demo.has_enhancer),
             str(result.lr_file),
             str(result.restored_file),
             # what later steps need; the images stay on disk, not in the session's memory
@@ -235,18 +209,18 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         cancel = jobs.start(key)
         try:
             views = state["views"]
-            original, restored, bicubic = (_load_view(views[k]) for k in ("original", "restored", "bicubic"))
+            original, restored, bicubic = (load_view(views[k]) for k in ("original", "restored", "bicubic"))
             scores = demo.score(original, restored, bicubic, cancel=cancel)
         except Cancelled:
-            return _scores_html(None, "scores: stopped"), state
+            return scores_html(None, "scores: stopped"), state
         except Exception as err:
             traceback.print_exc()
-            return _scores_html(None, f"scores failed: {type(err).__name__}: {err}"), state
+            return scores_html(None, f"scores failed: {type(err).__name__}: {err}"), state
         finally:
             jobs.end(key, cancel)
         state = {**state, "scores": scores}
         pending = demo.perceptual_reason(state["hr_size"]) or "LPIPS/DISTS: computing ..."
-        return _scores_html(scores, pending), state
+        return scores_html(scores, pending), state
 
     def run_perceptual(state: dict[str, Any] | None, request: gr.Request) -> Any:
         if not state or not state["scores"] or demo.perceptual_reason(state["hr_size"]) is not None:
@@ -255,16 +229,16 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         cancel = jobs.start(key)
         try:
             views = state["views"]
-            original, restored, bicubic = (_load_view(views[k]) for k in ("original", "restored", "bicubic"))
+            original, restored, bicubic = (load_view(views[k]) for k in ("original", "restored", "bicubic"))
             scores = demo.perceptual(original, restored, bicubic, cancel=cancel)
         except Cancelled:
-            return _scores_html(state["scores"], "LPIPS/DISTS: stopped")
+            return scores_html(state["scores"], "LPIPS/DISTS: stopped")
         except Exception as err:  # a result pruned from disk meanwhile, a bug: the scores shown stay
             traceback.print_exc()
-            return _scores_html(state["scores"], f"LPIPS/DISTS failed: {type(err).__name__}: {err}")
+            return scores_html(state["scores"], f"LPIPS/DISTS failed: {type(err).__name__}: {err}")
         finally:
             jobs.end(key, cancel)
-        return _scores_html(scores or state["scores"], None)
+        return scores_html(scores or state["scores"], None)
 
     def slide(left: str, right: str, state: dict[str, Any] | None) -> Any:
         if not state:
@@ -282,20 +256,20 @@ def build_app(demo: Demo, samples: Sequence[Path] = ()) -> Any:
         except Cancelled:
             return _restore_outputs(gr, f"Stopped: {name}.")
         except TadmError as err:
-            return _restore_outputs(gr, _error(err))
+            return _restore_outputs(gr, error_md(err))
         except Exception as err:
-            return _restore_outputs(gr, _internal_error(err))
+            return _restore_outputs(gr, internal_error_md(err))
         finally:
             jobs.end(key, cancel)
         folder = result.restored_file.parent
         h, w = result.lr.shape[:2]
-        magnified = _save_view(folder / "lr.view.png", _nearest(result.lr, demo.codec.scale))
+        magnified = save_view(folder / "lr.view.png", nearest(result.lr, demo.codec.scale))
         return (
-            _done(result.name, result.hr_size, result.seconds, result.notes),
-            _lr_html(Path(path), (h, w), result.hr_size),
+            done_md(result.name, result.hr_size, result.seconds, result.notes),
+            lr_html(Path(path), (h, w), result.hr_size),
             magnified,
             str(result.restored_file),
-            gr.update(value=_heat(result), label=_timestep_label(result), visible=demo.has_enhancer),
+            gr.update(value=heat_file(result), label=timestep_label(result), visible=demo.has_enhancer),
             str(result.restored_file),
         )
 
@@ -468,105 +442,3 @@ def _photo_outputs(gr: Any, message: str) -> tuple[Any, ...]:
 def _restore_outputs(gr: Any, message: str) -> tuple[Any, ...]:
     # status, LR, LR magnified, restored, timesteps, download
     return (message, "", None, None, gr.update(value=None), None)
-
-
-def _error(err: BaseException) -> str:
-    return f"**Could not process it:** {_md(str(err))}"
-
-
-def _internal_error(err: BaseException) -> str:
-    traceback.print_exc()
-    return (
-        f"**Internal error** ({type(err).__name__}: {_md(str(err))}). This is a bug in tadm, not your file; "
-        "the details are in the terminal running `tadm demo`. The page is ready for the next one."
-    )
-
-
-def _md(text: str) -> str:
-    """A message as Markdown text: its own lines joined, HTML escaped (file names are the user's)."""
-    return html.escape(" ".join(text.split()), quote=False)
-
-
-def _done(name: str, hr_size: tuple[int, int], seconds: dict[str, float], notes: Sequence[str]) -> str:
-    h, w = hr_size
-    parts = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
-    lines = [f"**Done:** {_md(name)}, {w}x{h} px, in {sum(seconds.values()):.2f} s ({parts})."]
-    lines += [f"- {_md(note)}" for note in notes]
-    return "\n".join(lines)
-
-
-def _lr_html(lr_file: Path, lr_size: tuple[int, int], hr_size: tuple[int, int]) -> str:
-    """The LR file itself at its real size (the PNG's own bytes, inline) and what it costs."""
-    data = lr_file.read_bytes()
-    (h, w), (hh, hw) = lr_size, hr_size
-    bpp = 8 * len(data) / (hh * hw)
-    src = "data:image/png;base64," + base64.b64encode(data).decode()
-    return (
-        f'<div class="tadm-lr-real"><img id="lr-real-img" src="{src}" width="{w}" height="{h}" '
-        f'alt="the LR file at its real size"><span id="lr-facts" data-lr-width="{w}" data-lr-height="{h}" '
-        f'data-bytes="{len(data)}">LR file: <b>{w}x{h} px</b> ({w * h:,} pixels), <b>{len(data):,} bytes</b> '
-        f"= <b>{bpp:.3f} bits per pixel</b> of the {hw}x{hh} original (24 uncompressed; "
-        f"{24 / bpp:.0f}x smaller), shown at its real size</span></div>"
-    )
-
-
-def _scores_html(scores: dict[str, Scores] | None, pending: str | None) -> str:
-    """PSNR-Y / SSIM-Y / LPIPS / DISTS of both methods; each cell carries its exact value (``data-value``)."""
-
-    def cell(method: str, metric: str, value: float | None, digits: int) -> str:
-        if value is None or math.isnan(value):
-            shown = "n/a" if value is None else "..."
-            return f'<td data-method="{method}" data-metric="{metric}">{shown}</td>'
-        return f'<td data-method="{method}" data-metric="{metric}" data-value="{value!r}">{value:.{digits}f}</td>'
-
-    rows = []
-    for method, label in (("restored", "tadm (restored)"), ("bicubic", "bicubic down + up")):
-        s = (scores or {}).get(method) or Scores(math.nan, math.nan)
-        rows.append(
-            f"<tr><td>{label}</td>{cell(method, 'psnr_y', s.psnr_y, 2)}{cell(method, 'ssim_y', s.ssim_y, 4)}"
-            f"{cell(method, 'lpips', s.lpips, 4)}{cell(method, 'dists', s.dists, 4)}</tr>"
-        )
-    note = f'<div class="tadm-note">{html.escape(pending)}</div>' if pending else ""
-    return (
-        '<table class="tadm-scores"><tr><th>against the original</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th>'
-        f"<th>LPIPS</th><th>DISTS</th></tr>{''.join(rows)}</table>{note}"
-    )
-
-
-def _timestep_label(result: PhotoResult | RestoreResult) -> str:
-    if result.timestep_range is None or result.aligner_range is None:
-        return "Timestep map the aligner chose"
-    (lo, hi), (a, b) = result.timestep_range, result.aligner_range
-    return f"Timestep map the aligner chose: t from {lo:.0f} to {hi:.0f} (its range {a:g}-{b:g}; viridis)"
-
-
-def _heat(result: PhotoResult | RestoreResult) -> str | None:
-    return None if result.timesteps_file is None else str(result.timesteps_file)
-
-
-def _nearest(image: np.ndarray, factor: int) -> np.ndarray:
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-def _save_view(path: Path, image: np.ndarray) -> str:
-    """A picture only shown (fast PNG); the files offered for download are the codec's own."""
-    Image.fromarray(image).save(path, format="PNG", compress_level=1)
-    return str(path)
-
-
-def _load_view(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _photo_views(result: PhotoResult, scale: int) -> dict[str, str]:
-    folder = result.lr_file.parent
-    views = {
-        "original": _save_view(folder / "original.view.png", result.original),
-        "restored": str(result.restored_file),
-        "bicubic": _save_view(folder / "bicubic.view.png", result.bicubic),
-        "lr": _save_view(folder / "lr.view.png", _nearest(result.lr, scale)),
-    }
-    if result.timesteps_file is not None:
-        views["timesteps"] = str(result.timesteps_file)
-    return views

@@ -1,8 +1,9 @@
-"""A ``tadm demo`` job's progress and Stop: each tile the codec runs reports progress and checks Stop, with
-no change to the codec or the commands.
+"""A ``tadm demo`` job's progress and Stop: each tile the codec runs reports progress and checks Stop
+(:class:`Job`, with no change to the codec or the commands), and each browser session's Stop button stops its
+own job (:class:`SessionJobs`).
 
-Apart from :mod:`tadm.demo.round_trip` because it is the one piece that reaches into the model's parts while a
-job runs (it wraps their methods on the instances for the job's duration only).
+Apart from :mod:`tadm.demo.round_trip` because :class:`Job` is the one piece that reaches into the model's parts
+while a job runs (it wraps their methods on the instances for the job's duration only).
 """
 
 from __future__ import annotations
@@ -127,3 +128,31 @@ def _grid_tiles(h: int, w: int, tile: int, overlap: int, align: int = 1) -> int:
         return 1
     th, tw = min(tile, h), min(tile, w)
     return len(tile_starts(h, th, overlap, align)) * len(tile_starts(w, tw, overlap, align))
+
+
+class SessionJobs:
+    """The running job of each browser session, so that its Stop stops that job and no other."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, key: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[key] = event
+        return event
+
+    def end(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(key) is event:
+                del self._events[key]
+
+    def stop(self, key: str) -> bool:
+        """Ask the session's running job to stop; False when none runs."""
+        with self._lock:
+            event = self._events.get(key)
+        if event is None:
+            return False
+        event.set()
+        return True
