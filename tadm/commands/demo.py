@@ -1,6 +1,6 @@
 """``tadm demo``: the codec as a local web page (docs/demo.md).
 
-    tadm demo                                   # the shipped quickstart model at http://127.0.0.1:7860
+    tadm demo                                   # the shipped CPU model at http://127.0.0.1:7860
     tadm demo --ckpt runs/enhancer_x16/checkpoints/last.ckpt --port 8080
 
 Upload a photo (or pick a bundled one): the page shows the LR file, the photo restored from it, bicubic down
@@ -25,8 +25,9 @@ from tadm.errors import InputError, TadmError
 from tadm.inference.codec import DEFAULT_MAX_HR_SIDE
 
 REPO = Path(__file__).resolve().parents[2]
-#: the model ``tadm demo`` serves without --ckpt (ships with a checkout; works on a CPU with no download)
-QUICKSTART_MODEL = REPO / "assets" / "models" / "quickstart_x16.safetensors"
+#: the model ``tadm demo`` serves without --ckpt: the best shipped CPU model (docs/shipped_model.md; ships with
+#: a checkout, works on a CPU with no download)
+SHIPPED_MODEL = REPO / "assets" / "models" / "photos_x16.safetensors"
 #: the bundled photos the page offers (public domain / CC0, assets/samples/LICENSES.md)
 SAMPLE_FOLDERS = (REPO / "assets" / "samples" / "val", REPO / "assets" / "samples" / "heldout")
 INSTALL_HINT = "pip install 'tadm[demo]' (in a checkout: pip install -e '.[demo]')"
@@ -44,8 +45,8 @@ def parser() -> argparse.ArgumentParser:
     for action in ap._actions:
         if action.dest == "ckpt":
             action.required = False
-            action.default = str(QUICKSTART_MODEL)
-            action.help = f"checkpoint or export (default: the shipped {QUICKSTART_MODEL.relative_to(REPO)})"
+            action.default = str(SHIPPED_MODEL)
+            action.help = f"checkpoint or export (default: the shipped {SHIPPED_MODEL.relative_to(REPO)})"
         elif action.dest == "no_progress":
             action.help = argparse.SUPPRESS
     add_color_fix_argument(ap)
@@ -87,10 +88,8 @@ def demo_command(argv: Sequence[str]) -> int:
         raise TadmError(f"the web demo needs gradio, which is not installed: {INSTALL_HINT}")
     # a taken port or an address not of this machine: one line now, not after the model has loaded
     _check_listen(args.host, args.port)
-    if args.ckpt == str(QUICKSTART_MODEL) and not QUICKSTART_MODEL.is_file():
-        raise InputError(
-            f"no --ckpt given, and the shipped model is not at '{QUICKSTART_MODEL}': give --ckpt"
-        )
+    if args.ckpt == str(SHIPPED_MODEL) and not SHIPPED_MODEL.is_file():
+        raise InputError(f"no --ckpt given, and the shipped model is not at '{SHIPPED_MODEL}': give --ckpt")
     codec = load_from_args(args)
     from tadm.demo.app import serve
 

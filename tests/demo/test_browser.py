@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from PIL import Image, PngImagePlugin
 
+from tadm.commands.demo import SHIPPED_MODEL
 from tests.demo.cli_reference import downscaled_file, evaluated_rows
 from tests.helpers import REPO, SAMPLES
 
 pytestmark = pytest.mark.browser
 
-QUICKSTART = REPO / "assets" / "models" / "quickstart_x16.safetensors"
 CHELSEA = SAMPLES / "val" / "chelsea.png"  # 451x300: LR 29x19
 COFFEE = SAMPLES / "val" / "coffee.png"  # 600x400: LR 38x25
 SCREENSHOTS = REPO / "runs" / "browser"
@@ -222,13 +222,13 @@ def test_a_bundled_photos_round_trip_is_the_commands(
     # the LR PNG offered for download is the file `tadm downscale` writes for this photo and checkpoint
     lr = _download(page, "#lr-download", session.downloads)
     assert lr.name == "chelsea.lr.png"
-    assert lr.read_bytes() == downscaled_file(QUICKSTART, CHELSEA, tmp_path / "lr").read_bytes()
+    assert lr.read_bytes() == downscaled_file(SHIPPED_MODEL, CHELSEA, tmp_path / "lr").read_bytes()
     assert int(facts.get_attribute("data-bytes")) == lr.stat().st_size
     restored = _download(page, "#restored-download", session.downloads)
     with Image.open(restored) as im:
         assert im.size == (451, 300)
     # the PSNR shown is `tadm evaluate`'s for this photo (the digits shown, and the exact value behind them)
-    rows = evaluated_rows(QUICKSTART, CHELSEA, tmp_path / "report", "--no-perceptual")
+    rows = evaluated_rows(SHIPPED_MODEL, CHELSEA, tmp_path / "report", "--no-perceptual")
     for method in ("restored", "bicubic"):
         psnr = float(rows[method]["psnr_y"])
         assert _cell(page, method, "psnr_y").inner_text() == f"{psnr:.2f}", method

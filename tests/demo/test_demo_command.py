@@ -42,7 +42,7 @@ def test_help_imports_no_gradio_and_names_the_server_options(tmp_path: Path) -> 
 
 def test_defaults_serve_the_shipped_model_on_localhost_only() -> None:
     args = demo_command.parser().parse_args([])
-    assert args.ckpt == str(REPO / "assets" / "models" / "quickstart_x16.safetensors")
+    assert args.ckpt == str(REPO / "assets" / "models" / "photos_x16.safetensors")
     assert Path(args.ckpt).is_file()
     assert (args.host, args.port, args.share) == ("127.0.0.1", None, False)
     assert [p.name for p in demo_command.SAMPLE_FOLDERS] == ["val", "heldout"]

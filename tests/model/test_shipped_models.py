@@ -1,6 +1,7 @@
-"""The shipped quickstart model (assets/models/quickstart_x16.safetensors, what `make quickstart` trains):
-it is what configs/quickstart.yaml builds, and flat colours across the RGB gamut and smooth gradients
-survive its x16 round trip (LR image and reconstruction) within a few levels, as bicubic's do."""
+"""The two shipped models: assets/models/quickstart_x16.safetensors (what `make quickstart` trains) and
+assets/models/photos_x16.safetensors (`make shipped-model`, what `tadm demo` serves). Each is what its
+configs build, and flat colours across the RGB gamut and smooth gradients survive its x16 round trip (LR
+image and reconstruction) within a few levels, as bicubic's do."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from tadm.ops.images import bicubic_down
 from tests.helpers import CONFIGS, REPO
 from tests.helpers.cli import build_cli
 
-MODEL = REPO / "assets" / "models" / "quickstart_x16.safetensors"
+MODELS = REPO / "assets" / "models"
+#: shipped file -> the configs that train it, composed in order (the Makefile's quickstart-model / shipped-model)
+SHIPPED = {
+    "quickstart_x16": [CONFIGS / "quickstart.yaml"],
+    "photos_x16": [
+        CONFIGS / "quickstart.yaml",
+        CONFIGS / "shipped" / "photos_x16.yaml",
+        CONFIGS / "shipped" / "photos_x16_finetune.yaml",
+    ],
+}
 
 #: the corners of the RGB cube (saturated primaries and secondaries, black, white), the colours of
 #: the issue that found the green -> brown shift, grey, a dark tone, and a few mid tones
@@ -34,16 +44,17 @@ def levels(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round()
 
 
-@pytest.fixture(scope="module")
-def codec() -> Codec:
-    return load_codec(MODEL)
+@pytest.fixture(scope="module", params=list(SHIPPED))
+def codec(request: pytest.FixtureRequest) -> Codec:
+    return load_codec(MODELS / f"{request.param}.safetensors")
 
 
-def test_the_shipped_model_is_what_the_quickstart_config_trains() -> None:
-    """Guard: change configs/quickstart.yaml and this fails until the model is retrained and re-exported
-    (`make quickstart-model`)."""
-    _, meta = read_checkpoint(MODEL)
-    cli = build_cli(["--config", str(CONFIGS / "quickstart.yaml")])
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_each_shipped_model_is_what_its_configs_train(name: str) -> None:
+    """Guard: change configs/quickstart.yaml or configs/shipped/photos_x16.yaml and this fails until the
+    model is retrained and re-exported (`make quickstart-model`, `make shipped-model`)."""
+    _, meta = read_checkpoint(MODELS / f"{name}.safetensors")
+    cli = build_cli([arg for path in SHIPPED[name] for arg in ("--config", str(path))])
     current = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     # the stored config read by today's parser: options added since then take their defaults
     stored = yaml.safe_load(meta["config"])
@@ -57,6 +68,8 @@ def test_the_shipped_model_is_what_the_quickstart_config_trains() -> None:
     skip = {"train_dir", "val_dir", "test_dir", "predict_dir"}
     data = {k: v for k, v in current["data"]["init_args"].items() if k not in skip}
     assert {k: shipped["data"]["init_args"][k] for k in data} == data
+    # the folders as the config names them (relative to the checkout): the same photos
+    assert shipped["data"]["init_args"]["train_dir"] == current["data"]["init_args"]["train_dir"]
     assert meta["scale"] == 16 and meta["backbone_id"].startswith("space_to_depth")
 
 
