@@ -147,6 +147,7 @@ WHOLE_REPOSITORY_TESTS = {
     "test_docs.py",
     "test_suite_disk.py",
     "test_benchmark_runner.py",
+    "test_bundled_photos.py",
 }
 
 

@@ -26,12 +26,15 @@ from tests.helpers import CONFIGS, TRAIN, VAL
 from tests.helpers.cli import build_cli, data_args, fit_and_check, one_cpu_quiet_args, stage_args
 
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
+PHOTOS_TRAIN = str(CONFIGS.parent / "assets" / "photos" / "train")
 CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 RULES = (
     "quickstart.yaml", "experiments", "backbone", "aligner", "rescaler", "ablation", "debug", "data", "studies",
-    "hardware",
+    "hardware", "shipped",
 )  # fmt: skip
 #: studies/: study files (`tadm study`), whose every cell tests/studies/test_study.py builds
+#: shipped/: the recipes of the shipped models, composed onto quickstart.yaml (below: each trains a step;
+#: tests/model/test_shipped_models.py: the shipped files match them)
 #: hardware/: settings for one kind of machine, composed onto the stage-2 recipe (below); what the one-GPU
 #: file promises (effective batch, gradient checkpointing in diffusers) is checked in tests/training/test_one_gpu.py
 
@@ -66,6 +69,30 @@ def test_every_config_file_has_a_rule() -> None:
         assert rel.split("/")[0] in RULES, (
             f"configs/{rel}: no rule in tests/config/test_configs.py for its folder"
         )
+
+
+@pytest.mark.parametrize("phases", [1, 2], ids=["photos_x16", "photos_x16_finetune"])
+def test_the_shipped_recipe_trains_a_step(phases: int, tmp_path: Path) -> None:
+    """`make shipped-model`'s two `tadm fit` calls, one step each, phase 2 starting from phase 1's checkpoint."""
+    files = [QUICKSTART, str(CONFIGS / "shipped" / "photos_x16.yaml")]
+    photos = [f"--data.init_args.train_dir={PHOTOS_TRAIN}", f"--data.init_args.val_dir={VAL}"]  # run from tmp
+    extra = []
+    if phases == 2:
+        files.append(str(CONFIGS / "shipped" / "photos_x16_finetune.yaml"))
+        first = build_cli(["--config", files[0], "--config", files[1], "--trainer.fast_dev_run=1", *photos])
+        first.trainer.fit(first.model, datamodule=first.datamodule)
+        ckpt = tmp_path / "phase1.ckpt"
+        first.trainer.save_checkpoint(ckpt)
+        extra = [f"--model.init_from={ckpt}"]
+        assert yaml.safe_load((CONFIGS / "shipped" / "photos_x16_finetune.yaml").read_text())["model"][
+            "init_from"
+        ]
+    cli = build_cli(
+        [a for f in files for a in ("--config", f)] + ["--trainer.fast_dev_run=1", *photos, *extra]
+    )
+    done = fit_and_check(cli)
+    assert all(n.startswith("rescaler.") for n in done["trainable"])
+    assert cli.model.loss_weights["lr"] == (3.0 if phases == 2 else 1.0)
 
 
 def test_every_backbone_family_has_a_tiny_twin() -> None:
