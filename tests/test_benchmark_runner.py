@@ -65,6 +65,7 @@ def _bench(name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # ~11 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_the_gpu_training_steps_run_their_cpu_side_on_a_tiny_twin(monkeypatch: pytest.MonkeyPatch) -> None:
     """gpu_training.py's stage-2 case as the GPU script runs it (the recipe + one_gpu_24gb.yaml through tadm's
     CLI, micro-steps, the non-finite check, clipping, the optimiser step), on the tiny SD 2.1 twin on the CPU:
@@ -80,6 +81,7 @@ def test_the_gpu_training_steps_run_their_cpu_side_on_a_tiny_twin(monkeypatch: p
     assert "| stage2-sd21 | 2 x 64, 8 |" in table and "(11.37)" in table and "skipped: bitsandbytes" in table
 
 
+@pytest.mark.slow  # ~15 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_the_gpu_upscale_benchmark_runs_its_cpu_side_on_a_tiny_twin() -> None:
     """upscale.py's cases (throughput, the timed breakdown, a batch of 3) on the tiny SD 2.1 twin: the
     statistics pass is timed on a multi-tile image (9 VAE tiles, each decoded twice) and absent on a

@@ -65,7 +65,7 @@ def test_list_shows_the_installed_plugin(site: Path, tmp_path: Path) -> None:
     assert "aligner" in row and CLASS in row and "One timestep per image" in row
 
 
-@pytest.mark.slow  # ~20 s: a full `tadm fit` subprocess; the package's own contract tests run in `make test`
+@pytest.mark.slow  # ~20 s: a full `tadm fit` subprocess
 def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: Path) -> None:
     """One stage-2 step on the tiny SD 2.1 twin with ``class_path: example_stats`` from the example's YAML.
     A narrow t range makes the logged timestep prove the plug-in's forward ran; the checkpoint holds its
@@ -94,6 +94,7 @@ def test_fit_trains_with_the_plugin_chosen_by_short_name(site: Path, tmp_path: P
     assert f"class_path: {CLASS}" in meta["config"]
 
 
+@pytest.mark.slow  # ~25 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_the_package_passes_its_own_contract_tests(site: Path, tmp_path: Path) -> None:
     """The example's ``tests/`` run as its author runs them (``pytest tests``, outside this repository)
     against the installed package: ``tadm.testing.check_aligner`` on its aligner passes."""

@@ -88,6 +88,7 @@ def test_a_photos_round_trip_is_the_commands_one(demo: Demo, tmp_path: Path) -> 
     assert _no_wrappers_left(demo)
 
 
+@pytest.mark.slow  # ~10 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_lpips_when_the_vgg_weights_are_there(tmp_path: Path, torch_home: Path, one_thread: None) -> None:
     """conftest's TORCH_HOME holds a random VGG16 where torchvision looks: LPIPS/DISTS are computed, as
     ``tadm evaluate`` computes them."""

@@ -219,6 +219,7 @@ def test_pyiqa_protocol_equals_pyiqa_itself(cases) -> None:
 # ---------------------------------------------------------------------------------------------- the bounds bite
 
 
+@pytest.mark.slow  # ~14 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_each_convention_moves_the_numbers_past_the_bounds(cases) -> None:
     """What each protocol encodes matters: leaving any one detail out fails the bounds above on these photos."""
     pyiqa, tadm = get_protocol("pyiqa"), get_protocol("tadm")
