@@ -152,6 +152,7 @@ def test_a_batch_size_below_one_is_a_usage_error(
     assert stop.value.code == 2 and "--batch-size" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~11 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_the_enhancer_twin_in_batches(
     stage2_ckpt: Path, photos: Path, tmp_path: Path, one_thread: None
 ) -> None:

@@ -42,6 +42,7 @@ def test_one_gpu_keeps_the_recipes_effective_batch(recipe: str) -> None:
     assert hw["trainer"]["precision"] == "bf16-mixed"
 
 
+@pytest.mark.slow  # ~11 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`
 def test_one_gpu_turns_gradient_checkpointing_on_in_diffusers() -> None:
     """stage_args switches checkpointing off (fast tests); the hardware file composed after it turns it on,
     and the flag reaches the UNet and the VAE (decoder) diffusers build."""
