@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,9 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from quality_cpu import codec_round_trip  # noqa: E402
+
 DEFAULT_MODELS = [
     REPO / "assets/models/quickstart_x16.safetensors",
     REPO / "assets/models/photos_x16.safetensors",
@@ -30,11 +32,8 @@ DEFAULT_MODELS = [
 
 
 def round_trip_seconds(ckpt: Path, photo: Path, work: Path, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    for verb, src, dst in (("downscale", photo, work / "lr"), ("upscale", work / "lr", work / "hr")):
-        cmd = [sys.executable, "-m", "tadm", verb, "--ckpt", str(ckpt), str(src), "--output", str(dst)]
-        subprocess.run([*cmd, "--overwrite", "--no-progress"], check=True, capture_output=True, env=env)
+    codec_round_trip(ckpt, photo, work, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return time.perf_counter() - start
 
 

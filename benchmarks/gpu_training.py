@@ -75,7 +75,7 @@ GIB = 1024**3
 
 def build(configs: list[str], args: argparse.Namespace, preset: str) -> Any:
     """tadm's CLI objects for the composed YAML (nothing runs), full-size random weights made on the device."""
-    from train_memory import full_size_loader
+    from train_memory import full_size_loader, step_only_args
 
     from tadm.commands.lightning import TADMCLI
     from tadm.config.plugins import load_plugins
@@ -96,16 +96,7 @@ def build(configs: list[str], args: argparse.Namespace, preset: str) -> Any:
         # fp32: a CPU without bf16 instructions emulates it (28 s per stage-2 micro-step instead of 1)
         argv += [*twin_args(preset), "--data.init_args.crop_size=64", "--trainer.precision=32-true"]
         argv += ["--model.rescaler.init_args.width=16", "--model.rescaler.init_args.num_resblocks=1"]
-    argv += [
-        "--model.init_from=null",
-        "--trainer.accelerator=cpu",  # nothing runs the trainer: the case moves the model itself
-        "--trainer.logger=false",
-        "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false",
-        f"--data.init_args.train_dir={ROOT / 'assets/samples/train'}",
-        f"--data.init_args.val_dir={ROOT / 'assets/samples/val'}",
-        "--data.init_args.num_workers=0",
-    ]
+    argv += step_only_args()
     import lightning as L
 
     return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=argv)

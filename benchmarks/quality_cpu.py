@@ -24,6 +24,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def codec_round_trip(ckpt: Path, images: Path, work: Path, env: dict[str, str] | None = None) -> None:
+    """`tadm downscale` of ``images`` into work/lr, then `tadm upscale` of those files into work/hr: the user's
+    two commands as subprocesses (benchmarks/codec_time.py times the same)."""
+    for verb, src, dst in (("downscale", images, work / "lr"), ("upscale", work / "lr", work / "hr")):
+        cmd = [sys.executable, "-m", "tadm", verb, "--ckpt", str(ckpt), str(src), "--output", str(dst)]
+        subprocess.run(
+            [*cmd, "--overwrite", "--no-progress"], check=True, capture_output=True, text=True, env=env
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", type=Path, default=REPO / "runs/quickstart/checkpoints/last.ckpt")
@@ -38,21 +48,8 @@ def main() -> int:
     from tadm.ops.images import bicubic_down, pad_to_multiple
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tadm-quality-"))
-    tadm = [sys.executable, "-m", "tadm"]
     start = time.perf_counter()
-    for verb, src, dst in (("downscale", args.images, work / "lr"), ("upscale", work / "lr", work / "hr")):
-        cmd = [
-            *tadm,
-            verb,
-            "--ckpt",
-            str(args.ckpt),
-            str(src),
-            "--output",
-            str(dst),
-            "--overwrite",
-            "--no-progress",
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    codec_round_trip(args.ckpt, args.images, work)
     seconds = time.perf_counter() - start
 
     rows = []

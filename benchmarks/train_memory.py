@@ -105,6 +105,21 @@ def full_size_loader(device: str | None = None) -> None:
     unet_backbone.StableDiffusionBackbone._encode_empty_prompt = empty_prompt  # type: ignore[method-assign]
 
 
+def step_only_args() -> list[str]:
+    """CLI overrides for a module built to be stepped by hand: no trainer run, logger, callbacks or checkpoints,
+    no ``init_from``, the bundled photos as data read in-process (gpu_training.py uses them too)."""
+    return [
+        "--model.init_from=null",
+        "--trainer.accelerator=cpu",  # nothing runs the trainer: the case moves the model itself
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        f"--data.init_args.train_dir={ROOT / 'assets/samples/train'}",
+        f"--data.init_args.val_dir={ROOT / 'assets/samples/val'}",
+        "--data.init_args.num_workers=0",
+    ]
+
+
 def build(args: argparse.Namespace) -> Any:
     """tadm's CLI objects for the composed YAML (nothing runs), on the CPU."""
     sys.path.insert(0, str(ROOT))
@@ -121,17 +136,7 @@ def build(args: argparse.Namespace) -> Any:
     argv = ["--config", args.recipe, "--config", args.hardware]
     for extra in args.config:
         argv += ["--config", extra]
-    argv += [
-        "--model.init_from=null",
-        "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
-        "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false",
-        f"--data.init_args.train_dir={ROOT / 'assets/samples/train'}",
-        f"--data.init_args.val_dir={ROOT / 'assets/samples/val'}",
-        "--data.init_args.num_workers=0",
-        *(f"--{s}" for s in args.set),
-    ]
+    argv += [*step_only_args(), *(f"--{s}" for s in args.set)]
     import lightning as L
 
     return TADMCLI(TADMModule, L.LightningDataModule, subclass_mode_data=True, run=False, args=argv)
