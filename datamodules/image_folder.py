@@ -35,7 +35,12 @@ from tadm.datamodules.elastic import (
     sample_generator,
 )
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
-from tadm.datamodules.image_transforms import random_crop_flip, shuffle_channels, smooth_field
+from tadm.datamodules.image_transforms import (
+    random_crop_flip,
+    reduce_contrast,
+    shuffle_channels,
+    smooth_field,
+)
 
 Split = Literal["train", "val", "test", "predict"]
 
@@ -71,6 +76,10 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         smooth_fraction: In training, this share of the crops is replaced by a smooth synthetic image
             (:func:`smooth_field`: flat colours and gradients over the whole RGB cube, saturated ones
             included), so a model learns to leave flat and slowly varying areas alone.
+        low_contrast_fraction: In training, this share of the photo crops (after ``smooth_fraction``'s
+            draw) has its contrast cut to between 1/16 and 1/2 around its mean (:func:`reduce_contrast`),
+            so a model sees the faint detail of misty, dusky and night photos, where small brightness
+            errors cost the most PSNR.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
     crops and flips reproducible (the order is the data module's sampler's); an index that carries its
@@ -92,6 +101,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         name: str = "images",
         color_augment: bool = False,
         smooth_fraction: float = 0.0,
+        low_contrast_fraction: float = 0.0,
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
@@ -101,8 +111,12 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        if not 0.0 <= smooth_fraction <= 1.0:
-            raise ValueError(f"smooth_fraction must be in [0, 1], got {smooth_fraction}")
+        for label, share in (
+            ("smooth_fraction", smooth_fraction),
+            ("low_contrast_fraction", low_contrast_fraction),
+        ):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {share}")
         self.files = [Path(f) for f in files]
         self.mode = mode
         self.crop_size = crop_size
@@ -115,6 +129,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self._cache: dict[int, torch.Tensor] = {}
         self.color_augment = color_augment
         self.smooth_fraction = smooth_fraction
+        self.low_contrast_fraction = low_contrast_fraction
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -176,7 +191,12 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         crop = random_crop_flip(image, self.crop_size, generator)
         if self.smooth_fraction and bool(torch.rand((), generator=generator) < self.smooth_fraction):
             return smooth_field(self.crop_size, generator)
-        return shuffle_channels(crop, generator) if self.color_augment else crop
+        if self.color_augment:
+            crop = shuffle_channels(crop, generator)
+        share = self.low_contrast_fraction  # drawn only when set, so older recipes keep their crops
+        if share and bool(torch.rand((), generator=generator) < share):
+            crop = reduce_contrast(crop, generator)
+        return crop
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -222,6 +242,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             for small or colour-narrow training sets.
         smooth_fraction: Share of training crops replaced by smooth synthetic colour fields (see
             ImageFolderDataset).
+        low_contrast_fraction: Share of the photo crops whose contrast is cut to 1/16 - 1/2 (see
+            ImageFolderDataset): faint misty, dusky and night detail.
     """
 
     def __init__(
@@ -240,6 +262,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images: bool = False,
         color_augment: bool = False,
         smooth_fraction: float = 0.0,
+        low_contrast_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
@@ -264,6 +287,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.color_augment = color_augment
         self.smooth_fraction = smooth_fraction
+        self.low_contrast_fraction = low_contrast_fraction
         self.datasets: dict[Split, ImageFolderDataset] = {}
         self.skips = SkipCollector()
         """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
@@ -294,6 +318,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 cache_images=self.cache_images and split == "train",
                 color_augment=self.color_augment,
                 smooth_fraction=self.smooth_fraction,
+                low_contrast_fraction=self.low_contrast_fraction,
                 name=split,
             )
             self._sizes[split] = sizes

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, default_collate
 from tadm.datamodules.bad_input import InputSkippedWarning
 from tadm.datamodules.image_folder import ImageFolderDataModule, ImageFolderDataset
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
-from tadm.datamodules.image_transforms import random_crop_flip, reflect_pad
+from tadm.datamodules.image_transforms import random_crop_flip, reduce_contrast, reflect_pad
 from tests.helpers.loggers import MetricsLogger
 
 # ------------------------------------------------------------------------------------------------------------
@@ -633,6 +633,41 @@ def test_smooth_fraction_mixes_in_flat_and_gradient_fields_over_the_whole_gamut(
     )
     with pytest.raises(ValueError, match="smooth_fraction"):
         ImageFolderDataset([path], mode="train", smooth_fraction=1.5)
+
+
+def test_low_contrast_fraction_scales_the_photo_crop_around_its_mean(tmp_path: Path) -> None:
+    """low_contrast_fraction=1: each crop is the very crop the plain dataset gives (same seed), its
+    deviations from each channel's mean scaled by one factor in [1/16, 1/2]; the factors vary. 0 draws
+    nothing more from the RNG, so recipes without it keep their crops; eval is untouched."""
+    (path,) = _folder(tmp_path, n=1, size=(64, 80))
+    plain = ImageFolderDataset([path], mode="train", crop_size=32)
+    faint = ImageFolderDataset([path], mode="train", crop_size=32, low_contrast_fraction=1.0)
+    factors = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = plain[0]["image"]
+        torch.manual_seed(seed)
+        b = faint[0]["image"]
+        mean = a.mean(dim=(-2, -1), keepdim=True)
+        torch.testing.assert_close(b.mean(dim=(-2, -1), keepdim=True), mean, atol=1e-5, rtol=0)
+        factor = float((b - mean).norm() / (a - mean).norm())
+        torch.testing.assert_close(b, mean + factor * (a - mean), atol=1e-5, rtol=0)
+        assert 1 / 16 - 1e-4 <= factor <= 0.5 + 1e-4
+        factors.append(factor)
+    assert max(factors) / min(factors) > 2
+    torch.manual_seed(3)
+    a = plain[0]["image"]
+    torch.manual_seed(3)
+    assert torch.equal(
+        ImageFolderDataset([path], mode="train", crop_size=32, low_contrast_fraction=0.0)[0]["image"], a
+    )
+    assert torch.equal(
+        ImageFolderDataset([path], mode="eval", low_contrast_fraction=1.0)[0]["image"], load_image(path)
+    )
+    with pytest.raises(ValueError, match="low_contrast_fraction"):
+        ImageFolderDataset([path], mode="train", low_contrast_fraction=-0.1)
+    with pytest.raises(ValueError, match="min_factor"):
+        reduce_contrast(a, min_factor=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
