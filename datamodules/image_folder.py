@@ -77,9 +77,10 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             (:func:`smooth_field`: flat colours and gradients over the whole RGB cube, saturated ones
             included), so a model learns to leave flat and slowly varying areas alone.
         low_contrast_fraction: In training, this share of the photo crops (after ``smooth_fraction``'s
-            draw) has its contrast cut to between 1/16 and 1/2 around its mean (:func:`reduce_contrast`),
-            so a model sees the faint detail of misty, dusky and night photos, where small brightness
-            errors cost the most PSNR.
+            draw) has its contrast cut to between ``low_contrast_min`` and 1/2 around its mean
+            (:func:`reduce_contrast`), so a model sees the faint detail of misty, dusky and night photos,
+            where a model's own small errors cost more PSNR than the missing detail.
+        low_contrast_min: The smallest contrast factor (log-uniform up to 1/2).
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
     crops and flips reproducible (the order is the data module's sampler's); an index that carries its
@@ -102,6 +103,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         color_augment: bool = False,
         smooth_fraction: float = 0.0,
         low_contrast_fraction: float = 0.0,
+        low_contrast_min: float = 1 / 16,
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
@@ -117,6 +119,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         ):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{label} must be in [0, 1], got {share}")
+        if not 0.0 < low_contrast_min <= 0.5:
+            raise ValueError(f"low_contrast_min must be in (0, 1/2], got {low_contrast_min}")
         self.files = [Path(f) for f in files]
         self.mode = mode
         self.crop_size = crop_size
@@ -130,6 +134,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self.color_augment = color_augment
         self.smooth_fraction = smooth_fraction
         self.low_contrast_fraction = low_contrast_fraction
+        self.low_contrast_min = low_contrast_min
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -195,7 +200,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             crop = shuffle_channels(crop, generator)
         share = self.low_contrast_fraction  # drawn only when set, so older recipes keep their crops
         if share and bool(torch.rand((), generator=generator) < share):
-            crop = reduce_contrast(crop, generator)
+            crop = reduce_contrast(crop, generator, self.low_contrast_min)
         return crop
 
 
@@ -242,8 +247,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             for small or colour-narrow training sets.
         smooth_fraction: Share of training crops replaced by smooth synthetic colour fields (see
             ImageFolderDataset).
-        low_contrast_fraction: Share of the photo crops whose contrast is cut to 1/16 - 1/2 (see
-            ImageFolderDataset): faint misty, dusky and night detail.
+        low_contrast_fraction: Share of the photo crops whose contrast is cut to between
+            ``low_contrast_min`` and 1/2 (see ImageFolderDataset): faint misty, dusky and night detail.
+        low_contrast_min: The smallest of those contrast factors (log-uniform up to 1/2).
     """
 
     def __init__(
@@ -263,6 +269,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         color_augment: bool = False,
         smooth_fraction: float = 0.0,
         low_contrast_fraction: float = 0.0,
+        low_contrast_min: float = 1 / 16,
     ) -> None:
         super().__init__()
         check_positive(scale=scale, batch_size=batch_size, val_batch_size=val_batch_size)
@@ -288,6 +295,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.color_augment = color_augment
         self.smooth_fraction = smooth_fraction
         self.low_contrast_fraction = low_contrast_fraction
+        self.low_contrast_min = low_contrast_min
         self.datasets: dict[Split, ImageFolderDataset] = {}
         self.skips = SkipCollector()
         """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
@@ -319,6 +327,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 color_augment=self.color_augment,
                 smooth_fraction=self.smooth_fraction,
                 low_contrast_fraction=self.low_contrast_fraction,
+                low_contrast_min=self.low_contrast_min,
                 name=split,
             )
             self._sizes[split] = sizes

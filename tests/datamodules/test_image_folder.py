@@ -668,6 +668,18 @@ def test_low_contrast_fraction_scales_the_photo_crop_around_its_mean(tmp_path: P
         ImageFolderDataset([path], mode="train", low_contrast_fraction=-0.1)
     with pytest.raises(ValueError, match="min_factor"):
         reduce_contrast(a, min_factor=0.0)
+    with pytest.raises(ValueError, match="low_contrast_min"):
+        ImageFolderDataset([path], mode="train", low_contrast_min=0.75)
+    # a lower floor reaches fainter crops, still through the data module's arguments
+    dm = ImageFolderDataModule(
+        train_dir=str(path.parent), crop_size=32, low_contrast_fraction=1.0, low_contrast_min=1 / 128
+    )
+    dm.setup("fit")
+    torch.manual_seed(0)
+    crops = [dm.datasets["train"][0]["image"] for _ in range(40)]
+    amplitude = [float((c - c.mean(dim=(-2, -1), keepdim=True)).norm()) for c in crops]
+    full = float((a - a.mean(dim=(-2, -1), keepdim=True)).norm())  # a plain crop of the same photo
+    assert min(amplitude) < full / 32  # below the default floor of 1/16
 
 
 # ------------------------------------------------------------------------------------------------------------
