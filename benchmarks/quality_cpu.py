@@ -8,6 +8,10 @@ held-out folder, then prints per image: PSNR-Y / SSIM-Y of the restored image an
 up at the same scale, and the PSNR of the model's 8-bit LR file against the bicubic LR image (a proper
 small version of the photo stays >= 30 dB). Means and the number of images that beat bicubic come
 last. The default images (assets/samples/heldout, see its LICENSES.md) are never trained on.
+
+``--require`` checks targets and exits 1 naming each one missed (issue 24's for the shipped model:
+``--require gain=1.5 share=0.9 worst=-0.3 lr_psnr=35``): mean PSNR-Y gain over bicubic, share of images
+better than bicubic, the worst image's gain, and the lowest LR PSNR, all at least the given value.
 """
 
 from __future__ import annotations
@@ -39,7 +43,15 @@ def main() -> int:
     ap.add_argument("--ckpt", type=Path, default=REPO / "runs/quickstart/checkpoints/last.ckpt")
     ap.add_argument("--images", type=Path, default=REPO / "assets/samples/heldout")
     ap.add_argument("--work", type=Path, default=None, help="keep the LR and restored files here")
+    ap.add_argument(
+        "--require",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"targets, each at least VALUE: {', '.join(TARGETS)} (exit 1 if one is missed)",
+    )
     args = ap.parse_args()
+    required = parse_targets(args.require, ap)
 
     from tadm.datamodules.image_io import list_images, load_image
     from tadm.evaluation.metrics import psnr_rgb, psnr_y, ssim_y
@@ -94,7 +106,39 @@ def main() -> int:
         f"beats bicubic (PSNR-Y) on {wins} of {n} images; worst: {worst[0]} ({worst[2] - worst[3]:+.2f} dB); "
         f"lowest LR PSNR {min(r[6] for r in rows):.2f} dB; downscale + upscale took {seconds:.1f} s"
     )
-    return 0
+    measured = {
+        "gain": mean[0] - mean[1],
+        "share": wins / n,
+        "worst": worst[2] - worst[3],
+        "lr_psnr": min(r[6] for r in rows),
+    }
+    missed = missed_targets(measured, required)
+    for line in missed:
+        print(f"target missed: {line}")
+    return 1 if missed else 0
+
+
+#: what --require can name: the summary line's numbers
+TARGETS = ("gain", "share", "worst", "lr_psnr")
+
+
+def missed_targets(measured: dict[str, float], required: dict[str, float]) -> list[str]:
+    """One line per target the measured numbers fall short of (NaN misses every target)."""
+    return [f"{k} {measured[k]:.3f} < {v:g}" for k, v in required.items() if not measured[k] >= v]
+
+
+def parse_targets(items: list[str], ap: argparse.ArgumentParser) -> dict[str, float]:
+    """``["gain=1.5", ...]`` -> ``{"gain": 1.5}``; anything else is a usage error naming the item."""
+    targets: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            if name not in TARGETS:
+                raise ValueError
+            targets[name] = float(value)
+        except ValueError:
+            ap.error(f"--require {item!r}: expected NAME=NUMBER with NAME one of {', '.join(TARGETS)}")
+    return targets
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ image and reconstruction) within a few levels, as bicubic's do."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -135,3 +141,41 @@ LR_MEAN_LEVELS = 2.0
 REC_MEAN_LEVELS = 2.0
 REC_ABS_LEVELS = 2.0
 RAMP_PSNR = 45.0
+
+
+#: issue 24's targets for the shipped model on assets/photos/heldout (benchmarks/README.md "Shipped CPU model")
+SHIPPED_TARGETS = ["gain=1.5", "share=0.9", "worst=-0.3", "lr_psnr=35"]
+
+
+def test_quality_cpu_names_each_target_missed() -> None:
+    """The benchmark's --require: parsed strictly, and each target short of its value (or NaN) is named."""
+    spec = importlib.util.spec_from_file_location("bench_quality_cpu", REPO / "benchmarks" / "quality_cpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ap = argparse.ArgumentParser()
+    required = bench.parse_targets(SHIPPED_TARGETS, ap)
+    assert required == {"gain": 1.5, "share": 0.9, "worst": -0.3, "lr_psnr": 35.0}
+    for bad in (["gain"], ["gains=1"], ["worst=low"]):
+        with pytest.raises(SystemExit):
+            bench.parse_targets(bad, ap)
+    met = {"gain": 2.0, "share": 1.0, "worst": -0.3, "lr_psnr": 35.2}
+    assert bench.missed_targets(met, required) == []
+    short = met | {"worst": -0.36, "lr_psnr": float("nan")}
+    assert bench.missed_targets(short, required) == ["worst -0.360 < -0.3", "lr_psnr nan < 35"]
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: 24 photos of 2-3 MP through `tadm downscale` / `tadm upscale`
+def test_the_shipped_photos_model_meets_its_held_out_targets(tmp_path: Path) -> None:
+    """The metrics half of issue 24's acceptance: the shipped file, through the user's commands, on the 24
+    held-out photos, meets every target (benchmarks/quality_cpu.py --require exits 1 naming a miss)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality_cpu.py")]
+    cmd += ["--ckpt", str(MODELS / "photos_x16.safetensors"), "--images", str(REPO / "assets/photos/heldout")]
+    done = subprocess.run(
+        [*cmd, "--work", str(tmp_path), "--require", *SHIPPED_TARGETS],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 24 held-out image(s)" in done.stdout
