@@ -29,6 +29,7 @@ from tadm.config.build import parse_run_config
 from tadm.errors import CheckpointError
 from tadm.model.ema import check_ema_state
 from tadm.ops.files import atomic_write
+from tadm.ops.safetensors_file import save_safetensors
 
 #: the Lightning checkpoint entry / safetensors metadata key that holds tadm's meta dict
 META_KEY = "tadm"
@@ -369,6 +370,4 @@ def export_checkpoint(
         "format": "pt",
     }
 
-    from safetensors.torch import save_file
-
-    return atomic_write(dst_p, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(dst_p, lambda tmp: save_safetensors(tensors, tmp, metadata))

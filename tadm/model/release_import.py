@@ -34,6 +34,7 @@ from tadm.model.release_keys import (
 )
 from tadm.model.tadm_model import TADMModel
 from tadm.ops.files import atomic_write
+from tadm.ops.safetensors_file import save_safetensors
 
 #: the release's variant of every part; ``configs/experiments/release/*.yaml`` set the same values
 #: (``tests/model/test_import_release.py`` keeps them equal). Stage 1 differs in one: ``unscaled_latents: false``.
@@ -336,6 +337,4 @@ def import_release(
     tensors = export_state(state, dtype)
     metadata = {META_KEY: json.dumps(meta), "export_dtype": dtype, "format": "pt"}
 
-    from safetensors.torch import save_file
-
-    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(out, lambda tmp: save_safetensors(tensors, tmp, metadata))

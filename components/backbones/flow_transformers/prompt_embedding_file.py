@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tadm.errors import ConfigError
 from tadm.ops.files import atomic_write
+from tadm.ops.safetensors_file import save_safetensors
 
 FORMAT = "tadm-prompt-embedding"
 VERSION = "1"
@@ -30,14 +31,12 @@ METADATA = ("family", "preset", "source", "backbone_id", "prompt", "max_sequence
 
 def write_prompt_embedding(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
     """Write the two embeddings and their metadata atomically; tensors are stored exactly as given."""
-    from safetensors.torch import save_file
-
     missing = [k for k in TENSORS if k not in tensors] + [k for k in METADATA if k not in metadata]
     if missing:
         raise ValueError(f"a prompt embedding needs {missing}")
     meta = {"format": FORMAT, "version": VERSION, **{k: str(v) for k, v in metadata.items()}}
     data = {k: tensors[k].detach().cpu().contiguous() for k in TENSORS}
-    return atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
+    return atomic_write(path, lambda tmp: save_safetensors(data, tmp, meta))
 
 
 def read_prompt_embedding(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
