@@ -177,7 +177,7 @@ def test_quality_cpu_names_each_target_missed() -> None:
     assert bench.missed_targets(short, required) == ["worst -0.360 < -0.3", "lr_psnr nan < 35"]
 
 
-@pytest.mark.slow  # ~3 min on 2 cores: 24 photos of 2-3 MP through `tadm downscale` / `tadm upscale`
+@pytest.mark.slow  # ~4 min on one core: 24 photos of 2-3 MP through `tadm downscale` / `tadm upscale`
 def test_the_shipped_photos_model_meets_its_held_out_targets(tmp_path: Path) -> None:
     """The metrics half of issue 24's acceptance: the shipped file, through the user's commands, on the 24
     held-out photos, meets every target (benchmarks/quality_cpu.py --require exits 1 naming a miss)."""
