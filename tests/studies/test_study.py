@@ -32,11 +32,12 @@ PER_CELL_KEYS = ("trainer.logger.init_args.name", "trainer.default_root_dir", "c
 
 def _shrink(study: Study, cell: Cell) -> list[str]:
     """A full-size cell on its backbone family's tiny twin, without the previous stage's checkpoint, on
-    the bundled photos, with a pixel loss alone; the quickstart's cells (no preset) run as they are."""
+    the bundled photos, with a pixel loss alone; the quickstart's cells (no preset) run as they are, less a
+    previous phase's checkpoint (configs/shipped's phase 2 starts from runs/, absent from a checkout)."""
     settings = study.settings(v for axis, name in cell.values for v in study.axes[axis] if v.name == name)
     preset = settings.get("model.backbone.init_args.preset")
     if preset is None:
-        return []
+        return ["--model.init_from=null"]
     from tadm.components.backbones.diffusers_base.variants import KNOWN_VARIANTS
     from tadm.testing.twins import twin_args
 
