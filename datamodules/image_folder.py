@@ -35,12 +35,7 @@ from tadm.datamodules.elastic import (
     sample_generator,
 )
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
-from tadm.datamodules.image_transforms import (
-    random_crop_flip,
-    reduce_contrast,
-    shuffle_channels,
-    smooth_field,
-)
+from tadm.datamodules.image_transforms import CropAugment, random_crop_flip
 
 Split = Literal["train", "val", "test", "predict"]
 
@@ -70,17 +65,8 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             tens of milliseconds, which dominates small-model steps on a CPU; only for folders that fit
             in RAM (each DataLoader worker holds its own cache).
         name: Names this dataset's skip counters (the split), so one collector can tell them apart.
-        color_augment: In training, also shuffle each crop's RGB channels at random (one of the 6 orders):
-            a few photos then cover every hue family, so a model does not learn colours it never saw
-            as something to distort (see :func:`shuffle_channels`).
-        smooth_fraction: In training, this share of the crops is replaced by a smooth synthetic image
-            (:func:`smooth_field`: flat colours and gradients over the whole RGB cube, saturated ones
-            included), so a model learns to leave flat and slowly varying areas alone.
-        low_contrast_fraction: In training, this share of the photo crops (after ``smooth_fraction``'s
-            draw) has its contrast cut to between ``low_contrast_min`` and 1/2 around its mean
-            (:func:`reduce_contrast`), so a model sees the faint detail of misty, dusky and night photos,
-            where a model's own small errors cost more PSNR than the missing detail.
-        low_contrast_min: The smallest contrast factor (log-uniform up to 1/2).
+        augment: In training, what happens to each crop after cropping and flipping (:class:`CropAugment`:
+            shuffled channels, synthetic smooth fields, faint crops); nothing by default.
 
     Randomness comes from torch's global RNG, so ``seed_everything`` plus Lightning's worker seeding make
     crops and flips reproducible (the order is the data module's sampler's); an index that carries its
@@ -100,10 +86,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         repeats: int = 1,
         cache_images: bool = False,
         name: str = "images",
-        color_augment: bool = False,
-        smooth_fraction: float = 0.0,
-        low_contrast_fraction: float = 0.0,
-        low_contrast_min: float = 1 / 16,
+        augment: CropAugment | None = None,
     ) -> None:
         if not files:
             raise ValueError("ImageFolderDataset needs at least one file")
@@ -113,14 +96,6 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
-        for label, share in (
-            ("smooth_fraction", smooth_fraction),
-            ("low_contrast_fraction", low_contrast_fraction),
-        ):
-            if not 0.0 <= share <= 1.0:
-                raise ValueError(f"{label} must be in [0, 1], got {share}")
-        if not 0.0 < low_contrast_min <= 0.5:
-            raise ValueError(f"low_contrast_min must be in (0, 1/2], got {low_contrast_min}")
         self.files = [Path(f) for f in files]
         self.mode = mode
         self.crop_size = crop_size
@@ -131,10 +106,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self._bad: set[int] = set()
         self.cache_images = cache_images
         self._cache: dict[int, torch.Tensor] = {}
-        self.color_augment = color_augment
-        self.smooth_fraction = smooth_fraction
-        self.low_contrast_fraction = low_contrast_fraction
-        self.low_contrast_min = low_contrast_min
+        self.augment = augment or CropAugment()
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -193,15 +165,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
     def _transform(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.mode == "eval":
             return image
-        crop = random_crop_flip(image, self.crop_size, generator)
-        if self.smooth_fraction and bool(torch.rand((), generator=generator) < self.smooth_fraction):
-            return smooth_field(self.crop_size, generator)
-        if self.color_augment:
-            crop = shuffle_channels(crop, generator)
-        share = self.low_contrast_fraction  # drawn only when set, so older recipes keep their crops
-        if share and bool(torch.rand((), generator=generator) < share):
-            crop = reduce_contrast(crop, generator, self.low_contrast_min)
-        return crop
+        return self.augment(random_crop_flip(image, self.crop_size, generator), generator)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -243,13 +207,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             about, left out and counted in ``num_skipped``. ``"error"``: the first one raises
             ``ImageReadError`` naming it.
         cache_images: Keep decoded training images in memory (small folders only; see ImageFolderDataset).
-        color_augment: Shuffle the RGB channels of each training crop at random (see ImageFolderDataset):
-            for small or colour-narrow training sets.
-        smooth_fraction: Share of training crops replaced by smooth synthetic colour fields (see
-            ImageFolderDataset).
+        color_augment: Shuffle the RGB channels of each training crop at random: for small or
+            colour-narrow training sets.
+        smooth_fraction: Share of training crops replaced by smooth synthetic colour fields.
         low_contrast_fraction: Share of the photo crops whose contrast is cut to between
-            ``low_contrast_min`` and 1/2 (see ImageFolderDataset): faint misty, dusky and night detail.
-        low_contrast_min: The smallest of those contrast factors (log-uniform up to 1/2).
+            ``low_contrast_min`` and 1/2: faint misty, dusky and night detail.
+        low_contrast_min: The smallest of those contrast factors (log-uniform up to 1/2). The last four
+            make the training crops' :class:`~tadm.datamodules.image_transforms.CropAugment`, which says
+            why each helps.
     """
 
     def __init__(
@@ -292,10 +257,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.train_repeats = train_repeats
         self.on_bad_image: BadInputPolicy = check_policy(on_bad_image)
         self.cache_images = cache_images
-        self.color_augment = color_augment
-        self.smooth_fraction = smooth_fraction
-        self.low_contrast_fraction = low_contrast_fraction
-        self.low_contrast_min = low_contrast_min
+        self.augment = CropAugment(color_augment, smooth_fraction, low_contrast_fraction, low_contrast_min)
         self.datasets: dict[Split, ImageFolderDataset] = {}
         self.skips = SkipCollector()
         """Header-check skips of :meth:`setup` plus the decode skips the batches report (every worker)."""
@@ -324,10 +286,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 on_bad_image=self.on_bad_image,
                 repeats=self.train_repeats if split == "train" else 1,
                 cache_images=self.cache_images and split == "train",
-                color_augment=self.color_augment,
-                smooth_fraction=self.smooth_fraction,
-                low_contrast_fraction=self.low_contrast_fraction,
-                low_contrast_min=self.low_contrast_min,
+                augment=self.augment,
                 name=split,
             )
             self._sizes[split] = sizes

@@ -1,10 +1,12 @@
 """What the data modules do to a decoded image: mirror padding to a size, training crops and flips, and
-the colour augmentations (shuffled channels, synthetic flat colours and gradients) that teach a small
-training set colours it never showed. Shared by the image-folder and WebDataset data modules and by
-``tadm shard``.
+the crop augmentations (:class:`CropAugment`: shuffled channels, synthetic flat colours and gradients, faint
+crops) that teach a small training set colours and contrasts it never showed. Shared by the image-folder
+and WebDataset data modules and by ``tadm shard``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -81,3 +83,50 @@ def reduce_contrast(
     factor = torch.exp2(lo + (hi - lo) * torch.rand((), generator=generator))
     mean = image.mean(dim=(-2, -1), keepdim=True)
     return (mean + factor * (image - mean)).contiguous()
+
+
+@dataclass(frozen=True)
+class CropAugment:
+    """What happens to a training crop after cropping and flipping, each step drawn from ``generator``:
+
+    Attributes:
+        color_augment: shuffle the crop's RGB channels at random (one of the 6 orders,
+            :func:`shuffle_channels`): a few photos then cover every hue family, so a model does not learn
+            colours it never saw as something to distort.
+        smooth_fraction: this share of the crops is replaced by a smooth synthetic image
+            (:func:`smooth_field`: flat colours and gradients over the whole RGB cube, saturated ones
+            included), so a model learns to leave flat and slowly varying areas alone.
+        low_contrast_fraction: this share of the photo crops (after ``smooth_fraction``'s draw) has its
+            contrast cut to between ``low_contrast_min`` and 1/2 around its mean (:func:`reduce_contrast`),
+            so a model sees the faint detail of misty, dusky and night photos, where a model's own small
+            errors cost more PSNR than the missing detail.
+        low_contrast_min: the smallest contrast factor (log-uniform up to 1/2).
+
+    A share of 0 draws nothing from the generator, so recipes without a step keep their crops.
+    """
+
+    color_augment: bool = False
+    smooth_fraction: float = 0.0
+    low_contrast_fraction: float = 0.0
+    low_contrast_min: float = 1 / 16
+
+    def __post_init__(self) -> None:
+        for label, share in (
+            ("smooth_fraction", self.smooth_fraction),
+            ("low_contrast_fraction", self.low_contrast_fraction),
+        ):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {share}")
+        if not 0.0 < self.low_contrast_min <= 0.5:
+            raise ValueError(f"low_contrast_min must be in (0, 1/2], got {self.low_contrast_min}")
+
+    def __call__(self, crop: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The augmented (3, S, S) crop."""
+        if self.smooth_fraction and bool(torch.rand((), generator=generator) < self.smooth_fraction):
+            return smooth_field(crop.shape[-1], generator)
+        if self.color_augment:
+            crop = shuffle_channels(crop, generator)
+        share = self.low_contrast_fraction
+        if share and bool(torch.rand((), generator=generator) < share):
+            crop = reduce_contrast(crop, generator, self.low_contrast_min)
+        return crop

@@ -95,7 +95,7 @@ def test_the_shipped_recipe_trains_a_step(phases: int, tmp_path: Path) -> None:
     assert cli.model.loss_weights["lr"] == (4.0 if phases == 2 else 1.0)
     # phase 2 fine-tunes on mostly faint crops (docs/shipped_model.md); phase 1 on the photos as they are
     data = cli.datamodule.datasets["train"]
-    assert (data.low_contrast_fraction, data.low_contrast_min) == (
+    assert (data.augment.low_contrast_fraction, data.augment.low_contrast_min) == (
         (0.9, 1 / 128) if phases == 2 else (0.0, 1 / 16)
     )
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, default_collate
 from tadm.datamodules.bad_input import InputSkippedWarning
 from tadm.datamodules.image_folder import ImageFolderDataModule, ImageFolderDataset
 from tadm.datamodules.image_io import ImageReadError, image_size, list_images, load_image
-from tadm.datamodules.image_transforms import random_crop_flip, reduce_contrast, reflect_pad
+from tadm.datamodules.image_transforms import CropAugment, random_crop_flip, reduce_contrast, reflect_pad
 from tests.helpers.loggers import MetricsLogger
 
 # ------------------------------------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ def test_color_augment_permutes_the_channels_of_the_same_crop(tmp_path: Path) ->
     a few draws more than one order appears (every hue family is seen by a colour-narrow training set)."""
     (path,) = _folder(tmp_path, n=1, size=(64, 80))
     plain = ImageFolderDataset([path], mode="train", crop_size=32)
-    mixed = ImageFolderDataset([path], mode="train", crop_size=32, color_augment=True)
+    mixed = ImageFolderDataset([path], mode="train", crop_size=32, augment=CropAugment(color_augment=True))
     orders = set()
     for seed in range(12):
         torch.manual_seed(seed)
@@ -602,7 +602,8 @@ def test_color_augment_permutes_the_channels_of_the_same_crop(tmp_path: Path) ->
         orders.add(order)
     assert len(orders) > 1
     assert torch.equal(
-        ImageFolderDataset([path], mode="eval", color_augment=True)[0]["image"], load_image(path)
+        ImageFolderDataset([path], mode="eval", augment=CropAugment(color_augment=True))[0]["image"],
+        load_image(path),
     )
 
 
@@ -610,7 +611,7 @@ def test_smooth_fraction_mixes_in_flat_and_gradient_fields_over_the_whole_gamut(
     """smooth_fraction=1: every training crop is a flat colour or a bilinear gradient in [-1, 1], and
     saturated channel values (exactly -1 or 1) are common; 0 keeps the photo crops; eval is untouched."""
     (path,) = _folder(tmp_path, n=1, size=(64, 80))
-    smooth = ImageFolderDataset([path], mode="train", crop_size=32, smooth_fraction=1.0)
+    smooth = ImageFolderDataset([path], mode="train", crop_size=32, augment=CropAugment(smooth_fraction=1.0))
     torch.manual_seed(0)
     fields = [smooth[0]["image"] for _ in range(40)]
     flat = 0
@@ -622,17 +623,18 @@ def test_smooth_fraction_mixes_in_flat_and_gradient_fields_over_the_whole_gamut(
     assert 5 < flat < 35  # both flat colours and gradients
     corners = torch.stack([f[:, 0, 0] for f in fields])
     assert (corners.abs() == 1).float().mean() > 0.3  # saturated channels are frequent
-    plain = ImageFolderDataset([path], mode="train", crop_size=32, smooth_fraction=0.0)
+    plain = ImageFolderDataset([path], mode="train", crop_size=32, augment=CropAugment(smooth_fraction=0.0))
     torch.manual_seed(0)
     a = plain[0]["image"]
     torch.manual_seed(0)
     b = ImageFolderDataset([path], mode="train", crop_size=32)[0]["image"]
     assert torch.equal(a, b)
     assert torch.equal(
-        ImageFolderDataset([path], mode="eval", smooth_fraction=1.0)[0]["image"], load_image(path)
+        ImageFolderDataset([path], mode="eval", augment=CropAugment(smooth_fraction=1.0))[0]["image"],
+        load_image(path),
     )
     with pytest.raises(ValueError, match="smooth_fraction"):
-        ImageFolderDataset([path], mode="train", smooth_fraction=1.5)
+        ImageFolderDataset([path], mode="train", augment=CropAugment(smooth_fraction=1.5))
 
 
 def test_low_contrast_fraction_scales_the_photo_crop_around_its_mean(tmp_path: Path) -> None:
@@ -641,7 +643,9 @@ def test_low_contrast_fraction_scales_the_photo_crop_around_its_mean(tmp_path: P
     nothing more from the RNG, so recipes without it keep their crops; eval is untouched."""
     (path,) = _folder(tmp_path, n=1, size=(64, 80))
     plain = ImageFolderDataset([path], mode="train", crop_size=32)
-    faint = ImageFolderDataset([path], mode="train", crop_size=32, low_contrast_fraction=1.0)
+    faint = ImageFolderDataset(
+        [path], mode="train", crop_size=32, augment=CropAugment(low_contrast_fraction=1.0)
+    )
     factors = []
     for seed in range(12):
         torch.manual_seed(seed)
@@ -659,17 +663,21 @@ def test_low_contrast_fraction_scales_the_photo_crop_around_its_mean(tmp_path: P
     a = plain[0]["image"]
     torch.manual_seed(3)
     assert torch.equal(
-        ImageFolderDataset([path], mode="train", crop_size=32, low_contrast_fraction=0.0)[0]["image"], a
+        ImageFolderDataset(
+            [path], mode="train", crop_size=32, augment=CropAugment(low_contrast_fraction=0.0)
+        )[0]["image"],
+        a,
     )
     assert torch.equal(
-        ImageFolderDataset([path], mode="eval", low_contrast_fraction=1.0)[0]["image"], load_image(path)
+        ImageFolderDataset([path], mode="eval", augment=CropAugment(low_contrast_fraction=1.0))[0]["image"],
+        load_image(path),
     )
     with pytest.raises(ValueError, match="low_contrast_fraction"):
-        ImageFolderDataset([path], mode="train", low_contrast_fraction=-0.1)
+        ImageFolderDataset([path], mode="train", augment=CropAugment(low_contrast_fraction=-0.1))
     with pytest.raises(ValueError, match="min_factor"):
         reduce_contrast(a, min_factor=0.0)
     with pytest.raises(ValueError, match="low_contrast_min"):
-        ImageFolderDataset([path], mode="train", low_contrast_min=0.75)
+        ImageFolderDataset([path], mode="train", augment=CropAugment(low_contrast_min=0.75))
     # a lower floor reaches fainter crops, still through the data module's arguments
     dm = ImageFolderDataModule(
         train_dir=str(path.parent), crop_size=32, low_contrast_fraction=1.0, low_contrast_min=1 / 128
