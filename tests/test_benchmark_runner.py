@@ -5,7 +5,6 @@ script's CPU side (benchmarks/gpu_all.sh, gpu_training.py, upscale.py) on tiny t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 CASES = """
 import os, signal, sys, time
@@ -37,11 +36,7 @@ else:
 
 
 def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("case_runner", REPO / "benchmarks" / "case_runner.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "case_runner.py")
 
 
 def test_a_case_gives_its_result_or_says_why_not(tmp_path: Path) -> None:
@@ -58,11 +53,7 @@ def test_a_case_gives_its_result_or_says_why_not(tmp_path: Path) -> None:
 
 
 def _bench(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / f"{name}.py", f"bench_{name}")
 
 
 @pytest.mark.slow  # ~11 s of a `make test` worker (kept under its 10 minutes); run by `make test-all`

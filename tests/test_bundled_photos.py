@@ -4,7 +4,6 @@ set is what a quality claim needs (>= 20 photos of >= 2 MP), and no held-out pho
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO, load_script
 
 PHOTOS = REPO / "assets" / "photos"
 LICENCES = {"CC0-1.0", "CC-BY-4.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "GPL-2+", "LGPL-3"}
@@ -48,10 +47,7 @@ def test_every_photo_has_its_source_author_and_licence() -> None:
 
 
 def test_prepare_script_lists_exactly_the_bundled_files() -> None:
-    spec = importlib.util.spec_from_file_location("prepare", PHOTOS / "prepare.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(PHOTOS / "prepare.py")
     listed = {f"{split}/{name}.jpg" for name, split, _, _ in module.PHOTOS}
     assert listed == {f"{p.parent.name}/{p.name}" for split in ("heldout", "train") for p in files(split)}
 

@@ -6,7 +6,6 @@ image and reconstruction) within a few levels, as bicubic's do."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from tadm.inference.pipeline import bicubic_round_trip
 from tadm.model.checkpoints import read_checkpoint
 from tadm.model.loading import load_codec
 from tadm.ops.images import bicubic_down
-from tests.helpers import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO, load_script
 from tests.helpers.cli import build_cli
 
 MODELS = REPO / "assets" / "models"
@@ -161,10 +160,7 @@ SHIPPED_TARGETS = ["gain=1.5", "share=0.9", "worst=-0.3", "lr_psnr=35"]
 
 def test_quality_cpu_names_each_target_missed() -> None:
     """The benchmark's --require: parsed strictly, and each target short of its value (or NaN) is named."""
-    spec = importlib.util.spec_from_file_location("bench_quality_cpu", REPO / "benchmarks" / "quality_cpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(REPO / "benchmarks" / "quality_cpu.py", "bench_quality_cpu")
     ap = argparse.ArgumentParser()
     required = bench.parse_targets(SHIPPED_TARGETS, ap)
     assert required == {"gain": 1.5, "share": 0.9, "worst": -0.3, "lr_psnr": 35.0}
