@@ -3,11 +3,18 @@
 Both need torchvision's ImageNet VGG16 weights from the torch hub cache
 (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``). Offline without them we stop with a message
 naming the file and how to provide it.
+
+Both networks are built without drawing random initial weights: every weight is then loaded from a file,
+and VGG16's 138 M draws (120 M of them a classifier neither keeps) cost about a second per network, at
+every ``tadm fit`` and ``tadm evaluate`` start and in every test that builds a stage-2/3 model.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +39,40 @@ def _missing_weights_error(what: str, err: Exception) -> FileNotFoundError:
     )
 
 
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def weights_loaded_later() -> Iterator[None]:
+    """Skip ``torch.nn.init``'s random draws in this thread while building networks whose every parameter
+    is loaded from a file afterwards (what is not loaded stays uninitialised: only for such networks).
+
+    ``torch.nn.init`` is shared by the process, so other threads keep the real draws (the patch checks the
+    thread) and one lock keeps two builders from restoring each other's patches.
+    tests/evaluation/test_perceptual.py checks the nets equal normally built ones, tensor for tensor."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    owner = threading.get_ident()
+
+    def skip_here(original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def init_or_skip(tensor: Tensor, *args: object, **kwargs: object) -> Tensor:
+            if threading.get_ident() == owner:
+                return tensor
+            return original(tensor, *args, **kwargs)
+
+        return init_or_skip
+
+    with _INIT_LOCK:
+        originals = {n: getattr(init, n) for n in names}
+        try:
+            for name, original in originals.items():
+                setattr(init, name, skip_here(original))
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(init, name, original)
+
+
 class PerceptualLoss(nn.Module):
     """``w_lpips * LPIPS_vgg + w_dists * DISTS`` on images in [-1, 1]; frozen networks, always in eval mode."""
 
@@ -44,14 +85,16 @@ class PerceptualLoss(nn.Module):
             import lpips
 
             try:
-                self.lpips = lpips.LPIPS(net="vgg", pretrained=True, verbose=False)
+                with weights_loaded_later():  # torchvision loads VGG16, lpips its linear heads
+                    self.lpips = lpips.LPIPS(net="vgg", pretrained=True, verbose=False)
             except (OSError, RuntimeError) as err:  # URLError is an OSError
                 raise _missing_weights_error("LPIPS (vgg)", err) from err
         if dists_weight:
             from torchmetrics.functional.image.dists import DISTSNetwork
 
             try:
-                self.dists = DISTSNetwork(load_weights=True)
+                with weights_loaded_later():  # VGG16 and alpha/beta (drawn by Tensor.normal_, then loaded)
+                    self.dists = DISTSNetwork(load_weights=True)
             except (OSError, RuntimeError) as err:
                 raise _missing_weights_error("DISTS", err) from err
         self.requires_grad_(False)

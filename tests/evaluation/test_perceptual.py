@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
+from tadm.evaluation import perceptual
 from tadm.evaluation.perceptual import VGG16_FILE, PerceptualLoss
 
 
@@ -42,3 +46,32 @@ def test_losses_are_zero_on_identity_and_differentiable() -> None:
 def test_zero_weight_skips_the_network() -> None:
     loss = PerceptualLoss(lpips_weight=0.0, dists_weight=5.0)
     assert loss.lpips is None and set(loss(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))) == {"dists"}
+
+
+def test_networks_built_without_random_draws_equal_normally_built_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Skipping the draws is only right if every parameter and buffer is then loaded: compare with a build
+    that draws them (uninitialised memory left anywhere would differ)."""
+    fast = PerceptualLoss()
+    monkeypatch.setattr(perceptual, "weights_loaded_later", contextlib.nullcontext)
+    torch.manual_seed(1)
+    drawn = PerceptualLoss()
+    a, b = fast.state_dict(), drawn.state_dict()
+    assert list(a) == list(b) and len(a) > 50
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_weights_loaded_later_skips_draws_in_its_thread_only() -> None:
+    t = torch.zeros(1000)
+    seen: list[Tensor] = []
+    with perceptual.weights_loaded_later():
+        torch.nn.init.normal_(t)
+        nn.Linear(4, 4)  # reset_parameters goes through torch.nn.init too
+        other = threading.Thread(target=lambda: seen.append(torch.nn.init.normal_(torch.zeros(1000))))
+        other.start()
+        other.join()
+    assert torch.count_nonzero(t) == 0  # skipped here
+    assert torch.count_nonzero(seen[0]) == 1000  # drawn in the other thread
+    assert torch.count_nonzero(torch.nn.init.normal_(t)) == 1000  # restored on exit
