@@ -78,6 +78,20 @@ def samples() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample validation photos cropped to 128 x 96: a recipe's one validation batch in a test checks that
+    validation runs, and the full photos would only make its VAE decode ~1 s longer per test."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("small_val")
+    for photo in sorted((SAMPLES / "val").glob("*.png")):
+        with Image.open(photo) as im:
+            im.convert("RGB").crop((0, 0, 128, 96)).save(root / photo.name)
+    assert len(list(root.iterdir())) >= 2
+    return root
+
+
+@pytest.fixture(scope="session")
 def stage2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Lightning checkpoint after one stage-2 step of the tiny SD 2.1 config: trained tensors,
     optimiser state, tadm meta (shared by the export and codec tests)."""

@@ -173,7 +173,7 @@ def _dit_slow(experiment: str, family: str) -> bool:
 
 
 @pytest.mark.parametrize(("experiment", "family"), _experiment_cases())
-def test_experiment_trains_a_step_on_each_family(experiment: str, family: str) -> None:
+def test_experiment_trains_a_step_on_each_family(experiment: str, family: str, small_val: Path) -> None:
     """The full-size recipe itself, its backbone swapped by the family's YAML and shrunk to the tiny twin,
     no previous-stage checkpoint; one step trains exactly the stage's parts (see ``fit_and_check``)."""
     stage = _yaml(experiment)["model"].get("stage", "rescaler")
@@ -191,7 +191,7 @@ def test_experiment_trains_a_step_on_each_family(experiment: str, family: str) -
             "--trainer.devices=1",
             "--data.init_args.num_workers=0",
             *shrink,
-            *data_args(crop=64, batch=1),
+            *data_args(crop=64, batch=1, val=small_val),
         ]
     )
     assert cli.model.stage == stage and cli.model.backbone.preset.family == family
@@ -238,12 +238,12 @@ def _fast_or_slow(files: list[str], fast: set[str]) -> list:
 
 
 @pytest.mark.parametrize("aligner", _fast_or_slow(_files("aligner"), FAST_ALIGNER_FILES))
-def test_aligner_file_swaps_the_aligner_and_trains_a_step(aligner: str) -> None:
+def test_aligner_file_swaps_the_aligner_and_trains_a_step(aligner: str, small_val: Path) -> None:
     """Composed onto stage 2 (tiny SD 2.1): the YAML's short name picks the class, one step trains it,
     validation runs (the oracle gets the HR latent there)."""
     extra = ["--config", str(CONFIGS / aligner), "--trainer.max_steps=1"]
     extra += ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=1"]
-    cli = build_cli(stage_args(extra=extra))
+    cli = build_cli(stage_args(extra=[*extra, f"--data.init_args.val_dir={small_val}"]))
     assert type(cli.model.aligner) is ALIGNERS.get(_yaml(aligner)["model"]["aligner"]["class_path"])
     done = fit_and_check(cli)
     has_params = any(p.requires_grad for p in cli.model.aligner.parameters())

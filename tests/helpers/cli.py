@@ -23,11 +23,11 @@ def build_cli(args: list[str], configure: bool = True) -> TADMCLI:
     return cli
 
 
-def data_args(crop: int = 64, batch: int = 2) -> list[str]:
-    """The bundled sample photos as train / val folders."""
+def data_args(crop: int = 64, batch: int = 2, val: str | Path = VAL) -> list[str]:
+    """The bundled sample photos as train / val folders (another ``val`` folder: the ``small_val`` fixture's)."""
     return [
         f"--data.init_args.train_dir={TRAIN}",
-        f"--data.init_args.val_dir={VAL}",
+        f"--data.init_args.val_dir={val}",
         f"--data.init_args.crop_size={crop}",
         f"--data.init_args.batch_size={batch}",
     ]
