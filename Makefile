@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Starts over: `tadm fit` refuses a fresh run into a folder holding an earlier run's checkpoints (docs/long_runs.md).
 quickstart: setup
+	rm -rf runs/quickstart
 	$(BIN)/tadm fit --config configs/quickstart.yaml
 	$(BIN)/tadm validate --config configs/quickstart.yaml --ckpt_path $(QS_CKPT)
 	$(BIN)/tadm downscale --ckpt $(QS_CKPT) assets/samples/val --output runs/quickstart/lr --overwrite --no-progress

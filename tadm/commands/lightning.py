@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
 from tadm.errors import CheckpointError, ConfigError, Preempted, TadmError, TrainingDiverged
 from tadm.ops.files import atomic_write_text
-from tadm.training.callbacks import checkpoint_dir
+from tadm.training.callbacks import checkpoint_dir, earlier_checkpoints
 from tadm.training.checkpoint_io import checkpoint_save_failures
 from tadm.training.lightning_module import TADMModule
 from tadm.training.resume_options import SECTIONS, changed_options, refusal, split_changes, stored_config
@@ -109,17 +112,42 @@ class TADMCLI(LightningCLI):
             print(f"warning: could not serialise the run config into checkpoints: {err}", file=sys.stderr)
 
     def before_fit(self) -> None:
-        """Also write the run's config next to the checkpoints (the log folder has one too).
+        """Refuse a fresh run into a folder that holds an earlier run's checkpoints; write the run's config
+        next to the checkpoints (the log folder has one too).
 
         The checkpoint folder is set up only inside ``fit``, so it is derived here from the callback and
-        the logger (``checkpoint_dir``: no collective); rank 0 writes.
+        the logger (``checkpoint_dir``: no collective); every process checks, rank 0 writes.
         """
+        dirpath = checkpoint_dir(self.trainer)
+        if dirpath:
+            if self.config["fit"].get("ckpt_path") is None:
+                _refuse_replacing_a_run(dirpath)
+            # Lightning warns about any file in the folder, our own config.yaml included (every run): the
+            # earlier run's checkpoints are what matters, and that is refused above or resumed on purpose
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if not (self.trainer.is_global_zero and self.model.run_config):
             return
-        dirpath = checkpoint_dir(self.trainer)
         if dirpath:
             Path(dirpath).mkdir(parents=True, exist_ok=True)
             atomic_write_text(Path(dirpath) / "config.yaml", self.model.run_config)
+
+
+def _refuse_replacing_a_run(dirpath: str) -> None:
+    """A run's checkpoint folder is fixed (``runs/<name>/checkpoints``, no version counter: ``last.ckpt`` is
+    always the newest), so a fresh run there would replace an earlier run's ``last.ckpt`` at its first save:
+    days of training lost to a restart that forgot ``--ckpt_path`` (a scheduler's requeue, a rerun)."""
+    earlier = earlier_checkpoints(dirpath)
+    if not earlier:
+        return
+    newest = earlier[0]
+    saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(newest)))
+    more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+    raise ConfigError(
+        f"'{dirpath}' holds an earlier run's checkpoints ({os.path.basename(newest)}, saved {saved}{more}), "
+        f"which this new run would replace. Continue that run with --ckpt_path {newest} (or --ckpt_path last, "
+        "which also suits a restart script), start a separate run with another --trainer.logger.init_args.name, "
+        "or move that folder away to start over"
+    )
 
 
 def lightning_main(args: Sequence[str] | None) -> int:

@@ -40,6 +40,13 @@ class RunCheckpoint(ModelCheckpoint):
             self.dirpath = run_checkpoint_dir(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        """``--ckpt_path last`` is resolved before ``setup``: look in the run's folder, not in Lightning's
+        default one (which would find nothing and start the run over, replacing its ``last.ckpt``)."""
+        if self.dirpath is None:
+            self.dirpath = run_checkpoint_dir(trainer)
+        return super()._find_last_checkpoints(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):
@@ -79,6 +86,17 @@ def checkpoint_dir(trainer: L.Trainer) -> str | None:
     if ckpt.dirpath is not None:
         return str(ckpt.dirpath)
     return run_checkpoint_dir(trainer) if isinstance(ckpt, RunCheckpoint) else None
+
+
+def earlier_checkpoints(dirpath: str | os.PathLike[str]) -> list[str]:
+    """The finished checkpoints (``*.ckpt``) in a run's checkpoint folder, newest first: what a fresh run
+    into that folder would replace (``last.ckpt`` at its first save). Temp files of an interrupted save are
+    not checkpoints (``.<name>.<random>.tmp``)."""
+    try:
+        found = [e for e in os.scandir(dirpath) if e.name.endswith(".ckpt") and e.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [e.path for e in sorted(found, key=lambda e: e.stat().st_mtime, reverse=True)]
 
 
 def newest_saved_checkpoint(trainer: L.Trainer) -> str | None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import yaml
 from tadm.commands import lightning as lightning_command
 from tadm.commands.main import main
 from tadm.errors import TrainingDiverged
+from tadm.training.callbacks import earlier_checkpoints
 from tadm.training.lightning_module import TADMModule
 from tadm.training.resume_options import (
     APPLIED_MODEL_ARGS,
@@ -263,6 +266,51 @@ def test_resume_applies_safe_changes_and_lists_them(tmp_path: Path, caplog: pyte
         config = yaml.safe_load(text)
         assert config["trainer"]["max_steps"] == 4
         assert config["model"]["num_log_images"] == 2
+
+
+# ---------------------------------------------------------------- a fresh run never replaces an earlier one
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_and_last_resumes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    runs = tmp_path / "runs"
+    folder = runs / "quickstart" / "checkpoints"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _fit(runs, "--trainer.max_steps=2") == 0
+    # Lightning's warning about a non-empty folder came on every run (our config.yaml is written first)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    before = _files(runs)
+    capsys.readouterr()
+    assert _fit(runs, "--trainer.max_steps=4") == 2  # a rerun that forgot --ckpt_path
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"tadm: error: '{folder}' holds an earlier run's checkpoints (last.ckpt"
+    )
+    assert f"--ckpt_path {folder / 'last.ckpt'}" in err[0] and "--ckpt_path last" in err[0]
+    assert _files(runs) == before  # nothing written, nothing replaced
+    # `--ckpt_path last` finds the run's own last.ckpt (Lightning looked in its default folder, found none,
+    # and started the run over, replacing it)
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _fit(runs, "--trainer.max_steps=3", "--ckpt_path=last") == 0
+    assert not [w for w in caught if "no last checkpoint" in str(w.message)]
+    assert any(
+        f"Restored all states from the checkpoint at {folder / 'last.ckpt'}" in r.getMessage()
+        for r in caplog.records
+    )
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_earlier_checkpoints_are_finished_ckpt_files_newest_first(tmp_path: Path) -> None:
+    assert earlier_checkpoints(tmp_path / "missing") == []
+    (tmp_path / "config.yaml").write_text("a: 1")
+    (tmp_path / ".last.ckpt.k3j2.tmp").write_bytes(b"cut short")  # an interrupted save's temp file
+    assert earlier_checkpoints(tmp_path) == []
+    for i, name in enumerate(["epoch=0.ckpt", "last.ckpt"]):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1_000_000 + i, 1_000_000 + i))
+    assert earlier_checkpoints(tmp_path) == [str(tmp_path / "last.ckpt"), str(tmp_path / "epoch=0.ckpt")]
 
 
 # ---------------------------------------------------------------- exit codes of runs that went wrong
