@@ -120,7 +120,9 @@ class TADMCLI(LightningCLI):
         """
         dirpath = checkpoint_dir(self.trainer)
         if dirpath:
-            if self.config["fit"].get("ckpt_path") is None:
+            if (
+                self.config["fit"].get("ckpt_path") is None and not self.trainer.fast_dev_run
+            ):  # that saves nothing
                 _refuse_replacing_a_run(dirpath)
             # Lightning warns about any file in the folder, our own config.yaml included (every run): the
             # earlier run's checkpoints are what matters, and that is refused above or resumed on purpose

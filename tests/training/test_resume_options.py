@@ -288,6 +288,10 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_and_last_
     )
     assert f"--ckpt_path {folder / 'last.ckpt'}" in err[0] and "--ckpt_path last" in err[0]
     assert _files(runs) == before  # nothing written, nothing replaced
+    assert _fit(runs, "--trainer.fast_dev_run=1") == 0  # a smoke test of the config saves no checkpoint
+    assert {k: v for k, v in _files(runs).items() if "checkpoints" in k} == {
+        k: v for k, v in before.items() if "checkpoints" in k
+    }
     # `--ckpt_path last` finds the run's own last.ckpt (Lightning looked in its default folder, found none,
     # and started the run over, replacing it)
     caplog.set_level(logging.INFO)
