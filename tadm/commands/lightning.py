@@ -33,7 +33,7 @@ from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
 from tadm.errors import CheckpointError, ConfigError, Preempted, TadmError, TrainingDiverged
 from tadm.ops.files import atomic_write_text
-from tadm.training.callbacks import checkpoint_dir, earlier_checkpoints
+from tadm.training.callbacks import RunCheckpoint, checkpoint_dir, earlier_checkpoints
 from tadm.training.checkpoint_io import checkpoint_save_failures
 from tadm.training.lightning_module import TADMModule
 from tadm.training.resume_options import SECTIONS, changed_options, refusal, split_changes, stored_config
@@ -75,14 +75,19 @@ class TADMCLI(LightningCLI):
         restored state mean (one line naming each, exit 2), and apply the others as typed, saying which
         (:mod:`tadm.training.resume_options` sorts them)."""
         typed, sub = getattr(self, "_typed_config", None), self.subcommand
-        if typed is None or sub is None:
-            return
-        ckpt_path = typed[sub].get("ckpt_path")
         stored = getattr(self, "_stored_config", None)  # read and checked before Lightning read the file
-        if stored is None:
-            return  # nothing to restore, "last" / "hpc" (Lightning's to resolve), or not written by tadm
+        if typed is None or sub is None or stored is None:
+            return  # nothing to restore, "last" / "hpc" (resolved later), or not written by tadm
+        self._compare_typed_options(typed[sub].get("ckpt_path"), stored)
+        for section in SECTIONS:  # the typed values win over the re-parsed hyper-parameters (and their links)
+            self.config[sub][section] = typed[sub][section]
+
+    def _compare_typed_options(self, ckpt_path: str, stored: dict[str, Any]) -> None:
+        """Refuse (ConfigError) the typed options that differ from ``stored`` and may not change on a resume;
+        list the others, which the run applies."""
+        sub = str(self.subcommand)
         try:
-            typed_tree = yaml.safe_load(self._parser(sub).dump(typed[sub], skip_none=False))
+            typed_tree = yaml.safe_load(self._parser(sub).dump(self._typed_config[sub], skip_none=False))
         except Exception as err:  # as instantiate_classes: a config jsonargparse cannot serialise still runs
             print(f"warning: could not compare the options with {ckpt_path}'s: {err}", file=sys.stderr)
             return
@@ -91,8 +96,23 @@ class TADMCLI(LightningCLI):
             raise ConfigError(refusal(ckpt_path, refused, fitting=sub == "fit"))
         if applied and rank_zero_only.rank == 0:
             log.info("%s with changed options: %s", _DOING.get(sub, sub), ", ".join(map(str, applied)))
-        for section in SECTIONS:  # the typed values win over the re-parsed hyper-parameters (and their links)
-            self.config[sub][section] = typed[sub][section]
+
+    def _compare_with_last(self) -> None:
+        """``--ckpt_path last``: the run's newest ``last.ckpt`` (what Lightning will restore), compared with the
+        typed options as a file path is. Lightning does not re-parse a ``last`` checkpoint's hyper-parameters
+        over the typed config, so the typed values are already the ones the run is built with."""
+        callback = self.trainer.checkpoint_callback
+        if not isinstance(callback, RunCheckpoint):
+            return  # Lightning's own folder rules: its "last" is resolved inside fit
+        found = sorted(callback._find_last_checkpoints(self.trainer), key=os.path.getmtime)
+        if not found:
+            return  # the first start of a restart script: nothing to resume, Lightning warns
+        try:
+            stored = stored_config(found[-1])
+        except CheckpointError as err:
+            raise ConfigError(f"--ckpt_path last ({found[-1]}): {error_line(err)}") from err
+        if stored is not None:
+            self._compare_typed_options(found[-1], stored)
 
     def instantiate_classes(self) -> None:
         try:
@@ -119,10 +139,11 @@ class TADMCLI(LightningCLI):
         the logger (``checkpoint_dir``: no collective); every process checks, rank 0 writes.
         """
         dirpath = checkpoint_dir(self.trainer)
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        if ckpt_path == "last":
+            self._compare_with_last()
         if dirpath:
-            if (
-                self.config["fit"].get("ckpt_path") is None and not self.trainer.fast_dev_run
-            ):  # that saves nothing
+            if ckpt_path is None and not self.trainer.fast_dev_run:  # a fast_dev_run saves nothing
                 _refuse_replacing_a_run(dirpath)
             # Lightning warns about any file in the folder, our own config.yaml included (every run): the
             # earlier run's checkpoints are what matters, and that is refused above or resumed on purpose

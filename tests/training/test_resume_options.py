@@ -219,9 +219,11 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("given", ["file", "last"])
 def test_resume_refuses_a_changed_scale_and_lr_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Also with ``--ckpt_path last`` (what a restart script gives): the run's last.ckpt is compared."""
     runs = tmp_path / "runs"
     assert _fit(runs, "--trainer.max_steps=2") == 0
     last = runs / "quickstart" / "checkpoints" / "last.ckpt"
@@ -232,7 +234,7 @@ def test_resume_refuses_a_changed_scale_and_lr_before_any_work(
         "--trainer.max_steps=4",
         "--model.scale=32",
         "--model.optimizer.init_args.lr=1e-4",
-        f"--ckpt_path={last}",
+        f"--ckpt_path={last if given == 'file' else 'last'}",
     )
     err = capsys.readouterr().err
     assert code == 2
