@@ -128,9 +128,11 @@ def _experiment_cases() -> list:
     """Every experiment on every family. In `make test`: on SD 2.1 every recipe but IRN's (it trains the full-size
     IRN for ~25 s: tests/components/test_irn.py trains it directly), the release's stage 2/3 and stages 2 and 3
     x32 (settings of recipes that run), and on the other UNet families
-    the stage-3 x16 recipe (it trains what stages 1 and 2 train, together). The rest (the authors' release
-    recipes, SD 2.1 by definition; the recipes no backbone takes part in, :func:`_backbone_free`; x32, which
-    differs in the rescaler; stages 1 and 2 alone on SD 1.5 / SDXL) run with the slow tests."""
+    the stage-3 x16 recipe on SDXL (it trains what stages 1 and 2 train, together). The rest (the authors'
+    release recipes, SD 2.1 by definition; the recipes no backbone takes part in, :func:`_backbone_free`; x32,
+    which differs in the rescaler; stages 1 and 2 alone on SDXL; every recipe on SD 1.5, whose UNet, VAE and
+    text encoder are SD 2.1's classes: tests/components/test_backbone_enhancer.py trains it) run with the slow
+    tests."""
     return [
         pytest.param(
             e,
@@ -148,7 +150,7 @@ def _experiment_cases() -> list:
 
 def _unet_slow(experiment: str, family: str) -> bool:
     """See :func:`_experiment_cases`: on SD 2.1 IRN's, the release's stage 2/3 and the x32 stages 2/3; on
-    SD 1.5 / SDXL all but stage 3 x16."""
+    SDXL all but stage 3 x16; on SD 1.5 all."""
     if family in {p.family for p in FLOW_PRESETS.values()}:
         return False
     if (
@@ -161,7 +163,7 @@ def _unet_slow(experiment: str, family: str) -> bool:
             "experiments/joint_x32.yaml",
             "experiments/enhancer_x32.yaml",  # x16's stage 2 at another scale; rescaler_x32 keeps x32 fast
         }
-    return experiment != "experiments/joint_x16.yaml"
+    return family == "sd15" or experiment != "experiments/joint_x16.yaml"
 
 
 def _dit_slow(experiment: str, family: str) -> bool:
