@@ -50,6 +50,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from tadm.training.callbacks import earlier_checkpoints
 from tests.helpers import CONFIGS
 
 #: where a moment lies in a training batch's timeline: its step, then its checkpoint saves, then validation
@@ -604,8 +605,13 @@ def run_chain(sc: Scenario, moments: list[Moment] | None = None) -> Chain:
             saved = any(
                 e["event"] == "save" and e["file"] == last.name for e in read_lines(root / "events.jsonl")
             )
-            if saved:  # else killed before the first checkpoint: the run starts again from scratch
+            if saved:  # else killed before the first last.ckpt: the run starts again from scratch
                 loadable(last, f"{sc.name}: after the kill at {moments[i - 1]}")
+            else:  # as a user starting over must: `tadm fit` refuses a fresh run over a step's finished file
+                for path in earlier_checkpoints(
+                    last.parent
+                ):  # (a kill between it and last.ckpt); temp files stay
+                    os.remove(path)
             chain.runs.append(run_fit(sc, root, f"run{i}", moment, last if saved else None, tmp))
     finally:
         if tmp is not None:
