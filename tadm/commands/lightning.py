@@ -32,6 +32,7 @@ from tadm.config.build import link_model_arguments
 from tadm.config.plugins import load_plugins
 from tadm.contracts.data import ConnectsToModel
 from tadm.errors import CheckpointError, ConfigError, Preempted, TadmError, TrainingDiverged
+from tadm.model.checkpoints import load_lightning_file
 from tadm.ops.files import atomic_write_text
 from tadm.training.callbacks import RunCheckpoint, checkpoint_dir, earlier_checkpoints
 from tadm.training.checkpoint_io import checkpoint_save_failures
@@ -166,11 +167,22 @@ def _refuse_replacing_a_run(dirpath: str) -> None:
     saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(newest)))
     more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
     raise ConfigError(
-        f"'{dirpath}' holds an earlier run's checkpoints ({os.path.basename(newest)}, saved {saved}{more}), "
+        f"'{dirpath}' holds an earlier run's checkpoints ({os.path.basename(newest)}{_step_of(newest)}, saved "
+        f"{saved}{more}), "
         f"which this new run would replace. Continue that run with --ckpt_path {newest} (or --ckpt_path last, "
         "which also suits a restart script), start a separate run with another --trainer.logger.init_args.name, "
         "or move that folder away to start over"
     )
+
+
+def _step_of(path: str) -> str:
+    """``", step N"`` of a checkpoint, read memory-mapped without running code; empty when it cannot be read
+    (the refusal names the file either way)."""
+    try:
+        ckpt = load_lightning_file(path, mmap=True)
+        return f", step {int(ckpt['global_step'])}"
+    except Exception:  # a checkpoint this line cannot read still must not be replaced
+        return ""
 
 
 def lightning_main(args: Sequence[str] | None) -> int:

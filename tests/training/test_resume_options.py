@@ -286,7 +286,7 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_and_last_
     assert _fit(runs, "--trainer.max_steps=4") == 2  # a rerun that forgot --ckpt_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        f"tadm: error: '{folder}' holds an earlier run's checkpoints (last.ckpt"
+        f"tadm: error: '{folder}' holds an earlier run's checkpoints (last.ckpt, step 2, saved "
     )
     assert f"--ckpt_path {folder / 'last.ckpt'}" in err[0] and "--ckpt_path last" in err[0]
     assert _files(runs) == before  # nothing written, nothing replaced
