@@ -105,15 +105,16 @@ class TADMCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if not isinstance(callback, RunCheckpoint):
             return  # Lightning's own folder rules: its "last" is resolved inside fit
-        found = sorted(callback._find_last_checkpoints(self.trainer), key=os.path.getmtime)
-        if not found:
+        # Lightning's own choice among the candidates: the newest by modification time
+        newest = max(callback._find_last_checkpoints(self.trainer), key=os.path.getmtime, default=None)
+        if newest is None:
             return  # the first start of a restart script: nothing to resume, Lightning warns
         try:
-            stored = stored_config(found[-1])
+            stored = stored_config(newest)
         except CheckpointError as err:
-            raise ConfigError(f"--ckpt_path last ({found[-1]}): {error_line(err)}") from err
+            raise ConfigError(f"--ckpt_path last ({newest}): {error_line(err)}") from err
         if stored is not None:
-            self._compare_typed_options(found[-1], stored)
+            self._compare_typed_options(newest, stored)
 
     def instantiate_classes(self) -> None:
         try:

@@ -607,10 +607,9 @@ def run_chain(sc: Scenario, moments: list[Moment] | None = None) -> Chain:
             )
             if saved:  # else killed before the first last.ckpt: the run starts again from scratch
                 loadable(last, f"{sc.name}: after the kill at {moments[i - 1]}")
-            else:  # as a user starting over must: `tadm fit` refuses a fresh run over a step's finished file
-                for path in earlier_checkpoints(
-                    last.parent
-                ):  # (a kill between it and last.ckpt); temp files stay
+            else:  # as a user starting over must: `tadm fit` refuses a fresh run over the step's finished
+                # file a kill between it and last.ckpt leaves (temp files of a cut-short save stay)
+                for path in earlier_checkpoints(last.parent):
                     os.remove(path)
             chain.runs.append(run_fit(sc, root, f"run{i}", moment, last if saved else None, tmp))
     finally:
