@@ -7,7 +7,7 @@
 #   2. inference, eager (upscale.py): sd21-base and sdxl, 512x512 and 2048x2048, batch 1 and 8, bf16,
 #      channels_last, SDPA: images/s, UNet / decoder / statistics pass / the rest, host syncs, peak memory;
 #      torch.profiler of the 512-px case            -> gpu_inference.json, gpu_inference.md, gpu_profile.txt
-#   3. inference, --compile (torch.compile of the UNet): sd21-base 512x512, batch 1 and 8
+#   3. inference, --compile (torch.compile of UNet, DFRM upscale, TPM, Refiner): sd21-base 512x512, batch 1, 8
 #                                                  -> gpu_compile.json, gpu_compile.md
 #   and everything printed                         -> gpu_all.log
 # Each step has its own time limit and writes its files as it goes, so a slow step costs only its own rest.
@@ -50,8 +50,9 @@ if [ "$DRY" = 1 ]; then
   DEV=(--device cpu) TINY=(--tiny) SIZES=(128x128 256x256) TRAIN_TIMEOUT=900 STEP_TIMEOUT=900 COMPILE_TIMEOUT=900
   PRECISION=fp32 MODES=(eager)  # torch.compile of even the tiny UNet takes minutes on a CPU
 else
-  DEV=(--device cuda) TINY=() SIZES=(512x512 2048x2048) TRAIN_TIMEOUT=200 STEP_TIMEOUT=150
-  PRECISION=bf16 MODES=(compile) COMPILE_TIMEOUT=120
+  # compile: 4 graphs (UNet, DFRM upscale, TPM, hybrid scheduler) per shape, batch 8 a second shape
+  DEV=(--device cuda) TINY=() SIZES=(512x512 2048x2048) TRAIN_TIMEOUT=190 STEP_TIMEOUT=130
+  PRECISION=bf16 MODES=(compile) COMPILE_TIMEOUT=150
 fi
 
 {
@@ -73,7 +74,7 @@ PY
   echo "== 2. inference, eager (limit ${STEP_TIMEOUT} s)"
   timeout "$STEP_TIMEOUT" "$PY" benchmarks/upscale.py "${DEV[@]}" "${TINY[@]}" --precision "$PRECISION" \
     --presets sd21-base sdxl --sizes "${SIZES[@]}" --batches 1 8 --repeats 5 --seconds-per-case 4 \
-    --tile-batch 4 --channels-last --sync-count --profile --profile-out "$OUT/gpu_profile.txt" \
+    --tile-batch 4 --channels-last --sync-count --op-counts --profile --profile-out "$OUT/gpu_profile.txt" \
     --json "$OUT/gpu_inference.json" --markdown "$OUT/gpu_inference.md"
   echo "inference: rc=$? after $((SECONDS - start)) s"
   echo "== 3. inference, --compile (limit ${COMPILE_TIMEOUT} s)"

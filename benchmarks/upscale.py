@@ -4,7 +4,8 @@ Builds the SD 2.1-base (or SDXL) UNet and VAE at full size with random weights, 
 the TPM and the hybrid scheduler, then runs ``Codec.upscale`` (tiled exactly like ``tadm upscale``:
 latent tiles 96 / overlap 32, VAE tiles 768 px / overlap 128) on random 8-bit LR images, and reports per
 preset, output size, batch (``--batches``: images per call, as ``tadm upscale --batch-size``) and mode
-(``--modes eager compile``: ``--compile`` compiles the UNet after the eager cases):
+(``--modes eager compile``: ``--compile`` compiles, after the eager cases, what ``tadm upscale --compile``
+does: UNet, DFRM upscale, TPM and hybrid scheduler; the VAE stays eager):
 
 - throughput: ``--repeats`` upscales after one warm-up, nothing hooked (no extra synchronisation): seconds per
   call and images/s;
@@ -30,14 +31,17 @@ Prints a table (and ``--json FILE`` writes the rows after every case); asserts n
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tadm.testing.twins.full_size_architectures import FULL_SIZE_UNETS as UNETS
 from tadm.testing.twins.full_size_architectures import FULL_SIZE_VAE as VAE
@@ -46,7 +50,7 @@ CONTEXT = {"sd21-base": (1024, None), "sdxl": (2048, 1280)}
 
 
 def build_codec(
-    preset: str, device: str, precision: str, tile_batch: int, channels_last: bool, compile_unet: bool
+    preset: str, device: str, precision: str, tile_batch: int, channels_last: bool, compile: bool
 ):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -70,17 +74,12 @@ def build_codec(
     b.prompt_embeds = torch.randn(1, 77, ctx)
     b.pooled_prompt_embeds = torch.randn(1, pooled) if pooled else None
     model = TADMModel(b, DFRM(scale=16), stage="enhancer", aligner=TimestepPredictionModule()).load_parts()
-    model.to(dev).eval()
-    if channels_last:
-        b.unet.to(memory_format=torch.channels_last)
-        b.vae.to(memory_format=torch.channels_last)
-    if compile_unet:
-        b.unet = torch.compile(b.unet)
+    model.to(dev).eval().prepare_inference(channels_last=channels_last, compile=compile)
     return Codec(model, Tiling(tile_batch=tile_batch), precision)  # type: ignore[arg-type]
 
 
 def build_tiny_codec(
-    preset: str, device: str, precision: str, tile_batch: int, channels_last: bool, compile_unet: bool
+    preset: str, device: str, precision: str, tile_batch: int, channels_last: bool, compile: bool
 ):  # type: ignore[no-untyped-def]
     """The same codec on the preset's tiny twin (``--tiny``): a check of the script, not a measurement."""
     from tadm.components.aligners.tpm import TimestepPredictionModule
@@ -95,7 +94,7 @@ def build_tiny_codec(
     rescaler = DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2)
     model = TADMModel(twin, rescaler, stage="enhancer", aligner=TimestepPredictionModule()).load_parts()
     model.to(torch.device(device)).eval()
-    model.backbone.prepare_inference(channels_last=channels_last, compile=compile_unet)
+    model.prepare_inference(channels_last=channels_last, compile=compile)
     tiling = Tiling(latent_tile=16, latent_overlap=8, vae_tile=128, vae_overlap=32, tile_batch=tile_batch)
     return Codec(model, tiling, precision)  # type: ignore[arg-type]
 
@@ -128,6 +127,9 @@ class Timer:
     def reset(self) -> None:
         self.seconds, self.calls = 0.0, 0
 
+    def remove(self) -> None:
+        """Take the timer off what it times."""
+
 
 class ForwardTimer(Timer):
     """Time spent inside a module's forward calls (hooks)."""
@@ -156,6 +158,7 @@ class CallTimer(Timer):
                 self.stop()
 
         setattr(module, name, timed)
+        self.remove = lambda: setattr(module, name, inner)  # type: ignore[method-assign]
 
 
 def rss_gb() -> float:
@@ -215,11 +218,13 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
     warmed: set[tuple[int, int, str]] = set()
     for mode in args.modes:
         if mode == "compile":
-            unet_timer = timers["unet"]
-            assert isinstance(unet_timer, ForwardTimer)
-            unet_timer.remove()  # no hooks inside the compiled graph: the timer goes on the compiled wrapper
-            codec.module.backbone.prepare_inference(compile=True)  # what tadm upscale --compile does
-            timers["unet"] = ForwardTimer(codec.module.backbone.unet, dev)
+            m = codec.module
+            for name in ("unet", "aligner", "enhancer"):
+                timers[name].remove()  # no hooks inside a compiled graph: the timers wrap the compiled calls
+            m.prepare_inference(compile=True)  # what tadm upscale --compile does
+            timers["unet"] = ForwardTimer(m.backbone.unet, dev)  # the OptimizedModule around the UNet
+            timers["aligner"] = CallTimer(m.aligner, "_compiled_call_impl", dev)  # nn.Module.compile's
+            timers["enhancer"] = CallTimer(m.enhancer, "_compiled_call_impl", dev)
         for size in sizes:
             w, h = (int(v) for v in size.split("x"))
             for batch in args.batches:
@@ -297,7 +302,68 @@ def one_case(
         row |= breakdown(codec, timers, y, size, dev)
     if args.sync_count and batch == 1:
         row |= count_host_syncs(codec, y, size, dev)
+    if args.op_counts and batch == 1 and not _compiled(codec):
+        row |= count_ops(codec, y, size)
     return row
+
+
+def _compiled(codec: Any) -> bool:
+    return hasattr(codec.module.backbone.unet, "_orig_mod")
+
+
+class OpCounter(TorchDispatchMode):
+    """aten ops per part of the path while active: in eager mode each is at least one kernel launch on a GPU,
+    which is what a batch-1 512-px upscale is bound by there (the UNet's ~3900 ops in 0.07 s on an H200)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part = ["rest"]
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counts[self.part[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+    def enter(self, name: str) -> Callable[..., None]:
+        return lambda *_: self.part.append(name)
+
+    def leave(self, *_: Any) -> None:
+        self.part.pop()
+
+
+def count_ops(codec: Any, y: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+    """One eager upscale under :class:`OpCounter`: aten ops of the UNet, the VAE decoder (every pass), the
+    DFRM upscale, TPM, hybrid scheduler and the rest (tiling, blending, cropping, casts)."""
+    from tadm.inference import pipeline
+
+    m = codec.module
+    counter = OpCounter()
+    parts = {"unet": m.backbone.unet, "decoder": m.backbone.vae.decoder, "aligner": m.aligner}
+    parts["enhancer"] = m.enhancer
+    hooks = []
+    for name, module in parts.items():
+        hooks += [
+            module.register_forward_pre_hook(counter.enter(name)),
+            module.register_forward_hook(counter.leave),
+        ]
+    rescale_up = pipeline.rescale_up
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        counter.enter("dfrm")()
+        try:
+            return rescale_up(*a, **kw)
+        finally:
+            counter.leave()
+
+    pipeline.rescale_up = counted
+    try:
+        with counter:
+            codec.upscale(y, size)
+    finally:
+        pipeline.rescale_up = rescale_up
+        for hook in hooks:
+            hook.remove()
+    return {"aten_ops": dict(counter.counts)}
 
 
 def breakdown(
@@ -371,17 +437,26 @@ def profile_once(
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| preset | output | batch | mode | device | prec | s / call | images / s | UNet s (calls) | decoder s (calls) "
-        "| GN stats / decoder | overhead | host syncs | peak GPU GB | peak RSS GB |"
+        "| GN stats / decoder | overhead | host syncs | aten ops UNet / decoder / rest | peak GPU GB | peak RSS GB |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         gpu = f"{r['peak_gpu_gb']:.2f}" if r["peak_gpu_gb"] is not None else "-"
         syncs = r.get("host_syncs", "-")
+        ops = _ops(r.get("aten_ops"))
         lines.append(
             f"| {r['preset']} | {r['size']} | {r['batch']} | {r['mode']} | {r['device']} | {r['precision']} | "
-            f"{r['seconds']:.3f} | {r['images_per_s']:.2f} | {_parts(r)} | {syncs} | {gpu} | {r['peak_rss_gb']:.2f} |"
+            f"{r['seconds']:.3f} | {r['images_per_s']:.2f} | {_parts(r)} | {syncs} | {ops or '-'} | {gpu} | {r['peak_rss_gb']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _ops(counts: dict[str, int] | None) -> str | None:
+    """aten ops of the UNet / the decoder / everything else, or None when not counted."""
+    if not counts:
+        return None
+    unet, dec = counts.get("unet", 0), counts.get("decoder", 0)
+    return f"{unet} / {dec} / {sum(counts.values()) - unet - dec}"
 
 
 def _parts(r: dict[str, Any]) -> str:
@@ -425,6 +500,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile the first size and batch per mode")
     ap.add_argument("--profile-out", default=None, help="append the profiles to this file")
     ap.add_argument("--sync-count", action="store_true", help="count host synchronisations (CUDA)")
+    ap.add_argument("--op-counts", action="store_true", help="count aten ops per part (eager, batch 1)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in this process
     args = ap.parse_args()
     if args.compile:
@@ -445,7 +521,7 @@ def main() -> None:
                 cmd += ["--breakdown-all"] if args.breakdown_all else []
                 cmd += [
                     f
-                    for f in ("--profile", "--sync-count", "--channels-last")
+                    for f in ("--profile", "--sync-count", "--op-counts", "--channels-last")
                     if getattr(args, f[2:].replace("-", "_"))
                 ]
                 cmd += ["--profile-out", args.profile_out] if args.profile_out else []

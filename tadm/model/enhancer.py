@@ -181,6 +181,8 @@ class HybridScheduler(nn.Module):
             tail_activation=refiner_tail_activation,
         )
         self._build_refiner()
+        #: (time convention, t0, t0 in its units), set by :meth:`attach_time`
+        self._fixed_t: tuple[TimeConvention, float, float] | None = None
 
     def _build_refiner(self) -> None:
         self.refiner = Refiner(self.latent_channels, **self._refiner_args)  # type: ignore[arg-type]
@@ -201,6 +203,18 @@ class HybridScheduler(nn.Module):
         self.latent_channels = channels
         self._build_refiner()
         self.refiner.to(device)
+
+    def attach_time(self, time: TimeConvention) -> None:
+        """The backbone's time convention, once (``TADMModel.load_parts``): t0 is mapped into its units here,
+        not on every call. A flow convention maps it with host tensors, which would break a compiled forward's
+        graph (``tadm upscale --compile``) on every tile."""
+        self._fixed_t = (time, self.t0, time.from_reference(self.t0))
+
+    def fixed_timestep(self, time: TimeConvention) -> float:
+        """The fixed branch's t0 in ``time``'s units (computed once for the attached convention)."""
+        if self._fixed_t is not None and self._fixed_t[0] is time and self._fixed_t[1] == self.t0:
+            return self._fixed_t[2]
+        return time.from_reference(self.t0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters this scheduler trains: the Refiner's, none in ``fixed_only``."""
@@ -228,7 +242,7 @@ class HybridScheduler(nn.Module):
             if prediction_type is None:
                 raise ValueError("HybridScheduler: a schedule tensor needs its prediction_type")
             time = DDPMTime(time, prediction_type)
-        z0 = time.x0(z_hat, model_output, t if self.mode == "learned_t" else time.from_reference(self.t0))
+        z0 = time.x0(z_hat, model_output, t if self.mode == "learned_t" else self.fixed_timestep(time))
         if self.mode == "fixed_only":
             return z0
         return z0 + self.refiner(z_hat, model_output, t).to(z0.dtype)

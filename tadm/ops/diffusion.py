@@ -107,7 +107,7 @@ def x0_from_output(z_t: Tensor, model_output: Tensor, abar: Tensor | float, pred
             f"unknown prediction_type {prediction_type!r}; expected one of {list(PREDICTION_TYPES)}"
         )
     abar = _broadcast_abar(abar, z_t)
-    dtype = torch.result_type(z_t, model_output)
+    dtype = torch.promote_types(z_t.dtype, model_output.dtype)  # result_type: a graph break under compile
     sa = abar.sqrt().to(dtype)
     s1 = (1 - abar).sqrt().to(dtype)
     if prediction_type in _EPS:
@@ -176,7 +176,7 @@ def flow_x0(z_t: Tensor, velocity: Tensor, sigma: Tensor | float) -> Tensor:
             f"z_t and velocity must be (B,C,h,w) of equal shape, got {tuple(z_t.shape)} and {tuple(velocity.shape)}"
         )
     s = _broadcast_abar(sigma, z_t)
-    return z_t - s.to(torch.result_type(z_t, velocity)) * velocity
+    return z_t - s.to(torch.promote_types(z_t.dtype, velocity.dtype)) * velocity
 
 
 def flow_noise_ratio(sigma: Tensor | float) -> Tensor:

@@ -229,6 +229,20 @@ def test_checkpoint_for_a_missing_backbone_names_it(ckpt: Path, tmp_path: Path) 
     assert not (tmp_path / "o").exists()
 
 
+def test_load_codec_compiles_the_upscale_networks_and_keeps_the_old_keyword(ckpt: Path) -> None:
+    """``compile=True`` (``--compile``) goes through ``TADMModel.prepare_inference``: UNet, rescaler upscale,
+    aligner and Refiner (lazily compiled: nothing runs here); ``compile_unet`` still works, with a warning."""
+    plain = load_codec(ckpt).module
+    assert not hasattr(plain.backbone.unet, "_orig_mod") and plain.aligner._compiled_call_impl is None
+    for codec in (load_codec(ckpt, compile=True), None):
+        if codec is None:
+            with pytest.warns(DeprecationWarning, match="compile_unet"):
+                codec = load_codec(ckpt, compile_unet=True)
+        m = codec.module
+        assert hasattr(m.backbone.unet, "_orig_mod") and "upscale" in vars(m.rescaler)
+        assert m.aligner._compiled_call_impl is not None and m.enhancer._compiled_call_impl is not None
+
+
 def test_exported_checkpoint_writes_the_same_lr(ckpt: Path, photos: Path, tmp_path: Path) -> None:
     exported = export_checkpoint(ckpt, tmp_path / "model.safetensors")
     a, b = load_codec(ckpt), load_codec(exported)

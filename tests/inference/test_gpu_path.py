@@ -1,5 +1,6 @@
 """What the CPU can prove about the GPU inference path (issue 25): one VAE call per tile when an image is one
-VAE tile, no host synchronisation anywhere in the tiled round trip, and ``--compile`` == eager.
+VAE tile, no host synchronisation anywhere in the tiled round trip, what ``--compile`` compiles traces as one
+graph per network, and ``--compile`` == eager.
 
 A host synchronisation is what makes the CPU wait for the GPU inside the tile loop, so that it cannot queue
 the next tile's kernels while the GPU works: reading a value (``.item()``, ``float(t)``, ``bool(t)``,
@@ -29,6 +30,8 @@ from tadm.components.rescalers.dfrm import DFRM
 from tadm.inference import pipeline
 from tadm.inference.tiling import Tiling, tile_starts
 from tadm.model import TADMModel
+from tadm.model.enhancer import HybridScheduler
+from tadm.ops.diffusion import FlowTime
 from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
 #: aten ops that wait for the device on a GPU (their CPU twins run the same calls)
@@ -212,20 +215,84 @@ def test_the_default_tiling_decodes_a_512_px_image_once(one_thread: None) -> Non
     assert (encoder.calls, decoder.calls) == (1, 1)
 
 
+def _graphs(fn: Callable[..., Any], *args: Any) -> tuple[int, list[str]]:
+    """How many graphs torch.compile would make of ``fn(*args)``, and why it broke between them (dynamo
+    only: no code is generated, so this is cheap)."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    return explained.graph_count, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+def test_what_compile_wraps_traces_as_one_graph_each(one_thread: None) -> None:
+    """``--compile`` pays off where dynamo sees whole networks: each graph break is a return to Python (on a
+    GPU at 512 px, kernel launches one by one again). The rescaler's upscale, the aligner and the hybrid
+    scheduler each trace as ONE graph: the fixed branch on DDPM and on flow time, ``learned_t`` with a map.
+    (The UNet: in the slow compiled-upscale test below.)"""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    y = torch.rand(1, 3, 4, 4) * 2 - 1
+    with torch.no_grad():
+        z = model.rescaler.upscale(y)
+        assert _graphs(model.rescaler.upscale, y) == (1, [])
+        assert _graphs(model.aligner, model.aligner_input(z), None) == (1, [])
+        out = torch.randn_like(z)
+        t = model.aligner(z)
+        time = model.backbone.time_convention
+        assert time is not None and model.enhancer is not None
+        assert _graphs(model.enhancer, z, out, t, time) == (1, [])
+        learned = HybridScheduler(mode="learned_t").eval()
+        assert _graphs(learned, z, out, t.view(-1, 1, 1, 1).expand(-1, 1, *z.shape[-2:]), time) == (1, [])
+        flow = FlowTime(shift=3.0)
+        scheduler = HybridScheduler().eval()
+        # unattached, the flow convention maps t0 on host tensors in every call: a break each time
+        assert _graphs(scheduler, z, out, t, flow)[0] > 1
+        scheduler.attach_time(flow)  # what TADMModel.load_parts does
+        assert _graphs(scheduler, z, out, t, flow) == (1, [])
+
+
+def test_prepare_inference_compiles_the_networks_of_the_upscale_but_the_vae(one_thread: None) -> None:
+    """``load_codec(compile=True)`` / ``tadm upscale --compile``: UNet, the rescaler's upscale, aligner and
+    hybrid scheduler are compiled (lazily: nothing is generated until a call), once however often it is
+    asked; the VAE is not (its tiles share GroupNorm statistics through the dispatcher); the modules keep
+    their types and state-dict keys."""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    keys = set(model.state_dict())
+    aligner, enhancer = model.aligner, model.enhancer
+    assert aligner is not None and enhancer is not None
+    assert aligner._compiled_call_impl is None and "upscale" not in vars(model.rescaler)
+    model.prepare_inference(compile=True)
+    unet, vae = model.backbone.unet, model.backbone.vae
+    assert unet is not None and vae is not None
+    assert isinstance(unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert aligner._compiled_call_impl is not None and enhancer._compiled_call_impl is not None
+    assert "upscale" in vars(model.rescaler)  # this instance's compiled method
+    assert model.aligner is aligner and isinstance(model.enhancer, HybridScheduler)
+    assert vae._compiled_call_impl is None and not isinstance(vae, torch._dynamo.eval_frame.OptimizedModule)
+    assert {k.replace("unet._orig_mod.", "unet.") for k in model.state_dict()} == keys
+    model.prepare_inference(compile=True)  # again: nothing is wrapped twice
+    assert model.backbone.unet is unet and not hasattr(unet._orig_mod, "_orig_mod")
+
+
 @pytest.mark.slow  # torch.compile (inductor) of even the tiny UNet takes 1-2 minutes on a 2-core CPU
-def test_compiled_unet_gives_the_eager_output(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
-    """``--compile`` (``prepare_inference(compile=True)``: torch.compile of the UNet, what ``load_codec`` does)
-    restores the same image as eager on the tiny SD 2.1 twin, on tiles, within float tolerance."""
+def test_compiled_upscale_gives_the_eager_output(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """``--compile`` (``TADMModel.prepare_inference(compile=True)``, what ``load_codec`` does: UNet, DFRM
+    upscale, TPM, hybrid scheduler) restores the same image as eager on the tiny SD 2.1 twin, on tiles,
+    within float tolerance, without one graph break."""
+    from torch._dynamo.utils import counters
+
     model = _tiny_sd_enhancer("tiny-sd21")
     y = torch.rand(1, 3, 9, 13) * 2 - 1
     with torch.no_grad():
         eager = pipeline.upscale(model.backbone, model.rescaler, y, (144, 208), model.enhance_fn, MANY_TILES)
-        model.backbone.prepare_inference(compile=True)
+        torch._dynamo.reset()
+        counters.clear()
+        model.prepare_inference(compile=True)
         unet = model.backbone.unet
         assert unet is not None and hasattr(unet, "_orig_mod")  # really compiled
         compiled = pipeline.upscale(
             model.backbone, model.rescaler, y, (144, 208), model.enhance_fn, MANY_TILES
         )
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 4  # UNet, DFRM upscale, TPM, hybrid scheduler
     assert eager.timesteps is not None and compiled.timesteps is not None
     torch.testing.assert_close(compiled.image, eager.image, atol=1e-4, rtol=0)
     torch.testing.assert_close(compiled.timesteps, eager.timesteps)
