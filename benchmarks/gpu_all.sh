@@ -48,11 +48,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
   DEV=(--device cpu) TINY=(--tiny) SIZES=(128x128 256x256) TRAIN_TIMEOUT=900 STEP_TIMEOUT=900 COMPILE_TIMEOUT=900
-  PRECISION=fp32 MODES=(eager)  # torch.compile of even the tiny UNet takes minutes on a CPU
+  PRECISION=fp32 COMPILE_BATCHES=(1)  # inductor on a CPU: about a minute per shape even for the tiny twin
 else
   # compile: 4 graphs (UNet, DFRM upscale, TPM, hybrid scheduler) per shape, batch 8 a second shape
   DEV=(--device cuda) TINY=() SIZES=(512x512 2048x2048) TRAIN_TIMEOUT=190 STEP_TIMEOUT=130
-  PRECISION=bf16 MODES=(compile) COMPILE_TIMEOUT=150
+  PRECISION=bf16 COMPILE_BATCHES=(1 8) COMPILE_TIMEOUT=150
 fi
 
 {
@@ -79,8 +79,8 @@ PY
   echo "inference: rc=$? after $((SECONDS - start)) s"
   echo "== 3. inference, --compile (limit ${COMPILE_TIMEOUT} s)"
   timeout "$COMPILE_TIMEOUT" "$PY" benchmarks/upscale.py "${DEV[@]}" "${TINY[@]}" --precision "$PRECISION" \
-    --presets sd21-base --sizes "${SIZES[0]}" --batches 1 8 --repeats 5 --seconds-per-case 4 \
-    --tile-batch 4 --channels-last --modes "${MODES[@]}" --json "$OUT/gpu_compile.json" \
+    --presets sd21-base --sizes "${SIZES[0]}" --batches "${COMPILE_BATCHES[@]}" --repeats 5 --seconds-per-case 4 \
+    --tile-batch 4 --channels-last --modes compile --json "$OUT/gpu_compile.json" \
     --markdown "$OUT/gpu_compile.md"
   echo "compile: rc=$? after $((SECONDS - start)) s"
 } 2>&1 | tee "$OUT/gpu_all.log"

@@ -79,7 +79,12 @@ def test_the_gpu_upscale_benchmark_runs_its_cpu_side_on_a_tiny_twin() -> None:
     single-tile one."""
     bench = _bench("upscale")
     args = argparse.Namespace(
-        repeats=2, seconds_per_case=1.0, breakdown_all=False, sync_count=True, precision="fp32"
+        repeats=2,
+        seconds_per_case=1.0,
+        breakdown_all=False,
+        sync_count=True,
+        op_counts=True,
+        precision="fp32",
     )
     codec = bench.build_tiny_codec("sd21-base", "cpu", "fp32", 4, False, False)
     timers = bench.part_timers(codec, torch.device("cpu"))
@@ -92,6 +97,19 @@ def test_the_gpu_upscale_benchmark_runs_its_cpu_side_on_a_tiny_twin() -> None:
     assert tiled["decoder_calls"] == 18 and tiled["gn_stats_s"] > 0 and tiled["unet_calls"] == 3
     assert tiled["repeats"] == 1  # a call of over a second: --seconds-per-case 1 stops after one
     assert "unet_s" not in batched and batched["images_per_s"] > 0 and batched["seconds_per_image"] > 0
+    # aten ops per part (the launches an eager GPU pays one by one): every part counted, the decoder twice
+    # per tile when the statistics are synchronised
+    ops, single = tiled["aten_ops"], one["aten_ops"]
+    assert set(ops) == set(single) == {"unet", "decoder", "dfrm", "aligner", "enhancer", "rest"}
+    assert (
+        ops["decoder"] > 9 * single["decoder"] and ops["unet"] >= 3 * single["unet"]
+    )  # 9 VAE tiles, 3 calls
+    rest = sum(single.values()) - single["unet"] - single["decoder"]
+    assert (
+        "aten_ops" not in batched
+        and f"| {single['unet']} / {single['decoder']} / {rest} |"
+        in bench.table([one | {"preset": "sd21-base", "size": "128x128", "batch": 1, "mode": "eager"}])
+    )
 
 
 @pytest.mark.slow  # ~5 minutes on a 2-core CPU
