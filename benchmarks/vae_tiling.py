@@ -19,7 +19,10 @@ statistics pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,12 +32,13 @@ from torch import Tensor
 from tadm.components.backbones.stable_diffusion import StableDiffusionBackbone
 from tadm.datamodules.image_io import load_image
 from tadm.evaluation.metrics import psnr_y
-from tadm.inference import pipeline
+from tadm.inference import groupnorm_sync, pipeline
 from tadm.inference.groupnorm_sync import collect_group_stats
 from tadm.inference.tiling import NO_TILING, Tiling
 from tadm.testing.twins.unet_twins import StableDiffusionTwin
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
+PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "photos" / "heldout"
 
 
 def train_tiny_vae(steps: int, crop: int = 96, batch: int = 8, seed: int = 0) -> StableDiffusionBackbone:
@@ -131,6 +135,71 @@ def full_size_timing(size: int, tile: int, overlap: int, device: str = "cpu") ->
         print(f"| {norm} | {t_enc:.2f} | {t_dec:.2f} |", flush=True)
 
 
+@contextlib.contextmanager
+def statistics_from_pooled_input(k: int) -> Iterator[None]:
+    """An experiment, not a tadm option: the statistics pass of synced tiles runs on the input average-pooled
+    ``k`` x (a k^2-th of the pixels), the output pass on the full-size tiles with those statistics."""
+    collect = groupnorm_sync.collect_group_stats
+
+    def pooled(fn: Callable[[Tensor], object], x: Tensor, **kw: int) -> list[groupnorm_sync.GroupStats]:
+        return collect(fn, F.avg_pool2d(x, k, ceil_mode=True), **kw)  # type: ignore[arg-type]
+
+    groupnorm_sync.collect_group_stats = pooled  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        groupnorm_sync.collect_group_stats = collect
+
+
+def heldout_images(side: int = 384) -> list[tuple[str, Tensor]]:
+    """The 24 held-out photos (``assets/photos/heldout``, never trained on), area-downscaled to ``side`` px on
+    their long side, cropped to multiples of 8."""
+    out = []
+    for p in sorted(PHOTOS.iterdir()):
+        img = load_image(p)[None]
+        s = side / max(img.shape[-2:])
+        if s < 1:
+            img = F.interpolate(img, scale_factor=s, mode="area", recompute_scale_factor=False)
+        out.append((p.name, img[..., : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8]))
+    return out
+
+
+def decode_summary(bb: StableDiffusionBackbone, tile: int, overlap: int, pooled: list[int]) -> None:
+    """Tiled decode vs whole-image decode on the held-out photos: per-tile statistics, synchronised (one
+    pass), and statistics from the ``pooled`` inputs; mean / median / worst Y-PSNR and the decode seconds."""
+    variants: list[tuple[str, Tiling, int]] = [
+        ("per_tile", Tiling(vae_tile=tile, vae_overlap=overlap, vae_norm="per_tile"), 1),
+        ("synced, 1 pass", Tiling(vae_tile=tile, vae_overlap=overlap), 1),
+    ]
+    variants += [
+        (f"synced, statistics from the input pooled {k}x", Tiling(vae_tile=tile, vae_overlap=overlap), k)
+        for k in pooled
+    ]
+    scores: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    seconds = dict.fromkeys(scores, 0.0)
+    images = heldout_images()
+    for _, x in images:
+        z = pipeline.encode(bb, x, NO_TILING)
+        whole = pipeline.decode(bb, z, NO_TILING)
+        for name, tiling, k in variants:
+            with statistics_from_pooled_input(k) if k > 1 else contextlib.nullcontext():
+                t = time.perf_counter()
+                out = pipeline.decode(bb, z, tiling)
+                seconds[name] += time.perf_counter() - t
+            scores[name].append(psnr_y(out, whole).item())
+    base = scores["synced, 1 pass"]
+    print(f"\n{len(images)} held-out photos at 384 px, tiled decode vs whole-image decode, {tile}-px tiles")
+    print("| GroupNorm statistics | mean dB | median dB | worst dB | beats synced on | decode s |")
+    print("|---|---|---|---|---|---|")
+    for name, vals in scores.items():
+        wins = sum(a > b for a, b in zip(vals, base, strict=True))
+        print(
+            f"| {name} | {statistics.mean(vals):.2f} | {statistics.median(vals):.2f} | {min(vals):.2f} | "
+            f"{wins} / {len(vals)} | {seconds[name]:.1f} |",
+            flush=True,
+        )
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -143,6 +212,15 @@ def main() -> None:
         "--full-size", type=int, default=0, metavar="SIZE", help="instead: time the full-size VAE on SIZE^2"
     )
     ap.add_argument("--device", default="cpu", help="device of the --full-size timing (cuda: bf16 autocast)")
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="K",
+        help="instead: decode-only summary on the 24 held-out photos, with statistics from the input pooled "
+        "K x as extra variants (an experiment)",
+    )
     args = ap.parse_args()
     if args.full_size:
         full_size_timing(args.full_size, args.tile, args.overlap, args.device)
@@ -162,6 +240,9 @@ def main() -> None:
         if cache is not None:
             assert bb.vae is not None
             torch.save(bb.vae.state_dict(), cache)
+    if args.heldout is not None:
+        decode_summary(bb, args.tile, args.overlap, args.heldout)
+        return
     images = evaluation_images()
     modes: list[tuple[str, Tiling]] = [
         ("per_tile", Tiling(vae_tile=args.tile, vae_overlap=args.overlap, vae_norm="per_tile"))

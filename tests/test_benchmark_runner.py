@@ -112,7 +112,7 @@ def test_the_gpu_upscale_benchmark_runs_its_cpu_side_on_a_tiny_twin() -> None:
     )
 
 
-@pytest.mark.slow  # ~5 minutes on a 2-core CPU
+@pytest.mark.slow  # ~7 minutes on a 2-core CPU (the compile step: about a minute of inductor)
 def test_the_gpu_script_dry_run_writes_every_file(tmp_path: Path) -> None:
     """``bash benchmarks/gpu_all.sh --dry-run``: every step of the GPU script on tiny twins on the CPU, and
     the eight files the GPU run brings back."""
