@@ -2,7 +2,8 @@
 
 Builds the SD 2.1-base (or SDXL) UNet and VAE at full size with random weights, a full-size x16 DFRM,
 the TPM and the hybrid scheduler, then runs ``Codec.upscale`` (tiled exactly like ``tadm upscale``:
-latent tiles 96 / overlap 32, VAE tiles 768 px / overlap 128) on random 8-bit LR images, and reports per
+latent tiles 96 / overlap 32, VAE tiles 768 px / overlap 128, an image decoded whole where the GPU has room
+for it: ``--no-vae-whole`` keeps the VAE tiles) on random 8-bit LR images, and reports per
 preset, output size, batch (``--batches``: images per call, as ``tadm upscale --batch-size``) and mode
 (``--modes eager compile``: ``--compile`` compiles, after the eager cases, what ``tadm upscale --compile``
 does: UNet, DFRM upscale, TPM and hybrid scheduler; the VAE stays eager):
@@ -229,7 +230,8 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
             w, h = (int(v) for v in size.split("x"))
             for batch in args.batches:
                 # the UNet sees at most max(--tile-batch, batch) samples per call
-                codec.tiling = replace(codec.tiling, tile_batch=max(1, args.tile_batch // batch))
+                tile_batch = max(1, args.tile_batch // batch)
+                codec.tiling = replace(codec.tiling, tile_batch=tile_batch, vae_whole=args.vae_whole)
                 g = torch.Generator().manual_seed(0)
                 y = (
                     torch.randint(0, 256, (batch, 3, -(-h // 16), -(-w // 16)), generator=g).float() / 127.5
@@ -243,6 +245,7 @@ def run_case(args: argparse.Namespace, preset: str, sizes: list[str]) -> list[di
                 row = one_case(args, codec, timers, y, (h, w), dev, warm)
                 row |= {"preset": preset, "size": size, "batch": batch, "mode": mode, "build_s": build_s}
                 row |= {"rss_after_build_gb": rss_loaded, "tile_batch": codec.tiling.tile_batch}
+                row |= {"vae_whole": codec.tiling.vae_whole}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json_rows is not None:
@@ -504,6 +507,12 @@ def main() -> None:
     ap.add_argument("--profile-out", default=None, help="append the profiles to this file")
     ap.add_argument("--sync-count", action="store_true", help="count host synchronisations (CUDA)")
     ap.add_argument("--op-counts", action="store_true", help="count aten ops per part (eager, batch 1)")
+    ap.add_argument(
+        "--vae-whole",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode whole when the GPU has room (tadm's default); --no-vae-whole: always VAE tiles",
+    )
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in this process
     args = ap.parse_args()
     if args.compile:
@@ -529,6 +538,7 @@ def main() -> None:
                 ]
                 cmd += ["--profile-out", args.profile_out] if args.profile_out else []
                 cmd += ["--tile-batch", str(args.tile_batch), "--modes", *args.modes]
+                cmd += [] if args.vae_whole else ["--no-vae-whole"]
                 cmd += ["--batches", *map(str, args.batches)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 res = subprocess.run(cmd, capture_output=True, text=True)

@@ -291,6 +291,13 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
         help="GroupNorm statistics of VAE tiles: shared by all tiles (default, TADM's release; one extra "
         "pass over the tiles) or each tile's own (faster; small tiles shift colours)",
     )
+    ap.add_argument(
+        "--vae-whole",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a GPU, decode an image larger than a VAE tile whole when the free memory allows (exact, no "
+        "statistics pass; tiles if memory runs out); --no-vae-whole: always tiles",
+    )
     ap.add_argument("--lr-tile", type=int, default=128, help="rescaler tile in LR pixels (0: whole image)")
     ap.add_argument(
         "--lr-overlap",
@@ -346,6 +353,7 @@ def tiling_from_args(args: argparse.Namespace) -> Tiling:
         vae_tile=args.vae_tile,
         vae_overlap=args.vae_overlap if args.vae_tile > 0 else 0,
         vae_norm=args.vae_norm,
+        vae_whole=args.vae_whole,
         lr_tile=args.lr_tile,
         lr_overlap=min(Tiling.lr_overlap, max_stitch_overlap(args.lr_tile))
         if args.lr_overlap is None

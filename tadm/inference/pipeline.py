@@ -10,6 +10,7 @@ whole images (what training-time validation does on crops). An optional colour c
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,13 @@ import torch
 from torch import Tensor
 
 from tadm.contracts import DiffusionBackbone, Rescaler, quantize_8bit
+from tadm.inference.device_memory import fits_whole
 from tadm.inference.groupnorm_sync import blend_tiles_synced
 from tadm.inference.tiling import NO_TILING, Tiling, blend_tiles, enhancer_tiles, stitch_tiles, timestep_map
 from tadm.ops.color_fix import apply_color_fix, check_color_fix
 from tadm.ops.images import bicubic_down, bicubic_resize, crop_to, lcm, pad_to_multiple
+
+log = logging.getLogger(__name__)
 
 #: latents smaller than this (images under 128 px) are padded for the enhancer and cropped back
 MIN_ENHANCE_LATENT = 16
@@ -66,10 +70,31 @@ def encode(backbone: DiffusionBackbone, x: Tensor, tiling: Tiling = NO_TILING) -
 
 def decode(backbone: DiffusionBackbone, z: Tensor, tiling: Tiling = NO_TILING) -> Tensor:
     """VAE decode, on latent tiles of ``tiling.vae_tile`` pixels blended over the overlap (GroupNorm
-    statistics per ``tiling.vae_norm``)."""
+    statistics per ``tiling.vae_norm``), or whole where ``tiling.vae_whole`` finds room on the GPU."""
     f = backbone.downsample_factor
     tile, overlap = _vae_geometry(tiling, f)
+    if tiling.vae_whole and 0 < tile < max(z.shape[-2:]) * f and fits_whole(z, f):
+        whole = _decode_whole(backbone, z)
+        if whole is not None:
+            return whole
     return _blend_vae(backbone.decode, z, tiling, tile=tile // f, overlap=overlap // f, scale=f, align=1)
+
+
+def _decode_whole(backbone: DiffusionBackbone, z: Tensor) -> Tensor | None:
+    """``backbone.decode(z)``, or None when the device runs out of memory after all (then tiles)."""
+    try:
+        return backbone.decode(z)
+    except torch.OutOfMemoryError:
+        pass  # leave the handler first: its traceback holds the failed call's tensors
+    if z.device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.warning(
+        "the %dx%d latent (batch %d) did not fit the free GPU memory after all: decoding it in tiles",
+        z.shape[-1],
+        z.shape[-2],
+        z.shape[0],
+    )
+    return None
 
 
 def _blend_vae(

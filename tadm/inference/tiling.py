@@ -47,6 +47,9 @@ class Tiling:
             faster, but small tiles shift colours).
         vae_norm_passes: statistics passes over the tiles before the output pass in ``synced`` mode;
             pass k makes the first k GroupNorm layers' statistics exact (see groupnorm_sync).
+        vae_whole: on a CUDA device, decode a latent larger than a VAE tile whole when the free memory
+            allows (:mod:`tadm.inference.device_memory`): the exact result, one decoder call, no statistics
+            pass; tiles again if the device runs out of memory. Never on a CPU. False: always tiles.
         lr_tile: rescaler tile in LR pixels (128 LR pixels = 2048 HR pixels at x16).
         lr_overlap: context on each side of a rescaler tile, in LR pixels, discarded when stitching.
     """
@@ -59,6 +62,7 @@ class Tiling:
     vae_overlap: int = 128
     vae_norm: VaeNorm = "synced"
     vae_norm_passes: int = 1
+    vae_whole: bool = True
     lr_tile: int = 128
     lr_overlap: int = 16
 

@@ -15,9 +15,11 @@ GPU.
 from __future__ import annotations
 
 import collections
+import logging
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tadm.components.aligners.tpm import TimestepPredictionModule
 from tadm.components.rescalers.dfrm import DFRM
-from tadm.inference import pipeline
-from tadm.inference.tiling import Tiling, tile_starts
+from tadm.inference import device_memory, pipeline
+from tadm.inference.tiling import NO_TILING, Tiling, tile_starts
 from tadm.model import TADMModel
 from tadm.model.enhancer import HybridScheduler
 from tadm.ops.diffusion import FlowTime
@@ -213,6 +215,64 @@ def test_the_default_tiling_decodes_a_512_px_image_once(one_thread: None) -> Non
     y = model.downscale(torch.rand(1, 3, 512, 512) * 2 - 1, Tiling())
     model.upscale(y, (512, 512), Tiling())
     assert (encoder.calls, decoder.calls) == (1, 1)
+
+
+def test_a_latent_that_fits_the_gpu_is_decoded_whole_with_tiles_as_the_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, one_thread: None
+) -> None:
+    """``Tiling.vae_whole`` (default): where the GPU has room (faked here: the CPU never decodes whole), a
+    latent larger than a VAE tile is decoded in ONE call, exactly the whole-image result, with no statistics
+    pass; ``--no-vae-whole`` keeps the tiles; a decode that runs out of memory anyway falls back to the tiles
+    with a warning."""
+    model = _tiny_sd_enhancer("tiny-sd21")
+    backbone, vae = model.backbone, model.backbone.vae
+    assert vae is not None
+    z = torch.randn(1, 4, 24, 36)  # 192x288 px: 2x3 VAE tiles of 128 px
+    tiling = Tiling(vae_tile=128, vae_overlap=32)
+    with torch.no_grad():
+        tiled = pipeline.decode(backbone, z, tiling)  # on a CPU: tiles
+        whole = pipeline.decode(backbone, z, NO_TILING)
+        assert (tiled - whole).abs().max() > 1e-3  # the two differ, so the checks below can tell them apart
+        monkeypatch.setattr(pipeline, "fits_whole", lambda z, f: True)  # a GPU with room
+        decoder = _CallCounter(vae.decoder)
+        assert torch.equal(pipeline.decode(backbone, z, tiling), whole) and decoder.calls == 1
+        assert torch.equal(pipeline.decode(backbone, z, replace(tiling, vae_whole=False)), tiled)
+        decode = backbone.decode
+
+        def out_of_memory_when_whole(latent: Tensor) -> Tensor:
+            if latent.shape[-1] > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return decode(latent)
+
+        monkeypatch.setattr(backbone, "decode", out_of_memory_when_whole)
+        with caplog.at_level(logging.WARNING, logger="tadm.inference.pipeline"):
+            assert torch.equal(pipeline.decode(backbone, z, tiling), tiled)
+    assert "the 36x24 latent (batch 1) did not fit the free GPU memory after all" in caplog.text
+
+
+def test_whole_decodes_fit_by_free_memory_and_32_bit_indexing() -> None:
+    """What :func:`fits_whole` allows: on a CPU nothing; on a GPU a decode whose assumed peak (bytes per output
+    pixel, plus the mid-block attention's scores) is within the free memory, and never an activation over
+    2^31 elements (8K is tiled, and a batch counts all its images)."""
+    fits, gib = device_memory.decode_fits, 2**30
+    assert not device_memory.fits_whole(torch.zeros(1, 4, 8, 8), 8)  # a CPU tensor: tiles
+    need = device_memory.decode_bytes(1, 256, 256, 8)  # 2048 x 2048 px
+    assert fits(1, 256, 256, 8, need) and not fits(1, 256, 256, 8, need - 1)
+    assert fits(1, 256, 256, 8, 75 * gib) and not fits(1, 256, 256, 8, 20 * gib)  # an 80 / a 24 GB card
+    assert fits(1, 128, 128, 8, 20 * gib) and not fits(8, 256, 256, 8, 75 * gib)  # 1024 px; a batch of 8
+    assert not fits(1, 540, 960, 8, 2**50) and fits(1, 270, 480, 8, 2**50)  # 8K never; 4K with the memory
+    assert device_memory.decode_bytes(2, 64, 64, 8) == 2 * device_memory.decode_bytes(1, 64, 64, 8)
+
+
+def test_vae_whole_is_on_by_default_and_off_with_its_negative_flag() -> None:
+    import argparse
+
+    from tadm.commands.common import add_model_arguments, tiling_from_args
+
+    ap = argparse.ArgumentParser()
+    add_model_arguments(ap)
+    assert Tiling().vae_whole and tiling_from_args(ap.parse_args(["--ckpt", "x.ckpt"])).vae_whole
+    assert not tiling_from_args(ap.parse_args(["--ckpt", "x.ckpt", "--no-vae-whole"])).vae_whole
 
 
 def _graphs(fn: Callable[..., Any], *args: Any) -> tuple[int, list[str]]:
