@@ -344,6 +344,8 @@ class FlowTime(TimeConvention):
         return flow_sigma(t, self.num_train_timesteps)
 
     def x0(self, z_t: Tensor, model_output: Tensor, t: Tensor | float) -> Tensor:
+        if not torch.is_tensor(t):  # filled on the device: a host copy would make the CPU wait for a GPU
+            t = torch.full((), float(t), device=z_t.device)
         return flow_x0(z_t, model_output, self.sigma(t).to(z_t.device))
 
     def noise_ratio(self, t: Tensor | float) -> Tensor:

@@ -146,6 +146,21 @@ def test_the_sync_counter_sees_what_would_wait_for_a_gpu(monkeypatch: pytest.Mon
     assert not counter.found, counter.found
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "learned_t"])
+def test_the_hybrid_scheduler_on_flow_time_makes_no_host_synchronisation(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SD 3 / FLUX's time convention in the enhancer step (the round-trip test below runs the SD twins): the
+    fixed t0 is mapped once (``attach_time``) and filled on the device, never copied from the host per tile."""
+    scheduler = HybridScheduler(mode=mode).eval()  # type: ignore[arg-type]
+    flow = FlowTime(shift=3.0)
+    scheduler.attach_time(flow)
+    z, out, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.full((2,), 120.0)
+    with torch.no_grad(), counting_host_syncs(monkeypatch) as counter:
+        scheduler(z, out, t, flow)
+    assert not counter.found, counter.found
+
+
 @pytest.mark.parametrize("preset", ["tiny-sd21", "tiny-sdxl"])
 def test_no_host_synchronisation_in_the_tiled_round_trip(
     preset: str, monkeypatch: pytest.MonkeyPatch, one_thread: None
