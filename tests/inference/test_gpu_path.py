@@ -176,6 +176,32 @@ def test_no_host_synchronisation_in_the_tiled_round_trip(
     assert not counter.found, "\n".join(f"{n} x {w}" for w, n in counter.found.items())
 
 
+@pytest.mark.parametrize("twin", ["sd3", "flux"])
+def test_no_host_synchronisation_in_the_flow_backbones_tiled_round_trip(
+    twin: str, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """The same on the SD 3 and FLUX twins (16-channel latents, flow time): before 2026-12-08 each enhancer
+    tile copied the hybrid scheduler's fixed t0 from the host."""
+    from tadm.testing.twins.flow_twins import FluxTwin, SD3Twin
+
+    torch.manual_seed(0)
+    model = (
+        TADMModel(
+            backbone=SD3Twin() if twin == "sd3" else FluxTwin(),
+            rescaler=DFRM(scale=16, latent_channels=16, width=16, num_resblocks=1, num_couplings=2),
+            stage="enhancer",
+            aligner=TimestepPredictionModule(),
+        )
+        .load_parts()
+        .eval()
+    )
+    x = torch.rand(1, 3, 144, 208) * 2 - 1
+    with torch.no_grad(), counting_host_syncs(monkeypatch) as counter:
+        trip = pipeline.round_trip(model.backbone, model.rescaler, x, model.enhance_fn, MANY_TILES)
+    assert trip.reconstruction.shape == x.shape and trip.timesteps is not None
+    assert not counter.found, "\n".join(f"{n} x {w}" for w, n in counter.found.items())
+
+
 def test_sdxl_size_conditioning_is_made_on_the_device_with_the_same_values() -> None:
     """SDXL's time_ids (original size, crop offset, target size) are filled in on the device now, not copied
     from a Python list: still (h, w, 0, 0, h, w) of the tile in image pixels, one row per sample."""
