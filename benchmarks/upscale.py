@@ -344,8 +344,12 @@ def count_ops(codec: Any, y: torch.Tensor, size: tuple[int, int]) -> dict[str, A
 
     m = codec.module
     counter = OpCounter()
-    parts = {"unet": m.backbone.unet, "decoder": m.backbone.vae.decoder, "aligner": m.aligner}
-    parts["enhancer"] = m.enhancer
+    parts = {
+        "unet": m.backbone.unet,
+        "decoder": m.backbone.vae.decoder,
+        "aligner": m.aligner,
+        "enhancer": m.enhancer,
+    }
     hooks = []
     for name, module in parts.items():
         hooks += [

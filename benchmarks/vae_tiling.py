@@ -88,12 +88,17 @@ def _random_crop(img: Tensor, size: int, g: torch.Generator) -> Tensor:
     return img[:, y : y + size, x : x + size]
 
 
-def evaluation_images() -> list[tuple[str, Tensor]]:
+def evaluation_images(folder: Path = SAMPLES / "val", side: int | None = None) -> list[tuple[str, Tensor]]:
+    """The photos of ``folder``, area-downscaled to ``side`` px on their long side when larger (None: as
+    they are), cropped to multiples of 8."""
     out = []
-    for p in sorted((SAMPLES / "val").iterdir()):
+    for p in sorted(folder.iterdir()):
         img = load_image(p)[None]
-        h, w = img.shape[-2] // 8 * 8, img.shape[-1] // 8 * 8
-        out.append((p.name, img[..., :h, :w]))
+        if side is not None and side < max(img.shape[-2:]):
+            img = F.interpolate(
+                img, scale_factor=side / max(img.shape[-2:]), mode="area", recompute_scale_factor=False
+            )
+        out.append((p.name, img[..., : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8]))
     return out
 
 
@@ -151,19 +156,6 @@ def statistics_from_pooled_input(k: int) -> Iterator[None]:
         groupnorm_sync.collect_group_stats = collect
 
 
-def heldout_images(side: int = 384) -> list[tuple[str, Tensor]]:
-    """The 24 held-out photos (``assets/photos/heldout``, never trained on), area-downscaled to ``side`` px on
-    their long side, cropped to multiples of 8."""
-    out = []
-    for p in sorted(PHOTOS.iterdir()):
-        img = load_image(p)[None]
-        s = side / max(img.shape[-2:])
-        if s < 1:
-            img = F.interpolate(img, scale_factor=s, mode="area", recompute_scale_factor=False)
-        out.append((p.name, img[..., : img.shape[-2] // 8 * 8, : img.shape[-1] // 8 * 8]))
-    return out
-
-
 def decode_summary(bb: StableDiffusionBackbone, tile: int, overlap: int, pooled: list[int]) -> None:
     """Tiled decode vs whole-image decode on the held-out photos: per-tile statistics, synchronised (one
     pass), and statistics from the ``pooled`` inputs; mean / median / worst Y-PSNR and the decode seconds."""
@@ -177,7 +169,7 @@ def decode_summary(bb: StableDiffusionBackbone, tile: int, overlap: int, pooled:
     ]
     scores: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     seconds = dict.fromkeys(scores, 0.0)
-    images = heldout_images()
+    images = evaluation_images(PHOTOS, side=384)  # the 24 held-out photos, never trained on
     for _, x in images:
         z = pipeline.encode(bb, x, NO_TILING)
         whole = pipeline.decode(bb, z, NO_TILING)

@@ -101,15 +101,12 @@ def test_the_gpu_upscale_benchmark_runs_its_cpu_side_on_a_tiny_twin() -> None:
     # per tile when the statistics are synchronised
     ops, single = tiled["aten_ops"], one["aten_ops"]
     assert set(ops) == set(single) == {"unet", "decoder", "dfrm", "aligner", "enhancer", "rest"}
-    assert (
-        ops["decoder"] > 9 * single["decoder"] and ops["unet"] >= 3 * single["unet"]
-    )  # 9 VAE tiles, 3 calls
+    assert ops["decoder"] > 9 * single["decoder"]  # 9 VAE tiles
+    assert ops["unet"] >= 3 * single["unet"]  # 3 UNet calls
+    assert "aten_ops" not in batched
     rest = sum(single.values()) - single["unet"] - single["decoder"]
-    assert (
-        "aten_ops" not in batched
-        and f"| {single['unet']} / {single['decoder']} / {rest} |"
-        in bench.table([one | {"preset": "sd21-base", "size": "128x128", "batch": 1, "mode": "eager"}])
-    )
+    row = one | {"preset": "sd21-base", "size": "128x128", "batch": 1, "mode": "eager"}
+    assert f"| {single['unet']} / {single['decoder']} / {rest} |" in bench.table([row])
 
 
 @pytest.mark.slow  # ~7 minutes on a 2-core CPU (the compile step: about a minute of inductor)

@@ -104,12 +104,19 @@ def _counted(fn: Callable[..., Any], what: str, counter: HostSyncCounter) -> Cal
     return wrapper
 
 
-def _tiny_sd_enhancer(preset: str) -> TADMModel:
-    """A stage-2 model on a tiny Stable Diffusion twin: slim DFRM, TPM, hybrid scheduler with its Refiner."""
+def _tiny_enhancer(preset: str) -> TADMModel:
+    """A stage-2 model on a tiny twin (``tiny-sd21``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``): slim DFRM
+    over the backbone's latent channels, TPM, hybrid scheduler with its Refiner."""
+    from tadm.testing.twins.flow_twins import FluxTwin, SD3Twin
+
     torch.manual_seed(0)
+    flow = {"tiny-sd3": SD3Twin, "tiny-flux": FluxTwin}
+    backbone = flow[preset]() if preset in flow else StableDiffusionTwin(preset)
     model = TADMModel(
-        backbone=StableDiffusionTwin(preset),
-        rescaler=DFRM(scale=16, width=16, num_resblocks=1, num_couplings=2),
+        backbone=backbone,
+        rescaler=DFRM(
+            scale=16, latent_channels=backbone.latent_channels, width=16, num_resblocks=1, num_couplings=2
+        ),
         stage="enhancer",
         aligner=TimestepPredictionModule(),
     )
@@ -167,7 +174,7 @@ def test_no_host_synchronisation_in_the_tiled_round_trip(
 ) -> None:
     """Downscale and upscale, every stage on several tiles (VAE tiles with synchronised GroupNorm statistics),
     without one op that would make the CPU wait for the GPU."""
-    model = _tiny_sd_enhancer(preset)
+    model = _tiny_enhancer(preset)
     x = torch.rand(1, 3, 144, 208) * 2 - 1
     assert len(tile_starts(18, 16, 8)) * len(tile_starts(26, 16, 8)) == 6  # enhancer tiles
     with torch.no_grad(), counting_host_syncs(monkeypatch) as counter:
@@ -182,19 +189,7 @@ def test_no_host_synchronisation_in_the_flow_backbones_tiled_round_trip(
 ) -> None:
     """The same on the SD 3 and FLUX twins (16-channel latents, flow time): before 2026-12-08 each enhancer
     tile copied the hybrid scheduler's fixed t0 from the host."""
-    from tadm.testing.twins.flow_twins import FluxTwin, SD3Twin
-
-    torch.manual_seed(0)
-    model = (
-        TADMModel(
-            backbone=SD3Twin() if twin == "sd3" else FluxTwin(),
-            rescaler=DFRM(scale=16, latent_channels=16, width=16, num_resblocks=1, num_couplings=2),
-            stage="enhancer",
-            aligner=TimestepPredictionModule(),
-        )
-        .load_parts()
-        .eval()
-    )
+    model = _tiny_enhancer(f"tiny-{twin}")
     x = torch.rand(1, 3, 144, 208) * 2 - 1
     with torch.no_grad(), counting_host_syncs(monkeypatch) as counter:
         trip = pipeline.round_trip(model.backbone, model.rescaler, x, model.enhance_fn, MANY_TILES)
@@ -205,7 +200,7 @@ def test_no_host_synchronisation_in_the_flow_backbones_tiled_round_trip(
 def test_sdxl_size_conditioning_is_made_on_the_device_with_the_same_values() -> None:
     """SDXL's time_ids (original size, crop offset, target size) are filled in on the device now, not copied
     from a Python list: still (h, w, 0, 0, h, w) of the tile in image pixels, one row per sample."""
-    model = _tiny_sd_enhancer("tiny-sdxl")
+    model = _tiny_enhancer("tiny-sdxl")
     unet = model.backbone.unet
     assert unet is not None
     seen: list[Tensor] = []
@@ -235,7 +230,7 @@ def test_one_vae_call_per_tile_and_no_statistics_pass_for_one_tile(
 ) -> None:
     """With synchronised GroupNorm statistics the VAE runs every tile twice (statistics, then output) when an
     image has several VAE tiles, and exactly once when it is one tile: no statistics pass at all."""
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     vae = model.backbone.vae
     assert vae is not None
     encoder, decoder = _CallCounter(vae.encoder), _CallCounter(vae.decoder)
@@ -249,7 +244,7 @@ def test_one_vae_call_per_tile_and_no_statistics_pass_for_one_tile(
 
 def test_the_default_tiling_decodes_a_512_px_image_once(one_thread: None) -> None:
     """At the GPU benchmark's 512x512 (default 768-px VAE tiles) the decoder runs once, encode too."""
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     vae = model.backbone.vae
     assert vae is not None
     encoder, decoder = _CallCounter(vae.encoder), _CallCounter(vae.decoder)
@@ -265,7 +260,7 @@ def test_a_latent_that_fits_the_gpu_is_decoded_whole_with_tiles_as_the_fallback(
     latent larger than a VAE tile is decoded in ONE call, exactly the whole-image result, with no statistics
     pass; ``--no-vae-whole`` keeps the tiles; a decode that runs out of memory anyway falls back to the tiles
     with a warning."""
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     backbone, vae = model.backbone, model.backbone.vae
     assert vae is not None
     z = torch.randn(1, 4, 24, 36)  # 192x288 px: 2x3 VAE tiles of 128 px
@@ -329,7 +324,7 @@ def test_what_compile_wraps_traces_as_one_graph_each(one_thread: None) -> None:
     GPU at 512 px, kernel launches one by one again). The rescaler's upscale, the aligner and the hybrid
     scheduler each trace as ONE graph: the fixed branch on DDPM and on flow time, ``learned_t`` with a map.
     (The UNet: in the slow compiled-upscale test below.)"""
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     y = torch.rand(1, 3, 4, 4) * 2 - 1
     with torch.no_grad():
         z = model.rescaler.upscale(y)
@@ -355,7 +350,7 @@ def test_prepare_inference_compiles_the_networks_of_the_upscale_but_the_vae(one_
     hybrid scheduler are compiled (lazily: nothing is generated until a call), once however often it is
     asked; the VAE is not (its tiles share GroupNorm statistics through the dispatcher); the modules keep
     their types and state-dict keys."""
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     keys = set(model.state_dict())
     aligner, enhancer = model.aligner, model.enhancer
     assert aligner is not None and enhancer is not None
@@ -380,7 +375,7 @@ def test_compiled_upscale_gives_the_eager_output(monkeypatch: pytest.MonkeyPatch
     within float tolerance, without one graph break."""
     from torch._dynamo.utils import counters
 
-    model = _tiny_sd_enhancer("tiny-sd21")
+    model = _tiny_enhancer("tiny-sd21")
     y = torch.rand(1, 3, 9, 13) * 2 - 1
     with torch.no_grad():
         eager = pipeline.upscale(model.backbone, model.rescaler, y, (144, 208), model.enhance_fn, MANY_TILES)
